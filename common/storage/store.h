@@ -1,0 +1,70 @@
+#pragma once
+// Embedded key-value store on RocksDB, one column family per data kind.
+//
+// Store::Open creates the directory and every requested column family. Writes
+// take a `sync` flag: state a round depends on is written with sync=true
+// (WAL fsync before returning). A WriteBatch applies atomically across column
+// families. Safe for concurrent use (RocksDB's guarantees).
+
+#include <functional>
+#include <memory>
+#include <string>
+#include <string_view>
+#include <vector>
+
+#include "absl/status/status.h"
+#include "absl/status/statusor.h"
+
+namespace rocksdb {
+class DB;
+class ColumnFamilyHandle;
+class WriteBatch;
+class Status;
+}  // namespace rocksdb
+
+namespace fedlora::common {
+
+absl::Status FromRocksStatus(const rocksdb::Status& s, std::string_view context);
+
+class Store {
+ public:
+  class Batch {
+   public:
+    explicit Batch(Store* store);
+    ~Batch();
+    void Put(std::string_view cf, std::string_view key, std::string_view value);
+    void Delete(std::string_view cf, std::string_view key);
+    // Applies all operations atomically. Unknown column family: InvalidArgument.
+    absl::Status Commit(bool sync);
+
+   private:
+    Store* store_;
+    std::unique_ptr<rocksdb::WriteBatch> batch_;
+    absl::Status error_;
+  };
+
+  static absl::StatusOr<std::unique_ptr<Store>> Open(const std::string& dir,
+                                                     const std::vector<std::string>& column_families);
+  ~Store();
+
+  absl::Status Put(std::string_view cf, std::string_view key, std::string_view value, bool sync);
+  // NotFound when absent.
+  absl::StatusOr<std::string> Get(std::string_view cf, std::string_view key) const;
+  absl::Status Delete(std::string_view cf, std::string_view key, bool sync);
+  // Calls fn(key, value) for keys starting with prefix, in key order, until fn returns false.
+  absl::Status Scan(std::string_view cf, std::string_view prefix,
+                    const std::function<bool(std::string_view, std::string_view)>& fn) const;
+  // Consistent on-line checkpoint (hard links) into a new directory.
+  absl::Status Checkpoint(const std::string& dir) const;
+  absl::Status Flush();
+
+ private:
+  Store() = default;
+  rocksdb::ColumnFamilyHandle* Handle(std::string_view cf) const;
+
+  std::unique_ptr<rocksdb::DB> db_;
+  std::vector<std::string> names_;
+  std::vector<rocksdb::ColumnFamilyHandle*> handles_;
+};
+
+}  // namespace fedlora::common
