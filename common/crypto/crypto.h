@@ -33,6 +33,11 @@ struct X25519KeyPair {
 absl::StatusOr<X25519KeyPair> GenerateX25519KeyPair();
 // Recomputes the public key of a 32-byte private key.
 absl::StatusOr<X25519KeyPair> X25519FromPrivate(std::string_view private_key);
+// Raw 32-byte X25519(private_key, peer_public_key) (RFC 7748). InvalidArgument
+// on wrong sizes or when the result is all zero (low-order peer point). Use it
+// only through a KDF (HKDF-SHA256), never directly as a key.
+absl::StatusOr<std::string> X25519SharedSecret(std::string_view private_key,
+                                               std::string_view peer_public_key);
 
 absl::StatusOr<std::string> SealToPublicKey(std::string_view recipient_public_key,
                                             std::string_view plaintext, std::string_view aad);
@@ -42,7 +47,10 @@ absl::StatusOr<std::string> OpenSealed(const X25519KeyPair& recipient, std::stri
 // Hex SHA-256 identifying a base model directory: SHA-256 over
 // "config.json" bytes followed by every *.safetensors file's bytes in
 // lexicographic name order (each prefixed with its name and size). Agents and
-// the coordinator compute it the same way (docs/formats.md).
+// the coordinator compute it the same way (docs/formats.md). Exact framing, per
+// file: name bytes | 0x00 | size as 8-byte little-endian | file bytes. Only
+// regular files (or symlinks to them) directly in `dir` count. NotFound when
+// config.json is missing; InvalidArgument when there is no *.safetensors file.
 absl::StatusOr<std::string> HashModelDirectory(const std::string& dir);
 
 // Reads a whole file; NotFound / PermissionDenied with the path on failure.
