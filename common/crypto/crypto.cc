@@ -2,6 +2,11 @@
 
 #include <dirent.h>
 #include <fcntl.h>
+#include <openssl/core_names.h>
+#include <openssl/crypto.h>
+#include <openssl/params.h>
+#include <openssl/rand.h>
+#include <openssl/sha.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -12,12 +17,6 @@
 #include <cstdlib>
 #include <cstring>
 #include <vector>
-
-#include <openssl/core_names.h>
-#include <openssl/crypto.h>
-#include <openssl/params.h>
-#include <openssl/rand.h>
-#include <openssl/sha.h>
 
 #include "absl/strings/str_cat.h"
 #include "common/crypto/openssl_util.h"
@@ -35,17 +34,22 @@ constexpr size_t kSealOverhead = kMagicLen + kX25519Len + kNonceLen + kTagLen;
 constexpr char kSealInfo[] = "fedlora seal v1";
 constexpr size_t kReadChunk = 1 << 20;
 
+// absl::string_view is not std::string_view in this abseil build.
+inline absl::string_view Sv(std::string_view s) { return absl::string_view(s.data(), s.size()); }
+
 const unsigned char* U8(std::string_view s) {
   return reinterpret_cast<const unsigned char*>(s.data());
 }
 unsigned char* U8(std::string& s) { return reinterpret_cast<unsigned char*>(s.data()); }
 
-absl::Status AuthFailed() { return absl::InvalidArgumentError("sealed message: authentication failed"); }
+absl::Status AuthFailed() {
+  return absl::InvalidArgumentError("sealed message: authentication failed");
+}
 
 absl::StatusOr<EvpPkeyPtr> X25519PrivateKey(std::string_view private_key) {
   if (private_key.size() != kX25519Len) {
-    return absl::InvalidArgumentError(absl::StrCat("X25519 private key: expected 32 bytes, found ",
-                                                   private_key.size()));
+    return absl::InvalidArgumentError(
+        absl::StrCat("X25519 private key: expected 32 bytes, found ", private_key.size()));
   }
   EvpPkeyPtr key(
       EVP_PKEY_new_raw_private_key(EVP_PKEY_X25519, nullptr, U8(private_key), private_key.size()));
@@ -69,7 +73,7 @@ absl::StatusOr<std::string> DeriveSealKey(std::string_view shared, std::string_v
   if (!kdf) return OpenSslError("fetching HKDF");
   EvpKdfCtxPtr ctx(EVP_KDF_CTX_new(kdf.get()));
   if (!ctx) return OpenSslError("HKDF context");
-  std::string salt = absl::StrCat(eph_pub, recipient_pub);
+  std::string salt = absl::StrCat(Sv(eph_pub), Sv(recipient_pub));
   std::string ikm(shared);
   std::string info(kSealInfo);
   char digest[] = "SHA256";
@@ -200,9 +204,9 @@ absl::StatusOr<std::string> HexDecode(std::string_view hex) {
     int lo = nibble(hex[i + 1]);
     if (hi < 0 || lo < 0) {
       size_t bad = hi < 0 ? i : i + 1;
-      return absl::InvalidArgumentError(absl::StrCat(
-          "hex: expected a hex digit at offset ", bad, ", found byte 0x",
-          HexEncode(hex.substr(bad, 1))));
+      return absl::InvalidArgumentError(absl::StrCat("hex: expected a hex digit at offset ", bad,
+                                                     ", found byte 0x",
+                                                     HexEncode(hex.substr(bad, 1))));
     }
     out[i / 2] = static_cast<char>((hi << 4) | lo);
   }
@@ -235,8 +239,8 @@ absl::StatusOr<std::string> X25519SharedSecret(std::string_view private_key,
                                                std::string_view peer_public_key) {
   ASSIGN_OR_RETURN(EvpPkeyPtr key, X25519PrivateKey(private_key));
   if (peer_public_key.size() != kX25519Len) {
-    return absl::InvalidArgumentError(absl::StrCat(
-        "X25519 peer public key: expected 32 bytes, found ", peer_public_key.size()));
+    return absl::InvalidArgumentError(
+        absl::StrCat("X25519 peer public key: expected 32 bytes, found ", peer_public_key.size()));
   }
   EvpPkeyPtr peer(EVP_PKEY_new_raw_public_key(EVP_PKEY_X25519, nullptr, U8(peer_public_key),
                                               peer_public_key.size()));
@@ -260,11 +264,12 @@ absl::StatusOr<std::string> X25519SharedSecret(std::string_view private_key,
 absl::StatusOr<std::string> SealToPublicKey(std::string_view recipient_public_key,
                                             std::string_view plaintext, std::string_view aad) {
   if (recipient_public_key.size() != kX25519Len) {
-    return absl::InvalidArgumentError(absl::StrCat(
-        "seal: expected a 32-byte X25519 recipient public key, found ", recipient_public_key.size(),
-        " bytes"));
+    return absl::InvalidArgumentError(
+        absl::StrCat("seal: expected a 32-byte X25519 recipient public key, found ",
+                     recipient_public_key.size(), " bytes"));
   }
-  if (plaintext.size() > static_cast<size_t>(INT32_MAX) || aad.size() > static_cast<size_t>(INT32_MAX)) {
+  if (plaintext.size() > static_cast<size_t>(INT32_MAX) ||
+      aad.size() > static_cast<size_t>(INT32_MAX)) {
     return absl::InvalidArgumentError("seal: plaintext or AAD larger than 2 GiB");
   }
   ASSIGN_OR_RETURN(X25519KeyPair eph, GenerateX25519KeyPair());
@@ -284,8 +289,8 @@ absl::StatusOr<std::string> SealToPublicKey(std::string_view recipient_public_ke
 
   EvpCipherCtxPtr ctx(EVP_CIPHER_CTX_new());
   int len = 0;
-  bool ok = ctx && EVP_EncryptInit_ex(ctx.get(), EVP_aes_256_gcm(), nullptr, U8(key),
-                                      U8(nonce)) == 1;
+  bool ok =
+      ctx && EVP_EncryptInit_ex(ctx.get(), EVP_aes_256_gcm(), nullptr, U8(key), U8(nonce)) == 1;
   OPENSSL_cleanse(key.data(), key.size());
   if (!ok) return OpenSslError("seal: AES-256-GCM init");
   if (!aad.empty() &&
@@ -313,9 +318,9 @@ absl::StatusOr<std::string> SealToPublicKey(std::string_view recipient_public_ke
 absl::StatusOr<std::string> OpenSealed(const X25519KeyPair& recipient, std::string_view sealed,
                                        std::string_view aad) {
   if (sealed.size() < kSealOverhead) {
-    return absl::InvalidArgumentError(absl::StrCat(
-        "sealed message: expected at least ", kSealOverhead, " bytes, found ", sealed.size(),
-        "; authentication failed"));
+    return absl::InvalidArgumentError(absl::StrCat("sealed message: expected at least ",
+                                                   kSealOverhead, " bytes, found ", sealed.size(),
+                                                   "; authentication failed"));
   }
   if (sealed.substr(0, kMagicLen) != std::string_view(kSealMagic, kMagicLen)) {
     return absl::InvalidArgumentError(
@@ -327,8 +332,8 @@ absl::StatusOr<std::string> OpenSealed(const X25519KeyPair& recipient, std::stri
   }
   std::string_view eph_pub = sealed.substr(kMagicLen, kX25519Len);
   std::string_view nonce = sealed.substr(kMagicLen + kX25519Len, kNonceLen);
-  std::string_view ct = sealed.substr(kMagicLen + kX25519Len + kNonceLen,
-                                      sealed.size() - kSealOverhead);
+  std::string_view ct =
+      sealed.substr(kMagicLen + kX25519Len + kNonceLen, sealed.size() - kSealOverhead);
   std::string tag(sealed.substr(sealed.size() - kTagLen));
 
   // The recipient's public key is recomputed, so a stale public_key field
@@ -340,8 +345,8 @@ absl::StatusOr<std::string> OpenSealed(const X25519KeyPair& recipient, std::stri
   OPENSSL_cleanse(shared->data(), shared->size());
 
   EvpCipherCtxPtr ctx(EVP_CIPHER_CTX_new());
-  bool ok = ctx && EVP_DecryptInit_ex(ctx.get(), EVP_aes_256_gcm(), nullptr, U8(key),
-                                      U8(nonce)) == 1;
+  bool ok =
+      ctx && EVP_DecryptInit_ex(ctx.get(), EVP_aes_256_gcm(), nullptr, U8(key), U8(nonce)) == 1;
   OPENSSL_cleanse(key.data(), key.size());
   if (!ok) return OpenSslError("open: AES-256-GCM init");
   int len = 0;

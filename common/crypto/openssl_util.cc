@@ -1,8 +1,8 @@
 #include "common/crypto/openssl_util.h"
 
-#include <string>
-
 #include <openssl/err.h>
+
+#include <string>
 
 namespace fedlora::common {
 

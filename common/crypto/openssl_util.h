@@ -8,9 +8,6 @@
 // Each owner is a std::unique_ptr with a deleter calling the matching *_free.
 // Internal to common/ (crypto and PKI); not a stable API for other areas.
 
-#include <memory>
-#include <string_view>
-
 #include <openssl/asn1.h>
 #include <openssl/bio.h>
 #include <openssl/bn.h>
@@ -19,6 +16,9 @@
 #include <openssl/x509.h>
 #include <openssl/x509_vfy.h>
 #include <openssl/x509v3.h>
+
+#include <memory>
+#include <string_view>
 
 #include "absl/status/status.h"
 

@@ -204,7 +204,7 @@ absl::StatusOr<HostTensor> TensorView::ToHost() const {
     default:
       return absl::InvalidArgumentError(
           absl::StrCat("tensor '", name, "': expected a floating dtype (F32/F16/BF16/F64), found ",
-                       DTypeName(dtype)));
+                       std::string(DTypeName(dtype))));
   }
   return out;
 }
@@ -275,16 +275,11 @@ absl::Status SafetensorsFile::Parse(const uint8_t* base, size_t size) {
                             size - 8, " bytes after the length prefix)"));
   }
   const char* hp = reinterpret_cast<const char*>(base + 8);
-  nlohmann::json header = nlohmann::json::parse(hp, hp + header_len, nullptr,
-                                                /*allow_exceptions=*/false);
-  if (header.is_discarded()) {
-    std::string err;
-    try {
-      (void)nlohmann::json::parse(hp, hp + header_len);
-    } catch (const nlohmann::json::exception& e) {
-      err = e.what();
-    }
-    return bad(absl::StrCat("header is not valid JSON: ", err));
+  nlohmann::json header;
+  try {
+    header = nlohmann::json::parse(hp, hp + header_len);
+  } catch (const nlohmann::json::exception& e) {
+    return bad(absl::StrCat("header is not valid JSON: ", e.what()));
   }
   if (!header.is_object()) {
     return bad(absl::StrCat("header: expected a JSON object, found ", header.type_name()));
@@ -386,7 +381,7 @@ absl::Status SafetensorsFile::Parse(const uint8_t* base, size_t size) {
     const size_t elem = DTypeSize(view.dtype);
     if (overflow || numel > std::numeric_limits<uint64_t>::max() / elem ||
         numel * elem != end - begin) {
-      return bad(absl::StrCat(where, ": dtype ", DTypeName(view.dtype), " x shape ",
+      return bad(absl::StrCat(where, ": dtype ", std::string(DTypeName(view.dtype)), " x shape ",
                               ShapeString(view.shape), " needs ",
                               overflow ? std::string("an overflowing number of")
                                        : absl::StrCat(numel * elem),
