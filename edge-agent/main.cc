@@ -1,1 +1,175 @@
-int main() { return 0; }
+// fedlora-agent: the edge agent. Thin wrapper over edge::Agent and edge::RunModelCli.
+//
+//   fedlora-agent run --coordinator HOST:PORT --ca F --cert F --key F --model DIR
+//                     --data TRAIN.jsonl --eval HELDOUT.jsonl [--threads N]
+//                     [--max-offline SECONDS] [--seed S] [--max-seq-len N]
+//   fedlora-agent model inspect|tokenize|logits|generate ...
+
+#include <pthread.h>
+#include <signal.h>
+
+#include <chrono>
+#include <cstdio>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "CLI/CLI.hpp"
+#include "edge-agent/agent.h"
+#include "edge-agent/data.h"
+#include "edge-agent/model_cli.h"
+#include "edge-agent/trainer.h"
+
+namespace {
+
+struct RunFlags {
+  std::string coordinator;
+  std::string ca;
+  std::string cert;
+  std::string key;
+  std::string model;
+  std::string data;
+  std::string eval;
+  std::string tls_server_name;
+  int threads = 0;
+  double max_offline_s = 0;
+  double rpc_timeout_s = 120;
+  uint64_t seed = 0;
+  int max_seq_len = 256;
+};
+
+int RunAgent(const RunFlags& flags) {
+  using fedlora::edge::Agent;
+  auto train = fedlora::edge::LoadJsonl(flags.data);
+  if (!train.ok()) {
+    std::fprintf(stderr, "error: --data: %s\n", train.status().ToString().c_str());
+    return 2;
+  }
+  if (train->empty()) {
+    std::fprintf(stderr, "error: --data %s holds no examples\n", flags.data.c_str());
+    return 2;
+  }
+  auto eval = fedlora::edge::LoadJsonl(flags.eval);
+  if (!eval.ok()) {
+    std::fprintf(stderr, "error: --eval: %s\n", eval.status().ToString().c_str());
+    return 2;
+  }
+  fedlora::edge::EngineOptions engine;
+  engine.threads = flags.threads;
+  auto trainer = fedlora::edge::LoadTrainer(flags.model, engine);
+  if (!trainer.ok()) {
+    std::fprintf(stderr, "error: --model %s: %s\n", flags.model.c_str(),
+                 trainer.status().ToString().c_str());
+    return 1;
+  }
+
+  fedlora::edge::AgentOptions options;
+  options.coordinator = flags.coordinator;
+  options.tls = {flags.ca, flags.cert, flags.key};
+  options.tls_server_name = flags.tls_server_name;
+  options.train = std::move(*train);
+  options.eval = std::move(*eval);
+  options.max_seq_len = flags.max_seq_len;
+  options.seed = flags.seed;
+  options.max_offline = std::chrono::milliseconds(static_cast<int64_t>(flags.max_offline_s * 1000));
+  options.rpc_timeout = std::chrono::milliseconds(static_cast<int64_t>(flags.rpc_timeout_s * 1000));
+  auto agent = Agent::Create(std::move(options), trainer->get());
+  if (!agent.ok()) {
+    std::fprintf(stderr, "error: %s\n", agent.status().ToString().c_str());
+    return 1;
+  }
+
+  // SIGINT/SIGTERM are blocked in every thread (see main) and taken here.
+  std::thread signals([a = agent->get()] {
+    sigset_t set;
+    sigemptyset(&set);
+    sigaddset(&set, SIGINT);
+    sigaddset(&set, SIGTERM);
+    sigaddset(&set, SIGUSR1);
+    int sig = 0;
+    if (sigwait(&set, &sig) == 0 && sig != SIGUSR1) a->Stop();
+  });
+  absl::Status status = (*agent)->Run();
+  pthread_kill(signals.native_handle(), SIGUSR1);  // wakes the signal thread if still waiting
+  signals.join();
+  if (!status.ok()) {
+    std::fprintf(stderr, "error: %s\n", status.ToString().c_str());
+    return 1;
+  }
+  return 0;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  // Block the stop signals before any thread exists so that every thread
+  // (gRPC's included) inherits the mask and only the signal thread takes them.
+  sigset_t set;
+  sigemptyset(&set);
+  sigaddset(&set, SIGINT);
+  sigaddset(&set, SIGTERM);
+  sigaddset(&set, SIGUSR1);
+  pthread_sigmask(SIG_BLOCK, &set, nullptr);
+
+  if (argc >= 2 && std::string(argv[1]) == "model") {
+    return fedlora::edge::RunModelCli(std::vector<std::string>(argv + 2, argv + argc));
+  }
+
+  CLI::App app{"fedlora-agent: federated LoRA fine-tuning edge agent"};
+  app.require_subcommand(1);
+  RunFlags flags;
+  CLI::App* run = app.add_subcommand(
+      "run",
+      "Join a federation: keep a session with the coordinator, train the LoRA adapter on the "
+      "local training set for each round, submit it sealed to the coordinator, and evaluate "
+      "every published version on the held-out set. Stops on SIGINT/SIGTERM.");
+  run->add_option("--coordinator", flags.coordinator, "Coordinator address HOST:PORT")
+      ->required();
+  run->add_option("--ca", flags.ca, "Fleet CA certificate (PEM)")
+      ->required()
+      ->check(CLI::ExistingFile);
+  run->add_option("--cert", flags.cert, "This agent's certificate (PEM); its CN is the agent id")
+      ->required()
+      ->check(CLI::ExistingFile);
+  run->add_option("--key", flags.key, "This agent's private key (PEM)")
+      ->required()
+      ->check(CLI::ExistingFile);
+  run->add_option("--model", flags.model,
+                  "Base model: Hugging Face checkpoint folder (config.json, *.safetensors, "
+                  "tokenizer.json)")
+      ->required()
+      ->check(CLI::ExistingDirectory);
+  run->add_option("--data", flags.data,
+                  "Private training set, JSONL of {\"instruction\",\"input\",\"output\"}")
+      ->required()
+      ->check(CLI::ExistingFile);
+  run->add_option("--eval", flags.eval, "Private held-out set, same format as --data")
+      ->required()
+      ->check(CLI::ExistingFile);
+  run->add_option("--threads", flags.threads, "Compute threads (0 = all cores)")
+      ->capture_default_str()
+      ->check(CLI::NonNegativeNumber);
+  run->add_option("--max-offline", flags.max_offline_s,
+                  "Exit (status 0) once the coordinator has been unreachable for this many "
+                  "seconds (0 = keep retrying forever)")
+      ->capture_default_str()
+      ->check(CLI::NonNegativeNumber);
+  run->add_option("--seed", flags.seed, "Seed of local training (mixed with the round id)")
+      ->capture_default_str();
+  run->add_option("--max-seq-len", flags.max_seq_len, "Longest example in tokens")
+      ->capture_default_str()
+      ->check(CLI::PositiveNumber);
+  run->add_option("--rpc-timeout", flags.rpc_timeout_s,
+                  "Deadline of each FetchAdapter / SubmitUpdate call, seconds")
+      ->capture_default_str()
+      ->check(CLI::PositiveNumber);
+  run->add_option("--tls-server-name", flags.tls_server_name,
+                  "Name to verify in the coordinator's certificate (default: HOST)");
+  app.add_subcommand("model",
+                     "Model tools: inspect | tokenize | logits | generate "
+                     "(fedlora-agent model --help)");
+
+  CLI11_PARSE(app, argc, argv);
+  if (run->parsed()) return RunAgent(flags);
+  return 0;
+}

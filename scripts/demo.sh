@@ -8,7 +8,7 @@
 #      held-out loss of the global adapter before -> after, bytes up/down per agent, version;
 #      the last line is one JSON object summing up the run.
 # Idempotent: reuses the build, starts from clean state every time. Stops all it started.
-# Environment: ROUNDS (3), STEPS (local steps per round, 40), PORT (random free port),
+# Environment: ROUNDS (3), STEPS (local steps per round, 40), LR (3e-3), PORT (random free port),
 #              DEMO_DIR (build/demo), JOBS (build parallelism).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -48,7 +48,7 @@ rm -rf "$DEMO"
 mkdir -p "$DEMO/logs"
 echo "demo: making data and model in $DEMO" >&2
 "$BIN/fedlora-sim" make-data --out "$DEMO/data" --sites $SITES >&2
-"$BIN/fedlora-sim" make-model --out "$DEMO/model" --corpus "$DEMO/data" >&2
+"$BIN/fedlora-sim" make-model --out "$DEMO/model" >&2
 "$BIN/fedlora-admin" pki init "$DEMO/pki" >&2
 for i in $(seq 0 $((SITES - 1))); do
   "$BIN/fedlora-admin" pki issue --ca-dir "$DEMO/pki" --name "site-$i" --role agent --out "$DEMO/pki" >&2
@@ -56,10 +56,12 @@ done
 
 echo "demo: coordinator on 127.0.0.1:$PORT, $SITES agents, $ROUNDS rounds (logs in $DEMO/logs)" >&2
 "$BIN/fedlora-coordinator" \
-  --listen "127.0.0.1:$PORT" --data-dir "$DEMO/coordinator" \
-  --ca "$DEMO/pki/ca.pem" --cert "$DEMO/pki/coordinator.pem" --key "$DEMO/pki/coordinator.key" \
-  --base-model "$DEMO/model" --min-participants $SITES --rounds "$ROUNDS" \
-  --local-steps "$STEPS" \
+  --listen-address "127.0.0.1:$PORT" --data-dir "$DEMO/coordinator" \
+  --tls-ca "$DEMO/pki/ca.pem" --tls-cert "$DEMO/pki/coordinator.pem" \
+  --tls-key "$DEMO/pki/coordinator.key" \
+  --base-model-dir "$DEMO/model" --min-participants $SITES --rounds "$ROUNDS" \
+  --local-steps "$STEPS" --learning-rate "${LR:-3e-3}" \
+  --lora-target-modules q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj \
   >"$DEMO/logs/coordinator.out" 2>"$DEMO/logs/coordinator.log" &
 COORD=$!
 PIDS+=($COORD)

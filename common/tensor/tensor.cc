@@ -31,9 +31,9 @@ struct DTypeInfo {
 };
 
 constexpr DTypeInfo kDTypes[] = {
-    {DType::kF32, "F32", 4}, {DType::kF16, "F16", 2}, {DType::kBF16, "BF16", 2},
-    {DType::kF64, "F64", 8}, {DType::kI64, "I64", 8}, {DType::kI32, "I32", 4},
-    {DType::kI16, "I16", 2}, {DType::kI8, "I8", 1},   {DType::kU8, "U8", 1},
+    {DType::kF32, "F32", 4},   {DType::kF16, "F16", 2}, {DType::kBF16, "BF16", 2},
+    {DType::kF64, "F64", 8},   {DType::kI64, "I64", 8}, {DType::kI32, "I32", 4},
+    {DType::kI16, "I16", 2},   {DType::kI8, "I8", 1},   {DType::kU8, "U8", 1},
     {DType::kBool, "BOOL", 1},
 };
 
@@ -189,7 +189,8 @@ absl::StatusOr<HostTensor> TensorView::ToHost() const {
       if (n > 0) std::memcpy(out.data.data(), data, nbytes);
       break;
     case DType::kF16:
-      for (int64_t i = 0; i < n; ++i) out.data[i] = HalfToFloat(LoadUnaligned<uint16_t>(data + 2 * i));
+      for (int64_t i = 0; i < n; ++i)
+        out.data[i] = HalfToFloat(LoadUnaligned<uint16_t>(data + 2 * i));
       break;
     case DType::kBF16:
       for (int64_t i = 0; i < n; ++i) {
@@ -234,8 +235,8 @@ absl::StatusOr<std::unique_ptr<SafetensorsFile>> SafetensorsFile::Open(const std
   const size_t size = static_cast<size_t>(st.st_size);
   if (size < 8) {
     ::close(fd);
-    return absl::InvalidArgumentError(absl::StrCat(
-        path, ": expected at least 8 bytes (header length), found ", size, " bytes"));
+    return absl::InvalidArgumentError(
+        absl::StrCat(path, ": expected at least 8 bytes (header length), found ", size, " bytes"));
   }
   void* map = mmap(nullptr, size, PROT_READ, MAP_PRIVATE, fd, 0);
   const int err = errno;
@@ -248,12 +249,12 @@ absl::StatusOr<std::unique_ptr<SafetensorsFile>> SafetensorsFile::Open(const std
 }
 
 absl::StatusOr<std::unique_ptr<SafetensorsFile>> SafetensorsFile::FromBytes(std::string bytes,
-                                                                           std::string source) {
+                                                                            std::string source) {
   std::unique_ptr<SafetensorsFile> file(new SafetensorsFile());
   file->source_ = std::move(source);
   file->owned_ = std::move(bytes);
-  RETURN_IF_ERROR(file->Parse(reinterpret_cast<const uint8_t*>(file->owned_.data()),
-                              file->owned_.size()));
+  RETURN_IF_ERROR(
+      file->Parse(reinterpret_cast<const uint8_t*>(file->owned_.data()), file->owned_.size()));
   return file;
 }
 
@@ -267,12 +268,12 @@ absl::Status SafetensorsFile::Parse(const uint8_t* base, size_t size) {
   uint64_t header_len = 0;
   for (int i = 7; i >= 0; --i) header_len = (header_len << 8) | base[i];
   if (header_len > kMaxHeaderSize) {
-    return bad(absl::StrCat("header length ", header_len, " exceeds the limit of ",
-                            kMaxHeaderSize, " bytes"));
+    return bad(absl::StrCat("header length ", header_len, " exceeds the limit of ", kMaxHeaderSize,
+                            " bytes"));
   }
   if (header_len > size - 8) {
-    return bad(absl::StrCat("header length ", header_len, " exceeds the file size (",
-                            size - 8, " bytes after the length prefix)"));
+    return bad(absl::StrCat("header length ", header_len, " exceeds the file size (", size - 8,
+                            " bytes after the length prefix)"));
   }
   const char* hp = reinterpret_cast<const char*>(base + 8);
   nlohmann::json header;
@@ -325,8 +326,8 @@ absl::Status SafetensorsFile::Parse(const uint8_t* base, size_t size) {
     auto dt = entry.find("dtype");
     if (dt == entry.end()) return bad(absl::StrCat(where, ": missing field 'dtype'"));
     if (!dt->is_string()) {
-      return bad(absl::StrCat(where, ": field 'dtype': expected a string, found ",
-                              dt->type_name()));
+      return bad(
+          absl::StrCat(where, ": field 'dtype': expected a string, found ", dt->type_name()));
     }
     if (!ParseDType(dt->get<std::string>(), &view.dtype)) {
       return bad(absl::StrCat(where, ": field 'dtype': unknown dtype '", dt->get<std::string>(),
@@ -337,8 +338,8 @@ absl::Status SafetensorsFile::Parse(const uint8_t* base, size_t size) {
     auto sh = entry.find("shape");
     if (sh == entry.end()) return bad(absl::StrCat(where, ": missing field 'shape'"));
     if (!sh->is_array()) {
-      return bad(absl::StrCat(where, ": field 'shape': expected an array, found ",
-                              sh->type_name()));
+      return bad(
+          absl::StrCat(where, ": field 'shape': expected an array, found ", sh->type_name()));
     }
     // Overflow-safe element count: bounded by data_size anyway.
     uint64_t numel = 1;
@@ -371,8 +372,8 @@ absl::Status SafetensorsFile::Parse(const uint8_t* base, size_t size) {
     const uint64_t begin = (*off)[0].get<uint64_t>();
     const uint64_t end = (*off)[1].get<uint64_t>();
     if (begin > end) {
-      return bad(absl::StrCat(where, ": field 'data_offsets': begin ", begin,
-                              " is after end ", end));
+      return bad(
+          absl::StrCat(where, ": field 'data_offsets': begin ", begin, " is after end ", end));
     }
     if (end > data_size) {
       return bad(absl::StrCat(where, ": field 'data_offsets': end ", end,
@@ -381,12 +382,11 @@ absl::Status SafetensorsFile::Parse(const uint8_t* base, size_t size) {
     const size_t elem = DTypeSize(view.dtype);
     if (overflow || numel > std::numeric_limits<uint64_t>::max() / elem ||
         numel * elem != end - begin) {
-      return bad(absl::StrCat(where, ": dtype ", std::string(DTypeName(view.dtype)), " x shape ",
-                              ShapeString(view.shape), " needs ",
-                              overflow ? std::string("an overflowing number of")
-                                       : absl::StrCat(numel * elem),
-                              " bytes, but data_offsets [", begin, ", ", end, "] span ",
-                              end - begin, " bytes"));
+      return bad(absl::StrCat(
+          where, ": dtype ", std::string(DTypeName(view.dtype)), " x shape ",
+          ShapeString(view.shape), " needs ",
+          overflow ? std::string("an overflowing number of") : absl::StrCat(numel * elem),
+          " bytes, but data_offsets [", begin, ", ", end, "] span ", end - begin, " bytes"));
     }
     view.data = data_base + begin;
     view.nbytes = static_cast<size_t>(end - begin);
@@ -413,8 +413,8 @@ absl::Status SafetensorsFile::Parse(const uint8_t* base, size_t size) {
     cursor = s.end;
   }
   if (cursor != data_size) {
-    return bad(absl::StrCat("data section is ", data_size, " bytes but tensors cover only ",
-                            cursor, " (", data_size - cursor, " trailing bytes)"));
+    return bad(absl::StrCat("data section is ", data_size, " bytes but tensors cover only ", cursor,
+                            " (", data_size - cursor, " trailing bytes)"));
   }
   std::sort(tensors_.begin(), tensors_.end(),
             [](const TensorView& a, const TensorView& b) { return a.name < b.name; });
@@ -444,8 +444,7 @@ absl::StatusOr<TensorMap> SafetensorsFile::ToTensorMap() const {
 // ---------------------------------------------------------------------------
 // Writer
 
-std::string SerializeSafetensors(const TensorMap& tensors, const Metadata& metadata,
-                                 DType dtype) {
+std::string SerializeSafetensors(const TensorMap& tensors, const Metadata& metadata, DType dtype) {
   if (dtype != DType::kF32 && dtype != DType::kF16 && dtype != DType::kBF16) dtype = DType::kF32;
   const size_t elem = DTypeSize(dtype);
   // nlohmann::json objects are std::map-backed: keys come out sorted, so the
@@ -496,8 +495,8 @@ absl::Status WriteSafetensors(const std::string& path, const TensorMap& tensors,
   for (const auto& [name, t] : tensors) {
     if (t.numel() != static_cast<int64_t>(t.data.size())) {
       return absl::InvalidArgumentError(absl::StrCat(
-          "WriteSafetensors ", path, ": tensor '", name, "' has shape ", ShapeString(t.shape),
-          " (", t.numel(), " elements) but ", t.data.size(), " values"));
+          "WriteSafetensors ", path, ": tensor '", name, "' has shape ", ShapeString(t.shape), " (",
+          t.numel(), " elements) but ", t.data.size(), " values"));
     }
   }
   const std::string bytes = SerializeSafetensors(tensors, metadata, dtype);

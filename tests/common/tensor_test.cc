@@ -34,13 +34,13 @@ absl::Status ParseStatus(std::string bytes) {
   return SafetensorsFile::FromBytes(std::move(bytes), "test.safetensors").status();
 }
 
-#define EXPECT_INVALID(bytes, substr1, substr2)                                    \
-  do {                                                                             \
-    absl::Status _s = ParseStatus(bytes);                                          \
-    EXPECT_EQ(_s.code(), absl::StatusCode::kInvalidArgument) << _s;                \
-    EXPECT_THAT(std::string(_s.message()), HasSubstr("test.safetensors")) << _s;   \
-    EXPECT_THAT(std::string(_s.message()), HasSubstr(substr1)) << _s;              \
-    EXPECT_THAT(std::string(_s.message()), HasSubstr(substr2)) << _s;              \
+#define EXPECT_INVALID(bytes, substr1, substr2)                                  \
+  do {                                                                           \
+    absl::Status _s = ParseStatus(bytes);                                        \
+    EXPECT_EQ(_s.code(), absl::StatusCode::kInvalidArgument) << _s;              \
+    EXPECT_THAT(std::string(_s.message()), HasSubstr("test.safetensors")) << _s; \
+    EXPECT_THAT(std::string(_s.message()), HasSubstr(substr1)) << _s;            \
+    EXPECT_THAT(std::string(_s.message()), HasSubstr(substr2)) << _s;            \
   } while (0)
 
 TensorMap SampleTensors() {
@@ -209,7 +209,8 @@ TEST(TensorTest, BFloat16RoundsToNearestEven) {
   EXPECT_EQ(FloatToBFloat16(1.0f + 3 * std::ldexp(1.0f, -8)), 0x3f82);
   EXPECT_EQ(FloatToBFloat16(std::nextafter(1.0f + std::ldexp(1.0f, -8), 2.0f)), 0x3f81);
   EXPECT_EQ(FloatToBFloat16(-2.0f), 0xc000);
-  EXPECT_TRUE(std::isnan(BFloat16ToFloat(FloatToBFloat16(std::numeric_limits<float>::quiet_NaN()))));
+  EXPECT_TRUE(
+      std::isnan(BFloat16ToFloat(FloatToBFloat16(std::numeric_limits<float>::quiet_NaN()))));
   EXPECT_TRUE(std::isinf(BFloat16ToFloat(FloatToBFloat16(std::numeric_limits<float>::infinity()))));
   for (uint32_t b = 0; b < 0x10000; ++b) {
     const float f = BFloat16ToFloat(static_cast<uint16_t>(b));
@@ -287,7 +288,9 @@ TEST(TensorCorruptionTest, HeaderNotJson) {
   EXPECT_INVALID(b, "not valid JSON", "parse");
 }
 
-TEST(TensorCorruptionTest, HeaderNotObject) { EXPECT_INVALID(Header({1, 2}, 0), "header", "object"); }
+TEST(TensorCorruptionTest, HeaderNotObject) {
+  EXPECT_INVALID(Header({1, 2}, 0), "header", "object");
+}
 
 TEST(TensorCorruptionTest, TensorEntryNotObject) {
   nlohmann::json h;

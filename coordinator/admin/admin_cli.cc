@@ -1,0 +1,193 @@
+#include "coordinator/admin/admin_cli.h"
+
+#include <google/protobuf/util/json_util.h>
+#include <grpcpp/grpcpp.h>
+
+#include <CLI/CLI.hpp>
+#include <chrono>
+#include <cmath>
+#include <ctime>
+#include <string>
+#include <vector>
+
+#include "absl/status/status.h"
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
+#include "common/crypto/pki.h"
+#include "common/net/tls.h"
+#include "fedlora/v1/fedlora.grpc.pb.h"
+
+namespace fedlora::coordinator {
+namespace {
+
+std::string FormatTime(uint64_t unix_ms) {
+  if (unix_ms == 0) return "never";
+  std::time_t secs = static_cast<std::time_t>(unix_ms / 1000);
+  std::tm tm{};
+  gmtime_r(&secs, &tm);
+  char buf[32];
+  std::strftime(buf, sizeof(buf), "%Y-%m-%dT%H:%M:%SZ", &tm);
+  return buf;
+}
+
+std::string Num(double v) { return std::isfinite(v) ? absl::StrFormat("%.4f", v) : "-"; }
+
+void PrintStatus(const fedlora::v1::StatusResponse& s, std::ostream& out) {
+  size_t online = 0;
+  for (const auto& a : s.agents()) online += a.online();
+  out << "coordinator:      " << s.coordinator_id() << "\n"
+      << "round:            " << s.current_round() << " (" << s.current_phase() << ")\n"
+      << "current version:  " << (s.current_version().empty() ? "(none)" : s.current_version())
+      << "\n"
+      << "updates rejected: " << s.updates_rejected() << "\n"
+      << "agents:           " << online << " online / " << s.agents_size() << " known\n";
+  for (const auto& a : s.agents()) {
+    out << absl::StrFormat("  %-24s %-8s version=%-10s last_seen=%s\n", a.agent_id(),
+                           a.online() ? "online" : "offline",
+                           a.current_version().empty() ? "-" : a.current_version(),
+                           FormatTime(a.last_seen_unix_ms()));
+  }
+  if (s.rounds_size() > 0) {
+    out << absl::StrFormat("%-6s %-10s %6s %7s %-8s %10s %11s %10s %12s %12s\n", "round", "phase",
+                           "agents", "updates", "version", "train_loss", "eval_before",
+                           "eval_after", "bytes_up", "bytes_down");
+    for (const auto& r : s.rounds()) {
+      out << absl::StrFormat("%-6d %-10s %6d %7d %-8s %10s %11s %10s %12d %12d\n", r.round_id(),
+                             r.phase(), r.participants(), r.updates_received(),
+                             r.version_id().empty() ? "-" : r.version_id(),
+                             Num(r.mean_train_loss()), Num(r.eval_loss_before()),
+                             Num(r.eval_loss_after()), r.bytes_up(), r.bytes_down());
+    }
+  }
+}
+
+}  // namespace
+
+int RunAdminCli(int argc, const char* const* argv, std::ostream& out, std::ostream& err) {
+  CLI::App app{"fedlora-admin: fleet PKI and coordinator status", "fedlora-admin"};
+  app.require_subcommand(1);
+  app.fallthrough();
+  std::string coordinator, ca, cert, key;
+  double timeout_s = 10;
+  app.add_option("--coordinator", coordinator, "Coordinator address HOST:PORT (status)");
+  app.add_option("--ca", ca, "Fleet CA certificate (PEM) to verify the coordinator");
+  app.add_option("--cert", cert, "Admin or viewer client certificate (PEM)");
+  app.add_option("--key", key, "Private key of --cert (PEM)");
+  app.add_option("--timeout-s", timeout_s, "Deadline of each RPC in seconds")
+      ->capture_default_str()
+      ->check(CLI::PositiveNumber);
+
+  CLI::App* pki = app.add_subcommand("pki", "Create the fleet CA and issue certificates");
+  pki->require_subcommand(1);
+  CLI::App* init = pki->add_subcommand(
+      "init",
+      "Create a CA, the coordinator's server certificate and an admin certificate in DIR "
+      "(ca.pem ca.key coordinator.pem coordinator.key admin.pem admin.key)");
+  std::string init_dir;
+  std::vector<std::string> sans;
+  int init_days = 365;
+  init->add_option("DIR", init_dir, "Directory to create the PKI in")->required();
+  init->add_option("--san", sans,
+                   "Subject alternative name of the coordinator certificate (DNS name or IP); "
+                   "repeatable; default: localhost and 127.0.0.1");
+  init->add_option("--validity-days", init_days, "Certificate validity")
+      ->capture_default_str()
+      ->check(CLI::PositiveNumber);
+
+  CLI::App* issue = pki->add_subcommand("issue", "Issue a client certificate signed by the CA");
+  std::string ca_dir, name, role, out_dir;
+  int issue_days = 365;
+  issue->add_option("--ca-dir", ca_dir, "Directory holding ca.pem and ca.key")->required();
+  issue->add_option("--name", name, "Certificate CN (the agent id or admin name)")->required();
+  issue->add_option("--role", role, "agent | admin | viewer")
+      ->required()
+      ->check(CLI::IsMember({"agent", "admin", "viewer"}));
+  issue->add_option("--out", out_dir, "Directory for <name>.pem and <name>.key")->required();
+  issue->add_option("--validity-days", issue_days, "Certificate validity")
+      ->capture_default_str()
+      ->check(CLI::PositiveNumber);
+
+  CLI::App* status =
+      app.add_subcommand("status",
+                         "Show round, phase, version, agents and per-round figures (Admin.Status); "
+                         "needs --coordinator --ca --cert --key");
+  bool json = false;
+  status->add_flag("--json", json, "Print the StatusResponse as JSON");
+
+  try {
+    app.parse(argc, argv);
+  } catch (const CLI::ParseError& e) {
+    // --help (also on a subcommand) prints that command's help and exits 0.
+    const int code = app.exit(e, out, err);
+    return code == 0 ? 0 : 2;
+  }
+
+  if (init->parsed()) {
+    common::PkiOptions options;
+    if (!sans.empty()) options.server_sans = sans;
+    options.validity_days = init_days;
+    absl::Status s = common::InitPki(init_dir, options);
+    if (!s.ok()) {
+      err << "fedlora-admin pki init: " << s.ToString() << "\n";
+      return 1;
+    }
+    out << "created PKI in " << init_dir
+        << " (ca.pem ca.key coordinator.pem coordinator.key admin.pem admin.key)\n";
+    return 0;
+  }
+  if (issue->parsed()) {
+    common::CertRole cert_role = role == "agent"   ? common::CertRole::kAgent
+                                 : role == "admin" ? common::CertRole::kAdmin
+                                                   : common::CertRole::kViewer;
+    absl::Status s = common::IssueCertificate(ca_dir, name, cert_role, out_dir, issue_days);
+    if (!s.ok()) {
+      err << "fedlora-admin pki issue: " << s.ToString() << "\n";
+      return 1;
+    }
+    out << "issued " << out_dir << "/" << name << ".pem and " << out_dir << "/" << name
+        << ".key (role " << role << ")\n";
+    return 0;
+  }
+  if (status->parsed()) {
+    if (coordinator.empty() || ca.empty() || cert.empty() || key.empty()) {
+      err << "fedlora-admin status: needs --coordinator, --ca, --cert and --key\n";
+      return 2;
+    }
+    auto creds = common::MakeChannelCredentials({ca, cert, key});
+    if (!creds.ok()) {
+      err << "fedlora-admin status: " << creds.status().ToString() << "\n";
+      return 1;
+    }
+    auto channel = grpc::CreateChannel(coordinator, *creds);
+    auto stub = fedlora::v1::Admin::NewStub(channel);
+    grpc::ClientContext context;
+    context.set_deadline(std::chrono::system_clock::now() +
+                         std::chrono::milliseconds(static_cast<int64_t>(timeout_s * 1000)));
+    fedlora::v1::StatusResponse response;
+    grpc::Status rpc = stub->Status(&context, fedlora::v1::StatusRequest(), &response);
+    if (!rpc.ok()) {
+      err << "fedlora-admin status: Admin.Status on " << coordinator << " failed: code "
+          << static_cast<int>(rpc.error_code()) << ": " << rpc.error_message() << "\n";
+      return 1;
+    }
+    if (json) {
+      std::string text;
+      google::protobuf::util::JsonPrintOptions options;
+      options.always_print_primitive_fields = true;
+      options.preserve_proto_field_names = true;
+      auto s = google::protobuf::util::MessageToJsonString(response, &text, options);
+      if (!s.ok()) {
+        err << "fedlora-admin status: cannot print JSON: " << s.ToString() << "\n";
+        return 1;
+      }
+      out << text << "\n";
+    } else {
+      PrintStatus(response, out);
+    }
+    return 0;
+  }
+  err << "fedlora-admin: no command; run 'fedlora-admin --help'\n";
+  return 2;
+}
+
+}  // namespace fedlora::coordinator

@@ -1,0 +1,239 @@
+#include "coordinator/config.h"
+
+#include <yaml-cpp/yaml.h>
+
+#include <CLI/CLI.hpp>
+#include <cmath>
+#include <functional>
+#include <iostream>
+#include <sstream>
+
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_join.h"
+#include "absl/strings/str_replace.h"
+#include "common/crypto/crypto.h"
+#include "common/status/status.h"
+
+namespace fedlora::coordinator {
+namespace {
+
+struct Field {
+  std::string key;  // YAML key; the flag is "--" + key with '-' for '_'
+  std::string help;
+  std::function<void(CLI::App&, CoordinatorConfig*)> add_flag;
+  std::function<void(const YAML::Node&, CoordinatorConfig*)> load;  // throws YAML::Exception
+};
+
+std::string FlagName(const std::string& key) {
+  return "--" + absl::StrReplaceAll(key, {{"_", "-"}});
+}
+
+template <typename T>
+Field MakeField(std::string key, std::string help, T CoordinatorConfig::*member) {
+  Field f;
+  f.key = key;
+  f.help = help;
+  f.add_flag = [key, help, member](CLI::App& app, CoordinatorConfig* cfg) {
+    CLI::Option* opt = app.add_option(FlagName(key), cfg->*member, help);
+    opt->capture_default_str();
+    if constexpr (std::is_same_v<T, std::vector<std::string>>) opt->delimiter(',');
+  };
+  f.load = [member](const YAML::Node& node, CoordinatorConfig* cfg) {
+    cfg->*member = node.as<T>();
+  };
+  return f;
+}
+
+const std::vector<Field>& Fields() {
+  using C = CoordinatorConfig;
+  static const std::vector<Field>* fields = new std::vector<Field>{
+      MakeField("coordinator_id", "Name reported to agents and admins", &C::coordinator_id),
+      MakeField("listen_address", "gRPC listen address HOST:PORT (port 0 = any free port)",
+                &C::listen_address),
+      MakeField("data_dir", "RocksDB state directory (created if absent)", &C::data_dir),
+      MakeField("tls_ca", "Fleet CA certificate (PEM)", &C::tls_ca),
+      MakeField("tls_cert", "Coordinator server certificate (PEM)", &C::tls_cert),
+      MakeField("tls_key", "Coordinator server private key (PEM)", &C::tls_key),
+      MakeField("base_model_hash", "Hex SHA-256 of the base model agents must hold",
+                &C::base_model_hash),
+      MakeField("base_model_dir", "Base model directory to hash instead of --base-model-hash",
+                &C::base_model_dir),
+      MakeField("min_participants", "Fewest agents a round needs", &C::min_participants),
+      MakeField("max_participants", "Most agents selected for a round", &C::max_participants),
+      MakeField("rounds", "Rounds to publish, then print the summary and exit (0 = forever)",
+                &C::rounds),
+      MakeField("select_wait_ms",
+                "After min participants are online, wait this long (or for max) before "
+                "selecting",
+                &C::select_wait_ms),
+      MakeField("local_steps", "Local training steps per round", &C::local_steps),
+      MakeField("learning_rate", "Agent learning rate", &C::learning_rate),
+      MakeField("batch_size", "Agent batch size", &C::batch_size),
+      MakeField("lora_rank", "LoRA rank r", &C::lora_rank),
+      MakeField("lora_alpha", "LoRA alpha", &C::lora_alpha),
+      MakeField("lora_target_modules", "LoRA target modules (comma separated)",
+                &C::lora_target_modules),
+      MakeField("lora_init_seed", "Seed of the shared initial LoRA A matrices", &C::lora_init_seed),
+      MakeField("round_deadline_s", "Seconds agents have to submit their update",
+                &C::round_deadline_s),
+      MakeField("max_update_bytes", "Largest sealed update accepted (bytes)", &C::max_update_bytes),
+      MakeField("heartbeat_interval_ms", "Heartbeat interval told to agents",
+                &C::heartbeat_interval_ms),
+      MakeField("eval_grace_s", "Seconds to wait for eval reports after a publish",
+                &C::eval_grace_s),
+      MakeField("tick_ms", "Round manager timer period (ms)", &C::tick_ms),
+      MakeField("shutdown_grace_ms", "Deadline for in-flight calls at shutdown (ms)",
+                &C::shutdown_grace_ms),
+      MakeField("worker_threads", "Threads for decryption, parsing and aggregation",
+                &C::worker_threads),
+      MakeField("log_format", "Log format on stderr: text | json", &C::log_format),
+      MakeField("log_level", "Log level: debug | info | warn | error", &C::log_level),
+  };
+  return *fields;
+}
+
+void AddFlags(CLI::App& app, CoordinatorConfig* cfg, std::string* config_path) {
+  app.add_option("--config", *config_path,
+                 "YAML config file (flat keys = flag names with '_'); flags override it");
+  for (const Field& f : Fields()) f.add_flag(app, cfg);
+}
+
+}  // namespace
+
+absl::Status CoordinatorConfig::Validate() const {
+  auto bad = [](const std::string& field, const std::string& expected, const std::string& found) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("config field '", field, "': expected ", expected, ", found ", found));
+  };
+  if (listen_address.empty() || listen_address.find(':') == std::string::npos) {
+    return bad("listen_address", "HOST:PORT", "'" + listen_address + "'");
+  }
+  if (data_dir.empty()) return bad("data_dir", "a directory", "''");
+  if (tls_ca.empty() || tls_cert.empty() || tls_key.empty()) {
+    return bad("tls_ca/tls_cert/tls_key", "all three PEM files",
+               absl::StrCat("ca='", tls_ca, "' cert='", tls_cert, "' key='", tls_key, "'"));
+  }
+  if (base_model_hash.empty() == base_model_dir.empty()) {
+    return bad("base_model_hash/base_model_dir", "exactly one of them",
+               base_model_hash.empty() ? "neither" : "both");
+  }
+  if (!base_model_hash.empty() && base_model_hash.size() != 64) {
+    return bad("base_model_hash", "64 hex characters",
+               absl::StrCat(base_model_hash.size(), " characters"));
+  }
+  if (min_participants < 1) return bad("min_participants", ">= 1", "0");
+  if (max_participants < min_participants) {
+    return bad("max_participants", absl::StrCat(">= min_participants (", min_participants, ")"),
+               absl::StrCat(max_participants));
+  }
+  if (local_steps < 1) return bad("local_steps", ">= 1", "0");
+  if (!(learning_rate > 0) || !std::isfinite(learning_rate)) {
+    return bad("learning_rate", "a positive number", absl::StrCat(learning_rate));
+  }
+  if (batch_size < 1) return bad("batch_size", ">= 1", "0");
+  if (lora_rank < 1) return bad("lora_rank", ">= 1", "0");
+  if (!(lora_alpha > 0) || !std::isfinite(lora_alpha)) {
+    return bad("lora_alpha", "a positive number", absl::StrCat(lora_alpha));
+  }
+  if (lora_target_modules.empty()) return bad("lora_target_modules", "at least one module", "none");
+  if (round_deadline_s < 1) return bad("round_deadline_s", ">= 1", "0");
+  if (max_update_bytes < 1) return bad("max_update_bytes", ">= 1", "0");
+  if (heartbeat_interval_ms < 1) return bad("heartbeat_interval_ms", ">= 1", "0");
+  if (tick_ms < 1) return bad("tick_ms", ">= 1", "0");
+  if (worker_threads < 1) return bad("worker_threads", ">= 1", "0");
+  if (log_format != "text" && log_format != "json") {
+    return bad("log_format", "text or json", "'" + log_format + "'");
+  }
+  if (log_level != "debug" && log_level != "info" && log_level != "warn" && log_level != "error") {
+    return bad("log_level", "debug, info, warn or error", "'" + log_level + "'");
+  }
+  return absl::OkStatus();
+}
+
+absl::Status LoadYamlString(const std::string& yaml, const std::string& source,
+                            CoordinatorConfig* config) {
+  YAML::Node root;
+  try {
+    root = YAML::Load(yaml);
+  } catch (const YAML::Exception& e) {
+    return absl::InvalidArgumentError(
+        absl::StrCat(source, ":", e.mark.line + 1, ": YAML syntax error: ", e.msg));
+  }
+  if (root.IsNull()) return absl::OkStatus();  // empty file
+  if (!root.IsMap()) {
+    return absl::InvalidArgumentError(
+        absl::StrCat(source, ": expected a mapping of config keys at the top level"));
+  }
+  for (const auto& kv : root) {
+    std::string key;
+    try {
+      key = kv.first.as<std::string>();
+    } catch (const YAML::Exception& e) {
+      return absl::InvalidArgumentError(
+          absl::StrCat(source, ":", kv.first.Mark().line + 1, ": config key is not a string"));
+    }
+    const Field* field = nullptr;
+    for (const Field& f : Fields()) {
+      if (f.key == key) field = &f;
+    }
+    const int line = kv.first.Mark().line + 1;
+    if (field == nullptr) {
+      std::vector<std::string> known;
+      for (const Field& f : Fields()) known.push_back(f.key);
+      return absl::InvalidArgumentError(
+          absl::StrCat(source, ":", line, ": unknown config key '", key,
+                       "'; known keys: ", absl::StrJoin(known, ", ")));
+    }
+    try {
+      field->load(kv.second, config);
+    } catch (const YAML::Exception& e) {
+      return absl::InvalidArgumentError(absl::StrCat(source, ":", line, ": config key '", key,
+                                                     "': value has the wrong type (", e.msg, ")"));
+    }
+  }
+  return absl::OkStatus();
+}
+
+absl::Status LoadYamlFile(const std::string& path, CoordinatorConfig* config) {
+  ASSIGN_OR_RETURN(std::string text, common::ReadFileToString(path));
+  return LoadYamlString(text, path, config);
+}
+
+std::string CoordinatorHelp() {
+  CoordinatorConfig cfg;
+  std::string config_path;
+  CLI::App app{"fedlora-coordinator: runs federated LoRA rounds over mutual-TLS gRPC",
+               "fedlora-coordinator"};
+  AddFlags(app, &cfg, &config_path);
+  return app.help();
+}
+
+absl::StatusOr<CoordinatorConfig> ParseCoordinatorFlags(int argc, const char* const* argv) {
+  CoordinatorConfig cfg;
+  std::string config_path;
+  CLI::App app{"fedlora-coordinator: runs federated LoRA rounds over mutual-TLS gRPC",
+               "fedlora-coordinator"};
+  AddFlags(app, &cfg, &config_path);
+  auto parse = [&]() -> absl::Status {
+    try {
+      app.parse(argc, argv);
+    } catch (const CLI::CallForHelp&) {
+      std::cout << app.help();
+      return absl::CancelledError("help requested");
+    } catch (const CLI::ParseError& e) {
+      return absl::InvalidArgumentError(absl::StrCat("command line: ", e.what()));
+    }
+    return absl::OkStatus();
+  };
+  RETURN_IF_ERROR(parse());
+  if (!config_path.empty()) {
+    // Defaults, then the file, then the flags again (they win).
+    cfg = CoordinatorConfig{};
+    RETURN_IF_ERROR(LoadYamlFile(config_path, &cfg));
+    RETURN_IF_ERROR(parse());
+  }
+  RETURN_IF_ERROR(cfg.Validate());
+  return cfg;
+}
+
+}  // namespace fedlora::coordinator

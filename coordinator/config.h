@@ -1,0 +1,77 @@
+#pragma once
+// Coordinator configuration: defaults, a YAML file and command-line flags.
+//
+// Precedence: flags > YAML file (--config) > defaults. The YAML file is a flat
+// mapping whose keys are the flag names with '_' for '-' (e.g. `min_participants: 3`,
+// `lora_target_modules: [q_proj, v_proj]`). An unknown key, a value of the wrong type
+// or an out-of-range value is an InvalidArgument error naming the file, line and key.
+// Validate() checks cross-field rules (min <= max, TLS files present, ...).
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "absl/status/status.h"
+#include "absl/status/statusor.h"
+
+namespace CLI {
+class App;
+}
+
+namespace fedlora::coordinator {
+
+struct CoordinatorConfig {
+  std::string coordinator_id = "fedlora-coordinator";
+  std::string listen_address = "0.0.0.0:7443";
+  std::string data_dir = "fedlora-data";
+  // Mutual TLS (common/net/tls.h).
+  std::string tls_ca = "";
+  std::string tls_cert = "";
+  std::string tls_key = "";
+  // The base model agents must hold: its hash, or a directory to hash
+  // (common::HashModelDirectory). Exactly one is required.
+  std::string base_model_hash = "";
+  std::string base_model_dir = "";
+
+  uint32_t min_participants = 2;
+  uint32_t max_participants = 1000;
+  uint64_t rounds = 0;  // 0 = run forever
+  // Once min_participants are online, wait this long (or until max_participants are
+  // online) before selecting, so that agents connecting together join one round.
+  uint32_t select_wait_ms = 0;
+
+  // Training task sent to agents (RoundTask).
+  uint32_t local_steps = 10;
+  double learning_rate = 1e-4;
+  uint32_t batch_size = 4;
+  uint32_t lora_rank = 8;
+  double lora_alpha = 16;
+  std::vector<std::string> lora_target_modules = {"q_proj", "v_proj"};
+  uint64_t lora_init_seed = 42;
+
+  uint64_t round_deadline_s = 600;           // TRAIN phase length
+  uint64_t max_update_bytes = 256ull << 20;  // sealed payload limit
+  uint32_t heartbeat_interval_ms = 10000;
+  uint64_t eval_grace_s = 60;         // wait for eval reports after publish
+  uint32_t tick_ms = 200;             // round manager timer period
+  uint32_t shutdown_grace_ms = 5000;  // server->Shutdown deadline
+  uint32_t worker_threads = 2;        // crypto / parsing / aggregation pool
+  std::string log_format = "text";    // "text" | "json"
+  std::string log_level = "info";     // "debug" | "info" | "warn" | "error"
+
+  absl::Status Validate() const;
+};
+
+// Applies a YAML file on top of `config`.
+absl::Status LoadYamlFile(const std::string& path, CoordinatorConfig* config);
+absl::Status LoadYamlString(const std::string& yaml, const std::string& source,
+                            CoordinatorConfig* config);
+
+// Parses argv: defaults, then --config FILE, then flags. On --help, prints help to
+// stdout and returns a Status with code kCancelled (caller exits 0). Also validates.
+absl::StatusOr<CoordinatorConfig> ParseCoordinatorFlags(int argc, const char* const* argv);
+
+// The help text (lists every flag).
+std::string CoordinatorHelp();
+
+}  // namespace fedlora::coordinator

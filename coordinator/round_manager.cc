@@ -1,0 +1,937 @@
+#include "coordinator/round_manager.h"
+
+#include <algorithm>
+#include <boost/asio/post.hpp>
+#include <cmath>
+#include <cstdio>
+#include <future>
+#include <nlohmann/json.hpp>
+#include <random>
+
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
+#include "absl/strings/str_join.h"
+#include "common/quant/quant.h"
+#include "common/status/status.h"
+#include "common/tensor/tensor.h"
+#include "coordinator/aggregator.h"
+#include "coordinator/logging.h"
+#include "coordinator/update_validator.h"
+
+namespace fedlora::coordinator {
+namespace {
+
+namespace v1 = ::fedlora::v1;
+
+std::string Num(double v) {
+  if (!std::isfinite(v)) return "nan";
+  return absl::StrFormat("%.4f", v);
+}
+
+nlohmann::ordered_json JsonNum(double v) {
+  return std::isfinite(v) ? nlohmann::ordered_json(v) : nlohmann::ordered_json(nullptr);
+}
+
+bool IsHex64(const std::string& s) {
+  if (s.size() != 64) return false;
+  for (char c : s) {
+    if (!((c >= '0' && c <= '9') || (c >= 'a' && c <= 'f'))) return false;
+  }
+  return true;
+}
+
+}  // namespace
+
+std::string UpdateAad(uint64_t round_id, const std::string& agent_id,
+                      const std::string& base_model_hash, const std::string& base_version) {
+  return absl::StrCat("fedlora-update-v1|", round_id, "|", agent_id, "|", base_model_hash, "|",
+                      base_version);
+}
+
+RoundManager::RoundManager(const CoordinatorConfig& config, StateStore* store, const Clock* clock,
+                           std::string base_model_hash, std::ostream* out)
+    : config_(config),
+      store_(store),
+      clock_(clock),
+      base_model_hash_(std::move(base_model_hash)),
+      out_(out),
+      timer_(io_) {}
+
+RoundManager::~RoundManager() {
+  Stop();
+  Join();
+}
+
+void RoundManager::Post(std::function<void()> fn) {
+  boost::asio::post(io_, [fn = std::move(fn)]() {
+    try {
+      fn();
+    } catch (const std::exception& e) {
+      Log(LogLevel::kError, "unexpected exception in the round manager", {{"what", e.what()}});
+    }
+  });
+}
+
+absl::Status RoundManager::Start() {
+  if (started_) return absl::FailedPreconditionError("RoundManager::Start called twice");
+  ASSIGN_OR_RETURN(seal_key_, store_->LoadOrCreateSealKey());
+  ASSIGN_OR_RETURN(current_version_, store_->CurrentVersion());
+  if (!current_version_.empty()) {
+    ASSIGN_OR_RETURN(auto version, store_->GetVersion(current_version_));
+    if (!version.has_value()) {
+      return absl::DataLossError(absl::StrCat("meta/current_version names '", current_version_,
+                                              "' but versions has no such record"));
+    }
+    current_shapes_ = version->shapes;
+  }
+  ASSIGN_OR_RETURN(std::vector<RoundRecord> rounds, store_->ListRounds());
+  for (RoundRecord& r : rounds) {
+    last_round_id_ = std::max(last_round_id_, r.round_id);
+    const uint64_t id = r.round_id;
+    if (r.phase == RoundPhase::kTrain || r.phase == RoundPhase::kAggregate) {
+      if (open_round_.has_value()) {
+        // Only one round is ever open; an older open one cannot be resumed.
+        RoundRecord& older = rounds_[*open_round_];
+        older.phase = RoundPhase::kAborted;
+        older.abort_reason = "superseded by a newer open round at restart";
+        older.finished_unix_ms = clock_->NowUnixMs();
+        RETURN_IF_ERROR(store_->Abort(older));
+      }
+      open_round_ = id;
+    }
+    rounds_[id] = std::move(r);
+  }
+  if (open_round_.has_value()) {
+    const RoundRecord& r = rounds_[*open_round_];
+    ASSIGN_OR_RETURN(size_t stored, store_->CountUpdates(r.round_id));
+    Log(LogLevel::kInfo, "resuming open round",
+        {{"round", std::to_string(r.round_id)},
+         {"phase", RoundPhaseName(r.phase)},
+         {"updates", std::to_string(stored)},
+         {"participants", std::to_string(r.participants.size())}});
+  }
+  guard_.emplace(io_.get_executor());
+  workers_ = std::make_unique<boost::asio::thread_pool>(config_.worker_threads);
+  started_ = true;
+  thread_ = std::thread([this]() { io_.run(); });
+  Post([this]() {
+    if (open_round_.has_value() && rounds_[*open_round_].phase == RoundPhase::kAggregate) {
+      StartAggregate();
+    }
+    MaybeFinish();
+  });
+  Post([this]() { ScheduleTick(); });
+  return absl::OkStatus();
+}
+
+void RoundManager::Stop() {
+  if (!started_ || stopping_.exchange(true)) return;
+  Post([this]() {
+    timer_.cancel();
+    for (auto& [id, agent] : online_) {
+      agent.link->Close(absl::UnavailableError("the coordinator is shutting down"));
+    }
+    for (uint64_t id : dirty_rounds_) {
+      absl::Status s = store_->PutRound(rounds_[id]);
+      if (!s.ok()) Log(LogLevel::kWarn, "cannot persist round figures", {{"error", s.ToString()}});
+    }
+    dirty_rounds_.clear();
+    std::lock_guard<std::mutex> lock(rejection_mu_);
+    for (const auto& [code, n] : rejections_by_code_) {
+      Log(LogLevel::kInfo, "updates rejected", {{"code", code}, {"count", std::to_string(n)}});
+    }
+  });
+}
+
+void RoundManager::Join() {
+  if (!started_ || joined_.exchange(true)) return;
+  if (workers_) workers_->join();
+  guard_.reset();
+  if (thread_.joinable()) thread_.join();
+}
+
+void RoundManager::SetFinishedCallback(std::function<void()> callback) {
+  finished_callback_ = std::move(callback);
+}
+
+void RoundManager::Sync() {
+  std::promise<void> done;
+  auto future = done.get_future();
+  boost::asio::post(io_, [&done]() { done.set_value(); });
+  future.wait();
+}
+
+void RoundManager::Tick() {
+  Post([this]() { TickLocked(); });
+  Sync();
+}
+
+void RoundManager::ScheduleTick() {
+  if (stopping_) return;
+  timer_.expires_after(std::chrono::milliseconds(config_.tick_ms));
+  timer_.async_wait([this](const boost::system::error_code& ec) {
+    if (ec || stopping_) return;
+    try {
+      TickLocked();
+    } catch (const std::exception& e) {
+      Log(LogLevel::kError, "unexpected exception in a round tick", {{"what", e.what()}});
+    }
+    ScheduleTick();
+  });
+}
+
+void RoundManager::TickLocked() {
+  if (stopping_) return;
+  const uint64_t now = clock_->NowUnixMs();
+  for (uint64_t id : dirty_rounds_) {
+    absl::Status s = store_->PutRound(rounds_[id]);
+    if (!s.ok()) Log(LogLevel::kWarn, "cannot persist round figures", {{"error", s.ToString()}});
+  }
+  dirty_rounds_.clear();
+  if (open_round_.has_value()) {
+    const RoundRecord& r = rounds_[*open_round_];
+    if (r.phase == RoundPhase::kTrain) {
+      if (r.updates.size() >= r.participants.size()) {
+        StartAggregate();
+      } else if (now >= r.deadline_unix_ms) {
+        if (r.updates.size() >= config_.min_participants) {
+          Log(LogLevel::kInfo, "round deadline passed; aggregating the updates received",
+              {{"round", std::to_string(r.round_id)},
+               {"updates", std::to_string(r.updates.size())},
+               {"participants", std::to_string(r.participants.size())}});
+          StartAggregate();
+        } else {
+          AbortOpenRound(absl::StrCat("deadline passed with ", r.updates.size(),
+                                      " updates; min_participants is ", config_.min_participants));
+        }
+      }
+    }
+  }
+  for (auto& [id, r] : rounds_) {
+    if (r.phase == RoundPhase::kDone && !r.eval_complete &&
+        now >= r.finished_unix_ms + config_.eval_grace_s * 1000) {
+      CompleteEval(r);
+    }
+  }
+  MaybeOpenRound();
+}
+
+void RoundManager::MaybeOpenRound() {
+  if (stopping_ || open_round_.has_value() || finished_) return;
+  if (config_.rounds > 0) {
+    uint64_t published = 0;
+    for (const auto& [id, r] : rounds_) published += r.phase == RoundPhase::kDone;
+    if (published >= config_.rounds) return;
+  }
+  const uint64_t now = clock_->NowUnixMs();
+  std::vector<std::string> online;
+  for (const auto& [id, agent] : online_) online.push_back(id);
+  if (online.size() < config_.min_participants) {
+    select_wait_since_ms_ = 0;
+    return;
+  }
+  if (config_.select_wait_ms > 0 && online.size() < config_.max_participants) {
+    if (select_wait_since_ms_ == 0) select_wait_since_ms_ = now;
+    if (now < select_wait_since_ms_ + config_.select_wait_ms) return;
+  }
+  select_wait_since_ms_ = 0;
+  if (online.size() > config_.max_participants) {
+    std::mt19937_64 rng(std::random_device{}());
+    std::shuffle(online.begin(), online.end(), rng);
+    online.resize(config_.max_participants);
+    std::sort(online.begin(), online.end());
+  }
+  RoundRecord r;
+  r.round_id = last_round_id_ + 1;
+  r.phase = RoundPhase::kTrain;
+  r.participants = online;
+  r.base_version = current_version_;
+  r.created_unix_ms = now;
+  r.deadline_unix_ms = now + config_.round_deadline_s * 1000;
+  r.local_steps = config_.local_steps;
+  r.learning_rate = config_.learning_rate;
+  r.batch_size = config_.batch_size;
+  r.lora_rank = config_.lora_rank;
+  r.lora_alpha = config_.lora_alpha;
+  r.lora_target_modules = config_.lora_target_modules;
+  r.lora_init_seed = config_.lora_init_seed;
+  r.max_update_bytes = config_.max_update_bytes;
+  r.shapes = current_version_.empty() ? ShapeMap{} : current_shapes_;
+  absl::Status s = store_->PutRound(r);
+  if (!s.ok()) {
+    Log(LogLevel::kError, "cannot open a round: the store write failed",
+        {{"round", std::to_string(r.round_id)}, {"error", s.ToString()}});
+    return;
+  }
+  last_round_id_ = r.round_id;
+  open_round_ = r.round_id;
+  rounds_[r.round_id] = r;
+  Log(LogLevel::kInfo, "round opened",
+      {{"round", std::to_string(r.round_id)},
+       {"participants", std::to_string(r.participants.size())},
+       {"base_version", r.base_version.empty() ? "(fresh)" : r.base_version}});
+  for (const std::string& agent : r.participants) SendTask(r, agent);
+}
+
+void RoundManager::SendTask(const RoundRecord& r, const std::string& agent_id) {
+  auto it = online_.find(agent_id);
+  if (it == online_.end()) return;
+  v1::CoordinatorMessage msg;
+  v1::RoundTask* task = msg.mutable_round_task();
+  task->set_round_id(r.round_id);
+  task->set_base_version(r.base_version);
+  task->mutable_lora()->set_rank(r.lora_rank);
+  task->mutable_lora()->set_alpha(static_cast<float>(r.lora_alpha));
+  for (const std::string& m : r.lora_target_modules) task->mutable_lora()->add_target_modules(m);
+  task->mutable_lora()->set_init_seed(r.lora_init_seed);
+  task->set_local_steps(r.local_steps);
+  task->set_learning_rate(static_cast<float>(r.learning_rate));
+  task->set_batch_size(r.batch_size);
+  task->set_deadline_unix_ms(r.deadline_unix_ms);
+  task->set_max_update_bytes(r.max_update_bytes);
+  task->set_seal_public_key(seal_key_.public_key);
+  it->second.link->Send(msg);
+}
+
+// ------------------------------------------------------------------ Session
+
+void RoundManager::OnHello(std::shared_ptr<AgentLink> link, v1::Hello hello) {
+  Post([this, link = std::move(link), hello = std::move(hello)]() {
+    if (stopping_) {
+      link->Close(absl::UnavailableError("the coordinator is shutting down"));
+      return;
+    }
+    const std::string& cn = link->peer_cn();
+    if (hello.agent_id() != cn) {
+      link->Close(absl::PermissionDeniedError(
+          absl::StrCat("Hello.agent_id '", hello.agent_id(),
+                       "' differs from the client certificate CN '", cn, "'")));
+      return;
+    }
+    if (hello.base_model_hash() != base_model_hash_) {
+      link->Close(absl::FailedPreconditionError(absl::StrCat(
+          "Hello.base_model_hash '", hello.base_model_hash(),
+          "' differs from the coordinator's base model hash '", base_model_hash_, "'")));
+      return;
+    }
+    const uint64_t now = clock_->NowUnixMs();
+    AgentRecord record;
+    auto existing = store_->GetAgent(cn);
+    if (existing.ok() && existing->has_value()) record = **existing;
+    record.agent_id = cn;
+    record.base_model_hash = hello.base_model_hash();
+    record.agent_version = hello.agent_version();
+    record.current_version = hello.current_version();
+    record.num_train_examples = hello.num_train_examples();
+    if (record.first_seen_unix_ms == 0) record.first_seen_unix_ms = now;
+    record.last_seen_unix_ms = now;
+    if (absl::Status s = store_->PutAgent(record, /*sync=*/true); !s.ok()) {
+      Log(LogLevel::kError, "cannot record an agent", {{"agent", cn}, {"error", s.ToString()}});
+      link->Close(absl::UnavailableError("the coordinator cannot record the agent; retry later"));
+      return;
+    }
+    auto it = online_.find(cn);
+    if (it != online_.end() && it->second.link != link) {
+      it->second.link->Close(absl::AbortedError("superseded by a newer session of this agent"));
+    }
+    online_[cn] = OnlineAgent{link, hello, now};
+    v1::CoordinatorMessage msg;
+    v1::Welcome* welcome = msg.mutable_welcome();
+    welcome->set_coordinator_id(config_.coordinator_id);
+    welcome->set_seal_public_key(seal_key_.public_key);
+    welcome->set_current_version(current_version_);
+    welcome->set_heartbeat_interval_ms(config_.heartbeat_interval_ms);
+    link->Send(msg);
+    Log(LogLevel::kInfo, "agent online",
+        {{"agent", cn},
+         {"examples", std::to_string(hello.num_train_examples())},
+         {"version", hello.current_version()}});
+    if (open_round_.has_value()) {
+      const RoundRecord& r = rounds_[*open_round_];
+      if (r.phase == RoundPhase::kTrain && r.IsParticipant(cn) && !r.updates.count(cn) &&
+          now < r.deadline_unix_ms) {
+        SendTask(r, cn);  // a participant that reconnected
+      }
+    }
+    MaybeOpenRound();
+  });
+}
+
+void RoundManager::OnHeartbeat(std::shared_ptr<AgentLink> link, v1::Heartbeat) {
+  Post([this, link = std::move(link)]() {
+    auto it = online_.find(link->peer_cn());
+    if (it != online_.end() && it->second.link == link) {
+      it->second.last_seen_unix_ms = clock_->NowUnixMs();
+    }
+  });
+}
+
+void RoundManager::OnEvalReport(std::shared_ptr<AgentLink> link, v1::EvalReport report) {
+  Post([this, link = std::move(link), report = std::move(report)]() {
+    const std::string& cn = link->peer_cn();
+    auto it = online_.find(cn);
+    if (it == online_.end() || it->second.link != link) return;
+    it->second.last_seen_unix_ms = clock_->NowUnixMs();
+    if (!report.version_id().empty()) it->second.hello.set_current_version(report.version_id());
+    RoundRecord* round = FindRoundByVersion(report.version_id());
+    if (round == nullptr || round->eval_complete || !round->IsParticipant(cn)) return;
+    if (!std::isfinite(report.eval_loss())) {
+      Log(LogLevel::kWarn, "ignoring a non-finite eval report",
+          {{"agent", cn}, {"version", report.version_id()}});
+      return;
+    }
+    round->eval_after[cn] = report.eval_loss();
+    if (absl::Status s = store_->PutRound(*round); !s.ok()) {
+      Log(LogLevel::kWarn, "cannot persist an eval report", {{"error", s.ToString()}});
+    }
+    if (round->eval_after.size() >= round->participants.size()) CompleteEval(*round);
+  });
+}
+
+void RoundManager::OnDisconnect(std::shared_ptr<AgentLink> link) {
+  Post([this, link = std::move(link)]() {
+    const std::string& cn = link->peer_cn();
+    auto it = online_.find(cn);
+    if (it == online_.end() || it->second.link != link) return;
+    const uint64_t last_seen = it->second.last_seen_unix_ms;
+    online_.erase(it);
+    Log(LogLevel::kInfo, "agent offline", {{"agent", cn}});
+    auto record = store_->GetAgent(cn);
+    if (record.ok() && record->has_value()) {
+      AgentRecord a = **record;
+      a.last_seen_unix_ms = std::max(a.last_seen_unix_ms, last_seen);
+      (void)store_->PutAgent(a, /*sync=*/false);
+    }
+  });
+}
+
+// ------------------------------------------------------------------ Updates
+
+void RoundManager::CountRejection(const absl::Status& status) {
+  rejections_.fetch_add(1);
+  std::lock_guard<std::mutex> lock(rejection_mu_);
+  ++rejections_by_code_[absl::StatusCodeToString(status.code())];
+  Log(LogLevel::kWarn, "update rejected", {{"status", status.ToString()}});
+}
+
+absl::Status RoundManager::PrecheckLocked(const std::string& peer_cn,
+                                          const v1::UpdateHeader& header) const {
+  if (header.agent_id() != peer_cn) {
+    return absl::PermissionDeniedError(absl::StrCat("UpdateHeader.agent_id '", header.agent_id(),
+                                                    "' differs from the client certificate CN '",
+                                                    peer_cn, "'"));
+  }
+  if (!open_round_.has_value() || *open_round_ != header.round_id() ||
+      rounds_.at(*open_round_).phase != RoundPhase::kTrain) {
+    return absl::FailedPreconditionError(
+        absl::StrCat("round ", header.round_id(), " is not open for updates (open round: ",
+                     open_round_.has_value() && rounds_.at(*open_round_).phase == RoundPhase::kTrain
+                         ? std::to_string(*open_round_)
+                         : std::string("none"),
+                     ")"));
+  }
+  const RoundRecord& r = rounds_.at(*open_round_);
+  if (clock_->NowUnixMs() >= r.deadline_unix_ms) {
+    return absl::FailedPreconditionError(
+        absl::StrCat("round ", r.round_id, " deadline (", r.deadline_unix_ms, ") has passed"));
+  }
+  if (!r.IsParticipant(peer_cn)) {
+    return absl::PermissionDeniedError(
+        absl::StrCat("agent '", peer_cn, "' is not a participant of round ", r.round_id));
+  }
+  if (r.updates.count(peer_cn)) {
+    return absl::AlreadyExistsError(
+        absl::StrCat("agent '", peer_cn, "' already submitted an update for round ", r.round_id));
+  }
+  if (header.base_model_hash() != base_model_hash_) {
+    return absl::FailedPreconditionError(absl::StrCat("UpdateHeader.base_model_hash '",
+                                                      header.base_model_hash(), "', expected '",
+                                                      base_model_hash_, "'"));
+  }
+  if (header.base_version() != r.base_version) {
+    return absl::FailedPreconditionError(absl::StrCat("UpdateHeader.base_version '",
+                                                      header.base_version(), "', expected '",
+                                                      r.base_version, "' for round ", r.round_id));
+  }
+  if (header.total_size() > r.max_update_bytes) {
+    return absl::ResourceExhaustedError(
+        absl::StrCat("UpdateHeader.total_size ", header.total_size(), " exceeds max_update_bytes ",
+                     r.max_update_bytes));
+  }
+  if (header.total_size() == 0) {
+    return absl::InvalidArgumentError("UpdateHeader.total_size is 0; expected a sealed payload");
+  }
+  if (header.num_examples() == 0) {
+    return absl::InvalidArgumentError(
+        "UpdateHeader.num_examples is 0; expected the FedAvg weight > 0");
+  }
+  if (!IsHex64(header.payload_sha256())) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("UpdateHeader.payload_sha256: expected 64 lowercase hex characters, found '",
+                     header.payload_sha256().substr(0, 80), "'"));
+  }
+  const auto& m = header.metrics();
+  if (!std::isfinite(m.train_loss()) || !std::isfinite(m.eval_loss_before()) ||
+      !std::isfinite(m.train_seconds())) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "UpdateHeader.metrics must be finite; found train_loss=", m.train_loss(),
+        " eval_loss_before=", m.eval_loss_before(), " train_seconds=", m.train_seconds()));
+  }
+  return absl::OkStatus();
+}
+
+void RoundManager::CheckUpdateHeader(std::string peer_cn, v1::UpdateHeader header,
+                                     StatusCallback done) {
+  Post([this, peer_cn = std::move(peer_cn), header = std::move(header), done = std::move(done)]() {
+    if (stopping_) {
+      done(absl::UnavailableError("the coordinator is shutting down"));
+      return;
+    }
+    done(PrecheckLocked(peer_cn, header));
+  });
+}
+
+void RoundManager::SubmitUpdate(IncomingUpdate update, StatusCallback done) {
+  if (!workers_) {
+    done(absl::UnavailableError("the round manager is not running"));
+    return;
+  }
+  auto shared = std::make_shared<IncomingUpdate>(std::move(update));
+  boost::asio::post(*workers_, [this, shared, done = std::move(done)]() {
+    auto verify = [&]() -> absl::StatusOr<common::TensorMap> {
+      const v1::UpdateHeader& h = shared->header;
+      const std::string where =
+          absl::StrCat("update of agent '", h.agent_id(), "' for round ", h.round_id());
+      if (shared->payload.size() != h.total_size()) {
+        return absl::InvalidArgumentError(absl::StrCat(where, ": received ", shared->payload.size(),
+                                                       " bytes, header total_size is ",
+                                                       h.total_size()));
+      }
+      const std::string sha = common::Sha256Hex(shared->payload);
+      if (sha != h.payload_sha256()) {
+        return absl::InvalidArgumentError(absl::StrCat(where, ": payload SHA-256 is ", sha,
+                                                       ", header payload_sha256 is ",
+                                                       h.payload_sha256()));
+      }
+      const std::string aad =
+          UpdateAad(h.round_id(), h.agent_id(), h.base_model_hash(), h.base_version());
+      auto plain = common::OpenSealed(seal_key_, shared->payload, aad);
+      if (!plain.ok()) {
+        return absl::InvalidArgumentError(
+            absl::StrCat(where, ": the sealed payload does not open with the round's key and AAD: ",
+                         plain.status().message()));
+      }
+      auto file = common::SafetensorsFile::FromBytes(std::move(*plain), where);
+      if (!file.ok()) {
+        return absl::InvalidArgumentError(
+            absl::StrCat(where, ": not a valid safetensors payload: ", file.status().message()));
+      }
+      auto map = (*file)->ToTensorMap();
+      if (!map.ok()) {
+        return absl::InvalidArgumentError(absl::StrCat(where, ": ", map.status().message()));
+      }
+      if (absl::Status s = CheckFinite(*map); !s.ok()) {
+        return absl::InvalidArgumentError(absl::StrCat(where, ": ", s.message()));
+      }
+      return map;
+    };
+    absl::StatusOr<common::TensorMap> tensors;
+    try {
+      tensors = verify();
+    } catch (const std::exception& e) {  // a parser that throws must not kill the pool
+      tensors = absl::InvalidArgumentError(
+          absl::StrCat("update payload could not be processed: ", e.what()));
+    }
+    if (!tensors.ok()) {
+      done(tensors.status());
+      return;
+    }
+    auto tensor_ptr = std::make_shared<common::TensorMap>(std::move(*tensors));
+    Post([this, shared, tensor_ptr, done]() {
+      CommitUpdate(std::move(*shared), std::move(*tensor_ptr), done);
+    });
+  });
+}
+
+void RoundManager::CommitUpdate(IncomingUpdate update, common::TensorMap tensors,
+                                StatusCallback done) {
+  if (stopping_) {
+    done(absl::UnavailableError("the coordinator is shutting down"));
+    return;
+  }
+  if (absl::Status s = PrecheckLocked(update.peer_cn, update.header); !s.ok()) {
+    done(s);
+    return;
+  }
+  RoundRecord& round = rounds_[*open_round_];
+  const std::string& agent = update.peer_cn;
+  const std::string where =
+      absl::StrCat("update of agent '", agent, "' for round ", round.round_id);
+  absl::Status valid = round.shapes.empty()
+                           ? CheckLoraStructure(tensors, round.lora_rank, round.lora_target_modules)
+                           : CheckShapes(tensors, round.shapes);
+  if (!valid.ok()) {
+    done(absl::InvalidArgumentError(absl::StrCat(where, ": ", valid.message())));
+    return;
+  }
+  const v1::UpdateHeader& h = update.header;
+  UpdateRecord record;
+  record.round_id = round.round_id;
+  record.agent_id = agent;
+  record.base_version = h.base_version();
+  record.summary.num_examples = h.num_examples();
+  record.summary.train_loss = h.metrics().train_loss();
+  record.summary.eval_loss_before = h.metrics().eval_loss_before();
+  record.summary.train_tokens = h.metrics().train_tokens();
+  record.summary.train_seconds = h.metrics().train_seconds();
+  record.summary.bytes = update.payload.size();
+  record.payload_sha256 = h.payload_sha256();
+  record.received_unix_ms = clock_->NowUnixMs();
+  record.sealed = std::move(update.payload);
+  RoundRecord next = round;
+  next.updates[agent] = record.summary;
+  if (next.shapes.empty()) next.shapes = ShapesOf(tensors);
+  if (absl::Status s = store_->AcceptUpdate(record, next); !s.ok()) {
+    Log(LogLevel::kError, "cannot store an update", {{"agent", agent}, {"error", s.ToString()}});
+    done(absl::UnavailableError(
+        absl::StrCat("the coordinator could not store the update: ", s.message())));
+    return;
+  }
+  round = std::move(next);
+  Log(LogLevel::kInfo, "update accepted",
+      {{"round", std::to_string(round.round_id)},
+       {"agent", agent},
+       {"bytes", std::to_string(record.summary.bytes)},
+       {"updates", absl::StrCat(round.updates.size(), "/", round.participants.size())}});
+  done(absl::OkStatus());
+  if (round.updates.size() >= round.participants.size()) StartAggregate();
+}
+
+// ------------------------------------------------------------------ Aggregate / publish
+
+void RoundManager::StartAggregate() {
+  if (stopping_ || !open_round_.has_value()) return;
+  RoundRecord& round = rounds_[*open_round_];
+  if (round.phase == RoundPhase::kTrain) {
+    RoundRecord next = round;
+    next.phase = RoundPhase::kAggregate;
+    if (absl::Status s = store_->PutRound(next); !s.ok()) {
+      Log(LogLevel::kError, "cannot start aggregation: the store write failed",
+          {{"round", std::to_string(round.round_id)}, {"error", s.ToString()}});
+      return;  // retried at the next tick
+    }
+    round = std::move(next);
+  } else if (round.phase != RoundPhase::kAggregate) {
+    return;
+  }
+  Log(LogLevel::kInfo, "aggregating",
+      {{"round", std::to_string(round.round_id)},
+       {"updates", std::to_string(round.updates.size())}});
+  boost::asio::post(*workers_, [this, copy = round]() { RunAggregation(copy); });
+}
+
+void RoundManager::RunAggregation(RoundRecord round) {
+  auto aggregate = [&]() -> absl::StatusOr<Aggregated> {
+    FedAvgAggregator aggregator;
+    Aggregated out;
+    RETURN_IF_ERROR(store_->ForEachUpdate(round.round_id, [&](UpdateRecord u) -> absl::Status {
+      const std::string where =
+          absl::StrCat("stored update of agent '", u.agent_id, "' for round ", u.round_id);
+      ASSIGN_OR_RETURN(
+          std::string plain,
+          common::OpenSealed(seal_key_, u.sealed,
+                             UpdateAad(u.round_id, u.agent_id, base_model_hash_, u.base_version)));
+      u.sealed.clear();
+      u.sealed.shrink_to_fit();
+      ASSIGN_OR_RETURN(auto file, common::SafetensorsFile::FromBytes(std::move(plain), where));
+      ASSIGN_OR_RETURN(common::TensorMap tensors, file->ToTensorMap());
+      file.reset();
+      RETURN_IF_ERROR(aggregator.Add(tensors, static_cast<double>(u.summary.num_examples)));
+      out.num_examples += u.summary.num_examples;
+      out.contributors.push_back(u.agent_id);
+      return absl::OkStatus();
+    }));
+    ASSIGN_OR_RETURN(common::TensorMap mean, aggregator.Finish());
+    out.shapes = ShapesOf(mean);
+    common::Metadata metadata{
+        {"fedlora.version", VersionId(round.round_id)},
+        {"fedlora.round", std::to_string(round.round_id)},
+        {"fedlora.parent_version", round.base_version},
+        {"fedlora.base_model_hash", base_model_hash_},
+        {"fedlora.aggregation", "fedavg"},
+        {"fedlora.lora.rank", std::to_string(round.lora_rank)},
+        {"fedlora.lora.alpha", absl::StrCat(round.lora_alpha)},
+        {"fedlora.lora.target_modules", absl::StrJoin(round.lora_target_modules, ",")},
+        {"fedlora.lora.init_seed", std::to_string(round.lora_init_seed)}};
+    out.blob = common::EncodeAdapterBlob(mean, common::Quant::kQ8_0, metadata);
+    out.sha256 = common::Sha256Hex(out.blob);
+    return out;
+  };
+  absl::StatusOr<Aggregated> result;
+  try {
+    result = aggregate();
+  } catch (const std::exception& e) {
+    result = absl::InternalError(absl::StrCat("aggregation threw: ", e.what()));
+  }
+  Post([this, id = round.round_id, result = std::move(result)]() mutable {
+    FinishAggregation(id, std::move(result));
+  });
+}
+
+void RoundManager::FinishAggregation(uint64_t round_id, absl::StatusOr<Aggregated> result) {
+  if (stopping_) return;  // the round stays AGGREGATE in the store; a restart redoes it
+  if (!open_round_.has_value() || *open_round_ != round_id) return;
+  if (!result.ok()) {
+    Log(LogLevel::kError, "aggregation failed",
+        {{"round", std::to_string(round_id)}, {"error", result.status().ToString()}});
+    AbortOpenRound(absl::StrCat("aggregation failed: ", result.status().message()));
+    return;
+  }
+  const uint64_t now = clock_->NowUnixMs();
+  RoundRecord done = rounds_[round_id];
+  VersionRecord version;
+  version.version_id = VersionId(round_id);
+  version.round_id = round_id;
+  version.parent_version = done.base_version;
+  version.sha256 = result->sha256;
+  version.size_bytes = result->blob.size();
+  version.quant = "q8_0";
+  version.created_unix_ms = now;
+  version.num_examples = result->num_examples;
+  version.contributors = result->contributors;
+  version.shapes = result->shapes;
+  done.phase = RoundPhase::kDone;
+  done.version_id = version.version_id;
+  done.finished_unix_ms = now;
+  if (absl::Status s = store_->Publish(done, version, result->blob); !s.ok()) {
+    Log(LogLevel::kError, "publish failed",
+        {{"round", std::to_string(round_id)}, {"error", s.ToString()}});
+    AbortOpenRound(absl::StrCat("publish failed: ", s.message()));
+    return;
+  }
+  rounds_[round_id] = done;
+  open_round_.reset();
+  current_version_ = version.version_id;
+  current_shapes_ = version.shapes;
+  CacheBlob(version.version_id,
+            BlobRef{version.version_id, version.sha256,
+                    std::make_shared<const std::string>(std::move(result->blob))});
+  Log(LogLevel::kInfo, "version published",
+      {{"round", std::to_string(round_id)},
+       {"version", version.version_id},
+       {"sha256", version.sha256},
+       {"bytes", std::to_string(version.size_bytes)},
+       {"contributors", std::to_string(version.contributors.size())}});
+  v1::CoordinatorMessage msg;
+  v1::VersionNotice* notice = msg.mutable_version_notice();
+  notice->set_version_id(version.version_id);
+  notice->set_round_id(round_id);
+  notice->set_sha256(version.sha256);
+  notice->set_size_bytes(version.size_bytes);
+  for (auto& [id, agent] : online_) agent.link->Send(msg);
+  MaybeOpenRound();
+}
+
+void RoundManager::AbortOpenRound(const std::string& reason) {
+  if (!open_round_.has_value()) return;
+  RoundRecord next = rounds_[*open_round_];
+  next.phase = RoundPhase::kAborted;
+  next.abort_reason = reason;
+  next.finished_unix_ms = clock_->NowUnixMs();
+  if (absl::Status s = store_->Abort(next); !s.ok()) {
+    Log(LogLevel::kError, "cannot abort the round: the store write failed",
+        {{"round", std::to_string(next.round_id)}, {"error", s.ToString()}});
+    return;
+  }
+  Log(LogLevel::kWarn, "round aborted",
+      {{"round", std::to_string(next.round_id)}, {"reason", reason}});
+  rounds_[next.round_id] = std::move(next);
+  open_round_.reset();
+}
+
+// ------------------------------------------------------------------ Figures
+
+RoundRecord* RoundManager::FindRoundByVersion(const std::string& version_id) {
+  if (version_id.empty()) return nullptr;
+  for (auto& [id, r] : rounds_) {
+    if (r.version_id == version_id) return &r;
+  }
+  return nullptr;
+}
+
+void RoundManager::CompleteEval(RoundRecord& round) {
+  if (round.eval_complete) return;
+  round.eval_complete = true;
+  dirty_rounds_.erase(round.round_id);
+  if (absl::Status s = store_->PutRound(round); !s.ok()) {
+    Log(LogLevel::kWarn, "cannot persist round figures", {{"error", s.ToString()}});
+  }
+  PrintRoundLine(round);
+  MaybeFinish();
+}
+
+void RoundManager::PrintRoundLine(const RoundRecord& r) {
+  const uint64_t up_agents = std::max<uint64_t>(1, r.updates.size());
+  const uint64_t down_agents = std::max<uint64_t>(1, r.participants.size());
+  std::string line = absl::StrCat(
+      "round ", r.round_id, ": participants=", r.participants.size(),
+      " train_loss=", Num(r.mean_train_loss()), " eval_loss ", Num(r.mean_eval_loss_before()),
+      " -> ", Num(r.mean_eval_loss_after()), " bytes_up/agent=", r.bytes_up() / up_agents,
+      " bytes_down/agent=", r.bytes_down / down_agents, " version=", r.version_id, "\n");
+  if (out_ != nullptr) {
+    *out_ << line;
+    out_->flush();
+  }
+  Log(LogLevel::kInfo, "round evaluated",
+      {{"round", std::to_string(r.round_id)},
+       {"eval_reports", std::to_string(r.eval_after.size())},
+       {"eval_loss_after", Num(r.mean_eval_loss_after())}});
+}
+
+void RoundManager::MaybeFinish() {
+  if (finished_ || config_.rounds == 0 || open_round_.has_value()) return;
+  std::vector<const RoundRecord*> done;
+  for (const auto& [id, r] : rounds_) {
+    if (r.phase != RoundPhase::kDone) continue;
+    if (!r.eval_complete) return;
+    done.push_back(&r);
+  }
+  if (done.size() < config_.rounds) return;
+  // Key order as documented: rounds, eval_loss, versions, bytes_up, bytes_down,
+  // participants, train_loss.
+  nlohmann::ordered_json eval = nlohmann::ordered_json::array();
+  eval.push_back(JsonNum(done.front()->mean_eval_loss_before()));
+  nlohmann::ordered_json versions = nlohmann::ordered_json::array();
+  nlohmann::ordered_json participants = nlohmann::ordered_json::array();
+  nlohmann::ordered_json train = nlohmann::ordered_json::array();
+  uint64_t bytes_up = 0, bytes_down = 0;
+  for (const RoundRecord* r : done) {
+    eval.push_back(JsonNum(r->mean_eval_loss_after()));
+    versions.push_back(r->version_id);
+    participants.push_back(r->participants.size());
+    train.push_back(JsonNum(r->mean_train_loss()));
+    bytes_up += r->bytes_up();
+    bytes_down += r->bytes_down;
+  }
+  nlohmann::ordered_json summary;
+  summary["rounds"] = done.size();
+  summary["eval_loss"] = eval;
+  summary["versions"] = versions;
+  summary["bytes_up"] = bytes_up;
+  summary["bytes_down"] = bytes_down;
+  summary["participants"] = participants;
+  summary["train_loss"] = train;
+  if (out_ != nullptr) {
+    *out_ << summary.dump(-1, ' ', false, nlohmann::ordered_json::error_handler_t::replace) << "\n";
+    out_->flush();
+  }
+  finished_ = true;
+  Log(LogLevel::kInfo, "all rounds done", {{"rounds", std::to_string(done.size())}});
+  if (finished_callback_) finished_callback_();
+}
+
+// ------------------------------------------------------------------ Adapters and status
+
+void RoundManager::CacheBlob(const std::string& version_id, BlobRef ref) {
+  std::lock_guard<std::mutex> lock(blob_mu_);
+  if (blob_cache_.size() >= 4) blob_cache_.erase(blob_cache_.begin());  // oldest id first
+  blob_cache_[version_id] = std::move(ref);
+}
+
+void RoundManager::GetVersionBlob(std::string version_id,
+                                  std::function<void(absl::StatusOr<BlobRef>)> done) {
+  if (!workers_) {
+    done(absl::UnavailableError("the round manager is not running"));
+    return;
+  }
+  boost::asio::post(*workers_, [this, version_id = std::move(version_id),
+                                done = std::move(done)]() {
+    auto load = [&]() -> absl::StatusOr<BlobRef> {
+      if (version_id.empty()) {
+        return absl::InvalidArgumentError("FetchAdapterRequest.version_id is empty");
+      }
+      {
+        std::lock_guard<std::mutex> lock(blob_mu_);
+        auto it = blob_cache_.find(version_id);
+        if (it != blob_cache_.end()) return it->second;
+      }
+      ASSIGN_OR_RETURN(auto version, store_->GetVersion(version_id));
+      if (!version.has_value()) {
+        return absl::NotFoundError(
+            absl::StrCat("adapter version '", version_id, "' does not exist"));
+      }
+      ASSIGN_OR_RETURN(std::string blob, store_->GetBlob(version->sha256));
+      if (common::Sha256Hex(blob) != version->sha256) {
+        return absl::DataLossError(absl::StrCat("stored blob of version '", version_id,
+                                                "' does not match its SHA-256 ", version->sha256));
+      }
+      BlobRef ref{version_id, version->sha256,
+                  std::make_shared<const std::string>(std::move(blob))};
+      CacheBlob(version_id, ref);
+      return ref;
+    };
+    absl::StatusOr<BlobRef> result;
+    try {
+      result = load();
+    } catch (const std::exception& e) {
+      result = absl::InternalError(absl::StrCat("loading the version threw: ", e.what()));
+    }
+    done(std::move(result));
+  });
+}
+
+void RoundManager::RecordBytesDown(std::string version_id, uint64_t bytes) {
+  Post([this, version_id = std::move(version_id), bytes]() {
+    RoundRecord* r = FindRoundByVersion(version_id);
+    if (r == nullptr) return;
+    r->bytes_down += bytes;
+    dirty_rounds_.insert(r->round_id);
+  });
+}
+
+void RoundManager::GetStatus(std::function<void(v1::StatusResponse)> done) {
+  Post([this, done = std::move(done)]() {
+    v1::StatusResponse response;
+    response.set_coordinator_id(config_.coordinator_id);
+    if (open_round_.has_value()) {
+      response.set_current_round(*open_round_);
+      response.set_current_phase(RoundPhaseName(rounds_[*open_round_].phase));
+    } else {
+      response.set_current_round(last_round_id_);
+      response.set_current_phase("IDLE");
+    }
+    response.set_current_version(current_version_);
+    auto agents = store_->ListAgents();
+    if (agents.ok()) {
+      for (const AgentRecord& a : *agents) {
+        v1::AgentInfo* info = response.add_agents();
+        info->set_agent_id(a.agent_id);
+        auto it = online_.find(a.agent_id);
+        info->set_online(it != online_.end());
+        info->set_current_version(it != online_.end() ? it->second.hello.current_version()
+                                                      : a.current_version);
+        info->set_last_seen_unix_ms(it != online_.end() ? it->second.last_seen_unix_ms
+                                                        : a.last_seen_unix_ms);
+      }
+    } else {
+      Log(LogLevel::kWarn, "cannot list agents", {{"error", agents.status().ToString()}});
+    }
+    for (const auto& [id, r] : rounds_) {
+      v1::RoundInfo* info = response.add_rounds();
+      info->set_round_id(id);
+      info->set_phase(RoundPhaseName(r.phase));
+      info->set_participants(r.participants.size());
+      info->set_updates_received(r.updates.size());
+      info->set_version_id(r.version_id);
+      info->set_mean_train_loss(r.mean_train_loss());
+      info->set_eval_loss_before(r.mean_eval_loss_before());
+      info->set_eval_loss_after(r.mean_eval_loss_after());
+      info->set_bytes_up(r.bytes_up());
+      info->set_bytes_down(r.bytes_down);
+    }
+    response.set_updates_rejected(rejections_.load());
+    done(std::move(response));
+  });
+}
+
+}  // namespace fedlora::coordinator

@@ -1,0 +1,206 @@
+#pragma once
+// The round state machine (docs/protocol.md, "A round"):
+//
+//   (no round) --select--> TRAIN --all updates | deadline & >= min--> AGGREGATE
+//        ^                   |                                           |
+//        |                   +--deadline & < min--> ABORTED              v
+//        +-------------------------------------------------------- DONE (published)
+//
+// All state lives on one Boost.Asio io_context thread (the "manager thread"); every
+// public method is safe to call from any thread (gRPC reactors): it posts work and
+// answers through a callback, which runs on the manager thread or on a worker thread
+// and must not block. CPU-heavy work (payload hashing, opening sealed updates,
+// parsing safetensors, NaN checks, aggregation, quantization) runs on a small worker
+// pool. Every transition is written to the StateStore (synced) before it takes
+// effect; Start() resumes an open round from the store (a TRAIN round keeps its
+// stored updates; an AGGREGATE round is aggregated again).
+//
+// Deadlines use the injected Clock; a periodic timer (tick_ms) checks them, and
+// Tick() runs one check synchronously (tests with a FakeClock).
+//
+// Round figures: when a published round's evaluation completes (every participant
+// sent an EvalReport for its version, or eval_grace_s passed) one line is written to
+// the output stream; with `rounds` set, once that many rounds are published and
+// evaluated, a final JSON summary line is written and the finished callback runs.
+//
+// Shutdown: Stop() closes all agent sessions, stops transitions and answers any later
+// request with UNAVAILABLE; Join() (after the gRPC server is down) drains the worker
+// pool and ends the manager thread.
+
+#include <atomic>
+#include <boost/asio/executor_work_guard.hpp>
+#include <boost/asio/io_context.hpp>
+#include <boost/asio/steady_timer.hpp>
+#include <boost/asio/thread_pool.hpp>
+#include <cstdint>
+#include <functional>
+#include <map>
+#include <memory>
+#include <mutex>
+#include <optional>
+#include <ostream>
+#include <set>
+#include <string>
+#include <thread>
+
+#include "absl/status/status.h"
+#include "absl/status/statusor.h"
+#include "common/crypto/crypto.h"
+#include "common/tensor/tensor.h"
+#include "coordinator/clock.h"
+#include "coordinator/config.h"
+#include "coordinator/state_store.h"
+#include "fedlora/v1/fedlora.pb.h"
+
+namespace fedlora::coordinator {
+
+// AAD an update is sealed with: "fedlora-update-v1|<round>|<agent>|<base hash>|<base version>".
+std::string UpdateAad(uint64_t round_id, const std::string& agent_id,
+                      const std::string& base_model_hash, const std::string& base_version);
+
+// The down direction of one agent's Session stream. Implemented by the gRPC service
+// (and by fakes in tests). Thread-safe and non-blocking.
+class AgentLink {
+ public:
+  virtual ~AgentLink() = default;
+  // The verified certificate CN of the peer.
+  virtual const std::string& peer_cn() const = 0;
+  // Queues a message; messages arrive in the order they were sent.
+  virtual void Send(const fedlora::v1::CoordinatorMessage& message) = 0;
+  // Ends the stream with `status` after queued messages are written.
+  virtual void Close(const absl::Status& status) = 0;
+};
+
+struct IncomingUpdate {
+  std::string peer_cn;
+  fedlora::v1::UpdateHeader header;
+  std::string payload;  // sealed bytes, already checked chunk by chunk
+};
+
+struct BlobRef {
+  std::string version_id;
+  std::string sha256;
+  std::shared_ptr<const std::string> bytes;
+};
+
+class RoundManager {
+ public:
+  // `store` and `clock` must outlive the manager. `base_model_hash` is the hash
+  // agents must present. `out` receives the round lines and the summary.
+  RoundManager(const CoordinatorConfig& config, StateStore* store, const Clock* clock,
+               std::string base_model_hash, std::ostream* out);
+  ~RoundManager();  // Stop() + Join()
+  RoundManager(const RoundManager&) = delete;
+  RoundManager& operator=(const RoundManager&) = delete;
+
+  // Loads the sealing key and the rounds from the store, resumes an open round and
+  // starts the manager thread and timer.
+  absl::Status Start();
+  void Stop();
+  void Join();
+
+  // Runs once, on the manager thread, when `rounds` rounds are published and evaluated.
+  void SetFinishedCallback(std::function<void()> callback);
+
+  // --- Session (Coordinator.Session)
+  void OnHello(std::shared_ptr<AgentLink> link, fedlora::v1::Hello hello);
+  void OnHeartbeat(std::shared_ptr<AgentLink> link, fedlora::v1::Heartbeat heartbeat);
+  void OnEvalReport(std::shared_ptr<AgentLink> link, fedlora::v1::EvalReport report);
+  void OnDisconnect(std::shared_ptr<AgentLink> link);
+
+  // --- Updates (Coordinator.SubmitUpdate)
+  using StatusCallback = std::function<void(absl::Status)>;
+  // Checks a header before the payload is read: round open, participant, duplicate,
+  // base hash/version, size, metrics.
+  void CheckUpdateHeader(std::string peer_cn, fedlora::v1::UpdateHeader header,
+                         StatusCallback done);
+  // Verifies, opens, parses, validates and (if all passes) stores the update synced,
+  // then answers OK. Any failure answers the protocol's status and stores nothing.
+  void SubmitUpdate(IncomingUpdate update, StatusCallback done);
+  // Counts a refused update (shown as updates_rejected in Admin.Status).
+  void CountRejection(const absl::Status& status);
+  uint64_t rejections() const { return rejections_.load(); }
+
+  // --- Adapters (Coordinator.FetchAdapter)
+  void GetVersionBlob(std::string version_id, std::function<void(absl::StatusOr<BlobRef>)> done);
+  void RecordBytesDown(std::string version_id, uint64_t bytes);
+
+  // --- Admin
+  void GetStatus(std::function<void(fedlora::v1::StatusResponse)> done);
+
+  // --- Tests
+  void Tick();  // runs one timer check on the manager thread and waits for it
+  void Sync();  // waits until everything posted before it has run
+  const std::string& seal_public_key() const { return seal_key_.public_key; }
+  const std::string& base_model_hash() const { return base_model_hash_; }
+
+ private:
+  struct OnlineAgent {
+    std::shared_ptr<AgentLink> link;
+    fedlora::v1::Hello hello;
+    uint64_t last_seen_unix_ms = 0;
+  };
+  struct Aggregated {
+    std::string blob;
+    std::string sha256;
+    ShapeMap shapes;
+    uint64_t num_examples = 0;
+    std::vector<std::string> contributors;
+  };
+
+  // Posts fn to the manager thread, catching (and logging) any exception.
+  void Post(std::function<void()> fn);
+  void ScheduleTick();
+  void TickLocked();  // "Locked" = runs on the manager thread
+  void MaybeOpenRound();
+  void SendTask(const RoundRecord& round, const std::string& agent_id);
+  absl::Status PrecheckLocked(const std::string& peer_cn,
+                              const fedlora::v1::UpdateHeader& header) const;
+  void CommitUpdate(IncomingUpdate update, common::TensorMap tensors, StatusCallback done);
+  void StartAggregate();
+  void RunAggregation(RoundRecord round);  // worker thread
+  void FinishAggregation(uint64_t round_id, absl::StatusOr<Aggregated> result);
+  void AbortOpenRound(const std::string& reason);
+  void CompleteEval(RoundRecord& round);
+  void MaybeFinish();
+  void PrintRoundLine(const RoundRecord& round);
+  RoundRecord* FindRoundByVersion(const std::string& version_id);
+  void CacheBlob(const std::string& version_id, BlobRef ref);
+
+  const CoordinatorConfig config_;
+  StateStore* const store_;
+  const Clock* const clock_;
+  const std::string base_model_hash_;
+  std::ostream* const out_;
+  common::X25519KeyPair seal_key_;
+
+  boost::asio::io_context io_;
+  std::optional<boost::asio::executor_work_guard<boost::asio::io_context::executor_type>> guard_;
+  boost::asio::steady_timer timer_;
+  std::unique_ptr<boost::asio::thread_pool> workers_;
+  std::thread thread_;
+  std::atomic<bool> started_{false};
+  std::atomic<bool> stopping_{false};
+  std::atomic<bool> joined_{false};
+  std::atomic<uint64_t> rejections_{0};
+
+  // Manager-thread state.
+  std::map<std::string, OnlineAgent> online_;
+  std::map<uint64_t, RoundRecord> rounds_;  // every round, by id
+  std::optional<uint64_t> open_round_;      // TRAIN or AGGREGATE
+  uint64_t last_round_id_ = 0;
+  std::string current_version_;
+  ShapeMap current_shapes_;
+  uint64_t select_wait_since_ms_ = 0;
+  std::set<uint64_t> dirty_rounds_;  // bytes_down changed, persist at the next tick
+  bool finished_ = false;
+  std::function<void()> finished_callback_;
+
+  std::mutex rejection_mu_;
+  std::map<std::string, uint64_t> rejections_by_code_;
+
+  std::mutex blob_mu_;
+  std::map<std::string, BlobRef> blob_cache_;  // a few recent versions
+};
+
+}  // namespace fedlora::coordinator

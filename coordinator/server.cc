@@ -1,0 +1,84 @@
+#include "coordinator/server.h"
+
+#include <chrono>
+#include <iostream>
+
+#include "absl/strings/str_cat.h"
+#include "common/crypto/crypto.h"
+#include "common/net/tls.h"
+#include "common/status/status.h"
+#include "coordinator/logging.h"
+
+namespace fedlora::coordinator {
+
+absl::StatusOr<std::unique_ptr<CoordinatorServer>> CoordinatorServer::Start(
+    const CoordinatorConfig& config, ServerOptions options) {
+  RETURN_IF_ERROR(config.Validate());
+  std::unique_ptr<CoordinatorServer> server(new CoordinatorServer());
+  server->config_ = config;
+  if (!config.base_model_dir.empty()) {
+    ASSIGN_OR_RETURN(server->base_model_hash_, common::HashModelDirectory(config.base_model_dir));
+  } else {
+    server->base_model_hash_ = config.base_model_hash;
+  }
+  ASSIGN_OR_RETURN(auto creds,
+                   common::MakeServerCredentials({config.tls_ca, config.tls_cert, config.tls_key}));
+  ASSIGN_OR_RETURN(server->store_, StateStore::Open(config.data_dir));
+  const Clock* clock = options.clock != nullptr ? options.clock : SystemClock::Get();
+  std::ostream* out = options.out != nullptr ? options.out : &std::cout;
+  server->manager_ = std::make_unique<RoundManager>(config, server->store_.get(), clock,
+                                                    server->base_model_hash_, out);
+  if (options.on_finished) server->manager_->SetFinishedCallback(options.on_finished);
+  RETURN_IF_ERROR(server->manager_->Start());
+
+  server->coordinator_service_ =
+      std::make_unique<CoordinatorService>(server->manager_.get(), config.max_update_bytes);
+  server->admin_service_ = std::make_unique<AdminService>(server->manager_.get());
+  grpc::ServerBuilder builder;
+  builder.AddListeningPort(config.listen_address, creds, &server->port_);
+  builder.RegisterService(server->coordinator_service_.get());
+  builder.RegisterService(server->admin_service_.get());
+  // One chunk (1 MiB of data) plus the header and framing.
+  builder.SetMaxReceiveMessageSize(static_cast<int>(kMaxChunkBytes + (64 << 10)));
+  builder.AddChannelArgument(GRPC_ARG_KEEPALIVE_TIME_MS, 30000);
+  builder.AddChannelArgument(GRPC_ARG_KEEPALIVE_TIMEOUT_MS, 10000);
+  builder.AddChannelArgument(GRPC_ARG_KEEPALIVE_PERMIT_WITHOUT_CALLS, 1);
+  builder.AddChannelArgument(GRPC_ARG_HTTP2_MIN_RECV_PING_INTERVAL_WITHOUT_DATA_MS, 5000);
+  server->server_ = builder.BuildAndStart();
+  if (server->server_ == nullptr || server->port_ == 0) {
+    server->manager_->Stop();
+    server->manager_->Join();
+    return absl::UnavailableError(
+        absl::StrCat("cannot listen on '", config.listen_address,
+                     "' (address in use, bad address, or TLS files rejected by gRPC)"));
+  }
+  Log(LogLevel::kInfo, "coordinator listening",
+      {{"address", config.listen_address},
+       {"port", std::to_string(server->port_)},
+       {"base_model_hash", server->base_model_hash_},
+       {"data_dir", config.data_dir}});
+  return server;
+}
+
+CoordinatorServer::~CoordinatorServer() { Shutdown(); }
+
+void CoordinatorServer::Shutdown() {
+  std::lock_guard<std::mutex> lock(shutdown_mu_);
+  if (shut_down_) return;
+  shut_down_ = true;
+  Log(LogLevel::kInfo, "shutting down");
+  if (manager_) manager_->Stop();
+  if (server_) {
+    server_->Shutdown(std::chrono::system_clock::now() +
+                      std::chrono::milliseconds(config_.shutdown_grace_ms));
+    server_->Wait();
+  }
+  if (manager_) manager_->Join();
+  if (store_) {
+    absl::Status s = store_->Flush();
+    if (!s.ok()) Log(LogLevel::kWarn, "store flush failed", {{"error", s.ToString()}});
+  }
+  Log(LogLevel::kInfo, "shut down");
+}
+
+}  // namespace fedlora::coordinator

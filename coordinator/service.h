@@ -1,0 +1,67 @@
+#pragma once
+// gRPC services of the coordinator (callback API; docs/protocol.md).
+//
+// CoordinatorService (role "agent" only, else PERMISSION_DENIED; no verified client
+// certificate: UNAUTHENTICATED):
+//   Session      ServerBidiReactor. The first message must be Hello; the RoundManager
+//                answers Welcome or ends the stream with the protocol's status. Each
+//                session has its own outbound queue with one write in flight.
+//   SubmitUpdate ServerReadReactor. Checks every chunk (header on the first chunk only,
+//                contiguous offsets, <= 1 MiB of data, chunk_sha256, size limits); the
+//                header is checked with the RoundManager before more data is read; the
+//                whole payload is then verified, opened and validated off the gRPC
+//                threads. Every refusal is counted (Admin.Status updates_rejected).
+//   FetchAdapter ServerWriteReactor. Streams a version blob from `offset` in chunks of
+//                chunk_size (0 or > 1 MiB: 1 MiB), each with its SHA-256.
+// AdminService: Status, for roles "admin" and "viewer".
+//
+// Reactors never block: store and crypto work goes to the RoundManager (its thread
+// and worker pool). No exception escapes a reactor. Thread-safe.
+
+#include <grpcpp/grpcpp.h>
+
+#include <memory>
+#include <mutex>
+#include <set>
+#include <string>
+
+#include "coordinator/round_manager.h"
+#include "fedlora/v1/fedlora.grpc.pb.h"
+
+namespace fedlora::coordinator {
+
+inline constexpr size_t kMaxChunkBytes = 1 << 20;
+
+grpc::Status ToGrpcStatus(const absl::Status& status);
+
+class CoordinatorService final : public fedlora::v1::Coordinator::CallbackService {
+ public:
+  // `manager` must outlive the service and the server.
+  CoordinatorService(RoundManager* manager, uint64_t max_update_bytes);
+
+  grpc::ServerBidiReactor<fedlora::v1::AgentMessage, fedlora::v1::CoordinatorMessage>* Session(
+      grpc::CallbackServerContext* context) override;
+  grpc::ServerReadReactor<fedlora::v1::UpdateChunk>* SubmitUpdate(
+      grpc::CallbackServerContext* context, fedlora::v1::SubmitUpdateResponse* response) override;
+  grpc::ServerWriteReactor<fedlora::v1::AdapterChunk>* FetchAdapter(
+      grpc::CallbackServerContext* context,
+      const fedlora::v1::FetchAdapterRequest* request) override;
+
+ private:
+  RoundManager* const manager_;
+  const uint64_t max_update_bytes_;
+};
+
+class AdminService final : public fedlora::v1::Admin::CallbackService {
+ public:
+  explicit AdminService(RoundManager* manager) : manager_(manager) {}
+
+  grpc::ServerUnaryReactor* Status(grpc::CallbackServerContext* context,
+                                   const fedlora::v1::StatusRequest* request,
+                                   fedlora::v1::StatusResponse* response) override;
+
+ private:
+  RoundManager* const manager_;
+};
+
+}  // namespace fedlora::coordinator

@@ -1,0 +1,508 @@
+#include "coordinator/state_store.h"
+
+#include <cinttypes>
+#include <cmath>
+#include <cstdio>
+#include <limits>
+#include <nlohmann/json.hpp>
+
+#include "absl/strings/numbers.h"
+#include "absl/strings/str_cat.h"
+#include "common/status/status.h"
+
+namespace fedlora::coordinator {
+namespace {
+
+using nlohmann::json;
+
+constexpr char kAgents[] = "agents";
+constexpr char kRounds[] = "rounds";
+constexpr char kUpdates[] = "updates";
+constexpr char kVersions[] = "versions";
+constexpr char kBlobs[] = "blobs";
+constexpr char kMeta[] = "meta";
+constexpr char kSchemaKey[] = "schema_version";
+constexpr char kCurrentKey[] = "current_version";
+constexpr char kSealKey[] = "seal_private_key";
+
+double NaN() { return std::numeric_limits<double>::quiet_NaN(); }
+
+// nlohmann writes NaN/Inf as null; read null back as NaN.
+double GetDouble(const json& j, const char* key) {
+  auto it = j.find(key);
+  if (it == j.end() || it->is_null()) return NaN();
+  return it->get<double>();
+}
+json PutDouble(double v) { return std::isfinite(v) ? json(v) : json(nullptr); }
+
+json ShapesToJson(const ShapeMap& shapes) {
+  json j = json::object();
+  for (const auto& [name, shape] : shapes) j[name] = shape;
+  return j;
+}
+ShapeMap ShapesFromJson(const json& j) {
+  ShapeMap shapes;
+  for (auto it = j.begin(); it != j.end(); ++it) {
+    shapes[it.key()] = it.value().get<std::vector<int64_t>>();
+  }
+  return shapes;
+}
+
+json SummaryToJson(const UpdateSummary& s) {
+  return json{{"num_examples", s.num_examples},
+              {"train_loss", PutDouble(s.train_loss)},
+              {"eval_loss_before", PutDouble(s.eval_loss_before)},
+              {"train_tokens", s.train_tokens},
+              {"train_seconds", PutDouble(s.train_seconds)},
+              {"bytes", s.bytes}};
+}
+UpdateSummary SummaryFromJson(const json& j) {
+  UpdateSummary s;
+  s.num_examples = j.at("num_examples").get<uint64_t>();
+  s.train_loss = GetDouble(j, "train_loss");
+  s.eval_loss_before = GetDouble(j, "eval_loss_before");
+  s.train_tokens = j.at("train_tokens").get<uint64_t>();
+  s.train_seconds = GetDouble(j, "train_seconds");
+  s.bytes = j.at("bytes").get<uint64_t>();
+  return s;
+}
+
+json AgentToJson(const AgentRecord& a) {
+  return json{{"agent_id", a.agent_id},
+              {"base_model_hash", a.base_model_hash},
+              {"agent_version", a.agent_version},
+              {"current_version", a.current_version},
+              {"num_train_examples", a.num_train_examples},
+              {"first_seen_unix_ms", a.first_seen_unix_ms},
+              {"last_seen_unix_ms", a.last_seen_unix_ms}};
+}
+AgentRecord AgentFromJson(const json& j) {
+  AgentRecord a;
+  a.agent_id = j.at("agent_id").get<std::string>();
+  a.base_model_hash = j.at("base_model_hash").get<std::string>();
+  a.agent_version = j.at("agent_version").get<std::string>();
+  a.current_version = j.at("current_version").get<std::string>();
+  a.num_train_examples = j.at("num_train_examples").get<uint64_t>();
+  a.first_seen_unix_ms = j.at("first_seen_unix_ms").get<uint64_t>();
+  a.last_seen_unix_ms = j.at("last_seen_unix_ms").get<uint64_t>();
+  return a;
+}
+
+json VersionToJson(const VersionRecord& v) {
+  return json{{"version_id", v.version_id},           {"round_id", v.round_id},
+              {"parent_version", v.parent_version},   {"sha256", v.sha256},
+              {"size_bytes", v.size_bytes},           {"quant", v.quant},
+              {"created_unix_ms", v.created_unix_ms}, {"num_examples", v.num_examples},
+              {"contributors", v.contributors},       {"shapes", ShapesToJson(v.shapes)}};
+}
+VersionRecord VersionFromJson(const json& j) {
+  VersionRecord v;
+  v.version_id = j.at("version_id").get<std::string>();
+  v.round_id = j.at("round_id").get<uint64_t>();
+  v.parent_version = j.at("parent_version").get<std::string>();
+  v.sha256 = j.at("sha256").get<std::string>();
+  v.size_bytes = j.at("size_bytes").get<uint64_t>();
+  v.quant = j.at("quant").get<std::string>();
+  v.created_unix_ms = j.at("created_unix_ms").get<uint64_t>();
+  v.num_examples = j.at("num_examples").get<uint64_t>();
+  v.contributors = j.at("contributors").get<std::vector<std::string>>();
+  v.shapes = ShapesFromJson(j.at("shapes"));
+  return v;
+}
+
+// Runs a decoder, turning any JSON exception into DataLoss naming `where`.
+template <typename T, typename F>
+absl::StatusOr<T> Decode(const std::string& text, const std::string& where, F&& f) {
+  try {
+    return f(json::parse(text));
+  } catch (const std::exception& e) {
+    return absl::DataLossError(absl::StrCat("corrupt record ", where, ": ", e.what()));
+  }
+}
+
+template <typename T>
+absl::StatusOr<std::optional<T>> OptionalGet(
+    absl::StatusOr<std::string> value,
+    const std::function<absl::StatusOr<T>(const std::string&)>& decode) {
+  if (absl::IsNotFound(value.status())) return std::optional<T>();
+  if (!value.ok()) return value.status();
+  ASSIGN_OR_RETURN(T record, decode(*value));
+  return std::optional<T>(std::move(record));
+}
+
+}  // namespace
+
+const char* RoundPhaseName(RoundPhase phase) {
+  switch (phase) {
+    case RoundPhase::kTrain:
+      return "TRAIN";
+    case RoundPhase::kAggregate:
+      return "AGGREGATE";
+    case RoundPhase::kDone:
+      return "DONE";
+    case RoundPhase::kAborted:
+      return "ABORTED";
+  }
+  return "UNKNOWN";
+}
+
+absl::StatusOr<RoundPhase> ParseRoundPhase(const std::string& name) {
+  for (RoundPhase p :
+       {RoundPhase::kTrain, RoundPhase::kAggregate, RoundPhase::kDone, RoundPhase::kAborted}) {
+    if (name == RoundPhaseName(p)) return p;
+  }
+  return absl::InvalidArgumentError(
+      absl::StrCat("expected a round phase TRAIN|AGGREGATE|DONE|ABORTED, found '", name, "'"));
+}
+
+uint64_t RoundRecord::bytes_up() const {
+  uint64_t total = 0;
+  for (const auto& [id, u] : updates) total += u.bytes;
+  return total;
+}
+
+double RoundRecord::mean_train_loss() const {
+  if (updates.empty()) return NaN();
+  double sum = 0;
+  for (const auto& [id, u] : updates) sum += u.train_loss;
+  return sum / updates.size();
+}
+
+double RoundRecord::mean_eval_loss_before() const {
+  if (updates.empty()) return NaN();
+  double sum = 0;
+  for (const auto& [id, u] : updates) sum += u.eval_loss_before;
+  return sum / updates.size();
+}
+
+double RoundRecord::mean_eval_loss_after() const {
+  if (eval_after.empty()) return NaN();
+  double sum = 0;
+  for (const auto& [id, loss] : eval_after) sum += loss;
+  return sum / eval_after.size();
+}
+
+bool RoundRecord::IsParticipant(const std::string& agent_id) const {
+  for (const auto& p : participants) {
+    if (p == agent_id) return true;
+  }
+  return false;
+}
+
+std::string RoundKey(uint64_t round_id) {
+  char buf[32];
+  std::snprintf(buf, sizeof(buf), "%020" PRIu64, round_id);
+  return buf;
+}
+
+std::string UpdateKey(uint64_t round_id, const std::string& agent_id) {
+  return RoundKey(round_id) + "/" + agent_id;
+}
+
+std::string VersionId(uint64_t round_id) {
+  char buf[32];
+  std::snprintf(buf, sizeof(buf), "v%06" PRIu64, round_id);
+  return buf;
+}
+
+std::string EncodeRound(const RoundRecord& r) {
+  json updates = json::object();
+  for (const auto& [id, u] : r.updates) updates[id] = SummaryToJson(u);
+  json evals = json::object();
+  for (const auto& [id, loss] : r.eval_after) evals[id] = PutDouble(loss);
+  json j{{"round_id", r.round_id},
+         {"phase", RoundPhaseName(r.phase)},
+         {"participants", r.participants},
+         {"base_version", r.base_version},
+         {"created_unix_ms", r.created_unix_ms},
+         {"deadline_unix_ms", r.deadline_unix_ms},
+         {"finished_unix_ms", r.finished_unix_ms},
+         {"local_steps", r.local_steps},
+         {"learning_rate", r.learning_rate},
+         {"batch_size", r.batch_size},
+         {"lora_rank", r.lora_rank},
+         {"lora_alpha", r.lora_alpha},
+         {"lora_target_modules", r.lora_target_modules},
+         {"lora_init_seed", r.lora_init_seed},
+         {"max_update_bytes", r.max_update_bytes},
+         {"shapes", ShapesToJson(r.shapes)},
+         {"updates", updates},
+         {"eval_after", evals},
+         {"version_id", r.version_id},
+         {"abort_reason", r.abort_reason},
+         {"bytes_down", r.bytes_down},
+         {"eval_complete", r.eval_complete}};
+  return j.dump(-1, ' ', false, json::error_handler_t::replace);
+}
+
+absl::StatusOr<RoundRecord> DecodeRound(const std::string& text, const std::string& where) {
+  return Decode<RoundRecord>(text, where, [&](const json& j) -> absl::StatusOr<RoundRecord> {
+    RoundRecord r;
+    r.round_id = j.at("round_id").get<uint64_t>();
+    ASSIGN_OR_RETURN(r.phase, ParseRoundPhase(j.at("phase").get<std::string>()));
+    r.participants = j.at("participants").get<std::vector<std::string>>();
+    r.base_version = j.at("base_version").get<std::string>();
+    r.created_unix_ms = j.at("created_unix_ms").get<uint64_t>();
+    r.deadline_unix_ms = j.at("deadline_unix_ms").get<uint64_t>();
+    r.finished_unix_ms = j.at("finished_unix_ms").get<uint64_t>();
+    r.local_steps = j.at("local_steps").get<uint32_t>();
+    r.learning_rate = j.at("learning_rate").get<double>();
+    r.batch_size = j.at("batch_size").get<uint32_t>();
+    r.lora_rank = j.at("lora_rank").get<uint32_t>();
+    r.lora_alpha = j.at("lora_alpha").get<double>();
+    r.lora_target_modules = j.at("lora_target_modules").get<std::vector<std::string>>();
+    r.lora_init_seed = j.at("lora_init_seed").get<uint64_t>();
+    r.max_update_bytes = j.at("max_update_bytes").get<uint64_t>();
+    r.shapes = ShapesFromJson(j.at("shapes"));
+    const json& updates = j.at("updates");
+    for (auto it = updates.begin(); it != updates.end(); ++it) {
+      r.updates[it.key()] = SummaryFromJson(it.value());
+    }
+    const json& evals = j.at("eval_after");
+    for (auto it = evals.begin(); it != evals.end(); ++it) {
+      r.eval_after[it.key()] = it.value().is_null() ? NaN() : it.value().get<double>();
+    }
+    r.version_id = j.at("version_id").get<std::string>();
+    r.abort_reason = j.at("abort_reason").get<std::string>();
+    r.bytes_down = j.at("bytes_down").get<uint64_t>();
+    r.eval_complete = j.at("eval_complete").get<bool>();
+    return r;
+  });
+}
+
+std::string EncodeUpdate(const UpdateRecord& u) {
+  json j{{"round_id", u.round_id},
+         {"agent_id", u.agent_id},
+         {"base_version", u.base_version},
+         {"summary", SummaryToJson(u.summary)},
+         {"payload_sha256", u.payload_sha256},
+         {"received_unix_ms", u.received_unix_ms}};
+  std::string meta = j.dump(-1, ' ', false, json::error_handler_t::replace);
+  std::string out(8, '\0');
+  uint64_t n = meta.size();
+  for (int i = 0; i < 8; ++i) out[i] = static_cast<char>((n >> (8 * i)) & 0xff);
+  out += meta;
+  out += u.sealed;
+  return out;
+}
+
+absl::StatusOr<UpdateRecord> DecodeUpdate(const std::string& bytes, const std::string& where) {
+  if (bytes.size() < 8) {
+    return absl::DataLossError(
+        absl::StrCat("corrupt record ", where, ": expected >= 8 bytes, found ", bytes.size()));
+  }
+  uint64_t n = 0;
+  for (int i = 0; i < 8; ++i) n |= static_cast<uint64_t>(static_cast<uint8_t>(bytes[i])) << (8 * i);
+  if (n > bytes.size() - 8) {
+    return absl::DataLossError(absl::StrCat("corrupt record ", where, ": header length ", n,
+                                            " exceeds the record size ", bytes.size()));
+  }
+  ASSIGN_OR_RETURN(
+      UpdateRecord u,
+      Decode<UpdateRecord>(bytes.substr(8, n), where,
+                           [](const json& j) -> absl::StatusOr<UpdateRecord> {
+                             UpdateRecord u;
+                             u.round_id = j.at("round_id").get<uint64_t>();
+                             u.agent_id = j.at("agent_id").get<std::string>();
+                             u.base_version = j.at("base_version").get<std::string>();
+                             u.summary = SummaryFromJson(j.at("summary"));
+                             u.payload_sha256 = j.at("payload_sha256").get<std::string>();
+                             u.received_unix_ms = j.at("received_unix_ms").get<uint64_t>();
+                             return u;
+                           }));
+  u.sealed = bytes.substr(8 + n);
+  return u;
+}
+
+absl::StatusOr<std::unique_ptr<StateStore>> StateStore::Open(const std::string& dir) {
+  ASSIGN_OR_RETURN(
+      auto store, common::Store::Open(dir, {kAgents, kRounds, kUpdates, kVersions, kBlobs, kMeta}));
+  std::unique_ptr<StateStore> state(new StateStore(std::move(store)));
+  RETURN_IF_ERROR(state->CheckSchema());
+  return state;
+}
+
+absl::Status StateStore::CheckSchema() {
+  auto value = store_->Get(kMeta, kSchemaKey);
+  if (absl::IsNotFound(value.status())) {
+    return store_->Put(kMeta, kSchemaKey, std::to_string(kSchemaVersion), /*sync=*/true);
+  }
+  if (!value.ok()) return value.status();
+  int version = 0;
+  if (!absl::SimpleAtoi(*value, &version) || version < 1) {
+    return absl::DataLossError(
+        absl::StrCat("meta/schema_version: expected a positive integer, found '", *value, "'"));
+  }
+  if (version > kSchemaVersion) {
+    return absl::FailedPreconditionError(absl::StrCat("state store schema_version is ", version,
+                                                      " but this coordinator understands up to ",
+                                                      kSchemaVersion, "; upgrade the coordinator"));
+  }
+  return absl::OkStatus();
+}
+
+absl::StatusOr<common::X25519KeyPair> StateStore::LoadOrCreateSealKey() {
+  auto value = store_->Get(kMeta, kSealKey);
+  if (value.ok()) {
+    if (value->size() != 32) {
+      return absl::DataLossError(
+          absl::StrCat("meta/seal_private_key: expected 32 bytes, found ", value->size()));
+    }
+    return common::X25519FromPrivate(*value);
+  }
+  if (!absl::IsNotFound(value.status())) return value.status();
+  ASSIGN_OR_RETURN(common::X25519KeyPair pair, common::GenerateX25519KeyPair());
+  RETURN_IF_ERROR(store_->Put(kMeta, kSealKey, pair.private_key, /*sync=*/true));
+  return pair;
+}
+
+absl::StatusOr<std::optional<AgentRecord>> StateStore::GetAgent(const std::string& agent_id) const {
+  return OptionalGet<AgentRecord>(store_->Get(kAgents, agent_id), [&](const std::string& text) {
+    return Decode<AgentRecord>(
+        text, "agents/" + agent_id,
+        [](const json& j) -> absl::StatusOr<AgentRecord> { return AgentFromJson(j); });
+  });
+}
+
+absl::Status StateStore::PutAgent(const AgentRecord& agent, bool sync) {
+  return store_->Put(kAgents, agent.agent_id,
+                     AgentToJson(agent).dump(-1, ' ', false, json::error_handler_t::replace), sync);
+}
+
+absl::StatusOr<std::vector<AgentRecord>> StateStore::ListAgents() const {
+  std::vector<AgentRecord> out;
+  absl::Status error;
+  RETURN_IF_ERROR(store_->Scan(kAgents, "", [&](std::string_view key, std::string_view value) {
+    auto a = Decode<AgentRecord>(
+        std::string(value), "agents/" + std::string(key),
+        [](const json& j) -> absl::StatusOr<AgentRecord> { return AgentFromJson(j); });
+    if (!a.ok()) {
+      error = a.status();
+      return false;
+    }
+    out.push_back(std::move(*a));
+    return true;
+  }));
+  RETURN_IF_ERROR(error);
+  return out;
+}
+
+absl::StatusOr<std::optional<RoundRecord>> StateStore::GetRound(uint64_t round_id) const {
+  const std::string key = RoundKey(round_id);
+  return OptionalGet<RoundRecord>(store_->Get(kRounds, key), [&](const std::string& text) {
+    return DecodeRound(text, "rounds/" + key);
+  });
+}
+
+absl::StatusOr<std::vector<RoundRecord>> StateStore::ListRounds() const {
+  std::vector<RoundRecord> out;
+  absl::Status error;
+  RETURN_IF_ERROR(store_->Scan(kRounds, "", [&](std::string_view key, std::string_view value) {
+    auto r = DecodeRound(std::string(value), "rounds/" + std::string(key));
+    if (!r.ok()) {
+      error = r.status();
+      return false;
+    }
+    out.push_back(std::move(*r));
+    return true;
+  }));
+  RETURN_IF_ERROR(error);
+  return out;
+}
+
+absl::Status StateStore::PutRound(const RoundRecord& round) {
+  return store_->Put(kRounds, RoundKey(round.round_id), EncodeRound(round), /*sync=*/true);
+}
+
+absl::Status StateStore::AcceptUpdate(const UpdateRecord& update, const RoundRecord& round) {
+  common::Store::Batch batch(store_.get());
+  batch.Put(kUpdates, UpdateKey(update.round_id, update.agent_id), EncodeUpdate(update));
+  batch.Put(kRounds, RoundKey(round.round_id), EncodeRound(round));
+  return batch.Commit(/*sync=*/true);
+}
+
+absl::StatusOr<std::optional<UpdateRecord>> StateStore::GetUpdate(
+    uint64_t round_id, const std::string& agent_id) const {
+  const std::string key = UpdateKey(round_id, agent_id);
+  return OptionalGet<UpdateRecord>(store_->Get(kUpdates, key), [&](const std::string& bytes) {
+    return DecodeUpdate(bytes, "updates/" + key);
+  });
+}
+
+absl::Status StateStore::ForEachUpdate(uint64_t round_id,
+                                       const std::function<absl::Status(UpdateRecord)>& fn) const {
+  // Collect keys first, then load one value at a time (O(1 update) memory).
+  std::vector<std::string> keys;
+  RETURN_IF_ERROR(
+      store_->Scan(kUpdates, RoundKey(round_id) + "/", [&](std::string_view key, std::string_view) {
+        keys.emplace_back(key);
+        return true;
+      }));
+  for (const std::string& key : keys) {
+    ASSIGN_OR_RETURN(std::string bytes, store_->Get(kUpdates, key));
+    ASSIGN_OR_RETURN(UpdateRecord u, DecodeUpdate(bytes, "updates/" + key));
+    RETURN_IF_ERROR(fn(std::move(u)));
+  }
+  return absl::OkStatus();
+}
+
+absl::StatusOr<size_t> StateStore::CountUpdates(uint64_t round_id) const {
+  size_t n = 0;
+  RETURN_IF_ERROR(
+      store_->Scan(kUpdates, RoundKey(round_id) + "/", [&](std::string_view, std::string_view) {
+        ++n;
+        return true;
+      }));
+  return n;
+}
+
+absl::Status StateStore::DeleteUpdates(uint64_t round_id, common::Store::Batch* batch) const {
+  return store_->Scan(kUpdates, RoundKey(round_id) + "/",
+                      [&](std::string_view key, std::string_view) {
+                        batch->Delete(kUpdates, key);
+                        return true;
+                      });
+}
+
+absl::Status StateStore::Publish(const RoundRecord& round, const VersionRecord& version,
+                                 const std::string& blob) {
+  common::Store::Batch batch(store_.get());
+  batch.Put(kBlobs, version.sha256, blob);
+  batch.Put(kVersions, version.version_id,
+            VersionToJson(version).dump(-1, ' ', false, json::error_handler_t::replace));
+  batch.Put(kMeta, kCurrentKey, version.version_id);
+  batch.Put(kRounds, RoundKey(round.round_id), EncodeRound(round));
+  RETURN_IF_ERROR(DeleteUpdates(round.round_id, &batch));
+  return batch.Commit(/*sync=*/true);
+}
+
+absl::Status StateStore::Abort(const RoundRecord& round) {
+  common::Store::Batch batch(store_.get());
+  batch.Put(kRounds, RoundKey(round.round_id), EncodeRound(round));
+  RETURN_IF_ERROR(DeleteUpdates(round.round_id, &batch));
+  return batch.Commit(/*sync=*/true);
+}
+
+absl::StatusOr<std::string> StateStore::CurrentVersion() const {
+  auto value = store_->Get(kMeta, kCurrentKey);
+  if (absl::IsNotFound(value.status())) return std::string();
+  return value;
+}
+
+absl::StatusOr<std::optional<VersionRecord>> StateStore::GetVersion(
+    const std::string& version_id) const {
+  return OptionalGet<VersionRecord>(
+      store_->Get(kVersions, version_id), [&](const std::string& text) {
+        return Decode<VersionRecord>(
+            text, "versions/" + version_id,
+            [](const json& j) -> absl::StatusOr<VersionRecord> { return VersionFromJson(j); });
+      });
+}
+
+absl::StatusOr<std::string> StateStore::GetBlob(const std::string& sha256_hex) const {
+  return store_->Get(kBlobs, sha256_hex);
+}
+
+absl::Status StateStore::Flush() { return store_->Flush(); }
+
+}  // namespace fedlora::coordinator

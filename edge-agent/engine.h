@@ -1,0 +1,65 @@
+#pragma once
+// The libtorch implementation of LocalTrainer (edge-agent/trainer.h) and the
+// torch-free helpers it is built from, exposed for tests and the model CLI.
+//
+// Example -> token ids:  [bos?] + Encode(prompt) + Encode(response) + [eos?],
+// truncated to max_seq_len; labels are -100 on bos + prompt (and padding), the
+// token ids elsewhere, so the loss covers only the response (and eos).
+//
+// Which bos/eos (ResolveSpecialTokens):
+//  * bos: tokenizer_config.json "add_bos_token" decides when present (the id
+//    from its "bos_token", else config.json bos_token_id). Otherwise a
+//    tokenizer.json TemplateProcessing post-processor that starts with a
+//    special token decides. Otherwise config.json bos_token_id, if any (never
+//    for Qwen2, whose tokenizers add none).
+//  * eos: config.json eos_token_id (first if a list), else tokenizer_config's
+//    "eos_token"; none if neither exists.
+//
+// Training (Train): AdamW over the LoRA tensors only; linear warmup for
+// warmup_steps then cosine decay to 0 (LearningRateAt); gradient clipping to
+// max_grad_norm (<= 0 disables); batches of batch_size examples drawn from a
+// shuffled order seeded by options.seed (reshuffled every epoch), right-padded;
+// LoRA dropout from a generator seeded by options.seed. Same seed, data and
+// thread count => same result. Optimizer state does not persist across Train
+// calls. A non-finite loss aborts training and restores the adapter.
+
+#include <cstdint>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "absl/status/statusor.h"
+#include "edge-agent/model_config.h"
+#include "edge-agent/tokenizer.h"
+#include "edge-agent/trainer.h"
+
+namespace fedlora::edge {
+
+struct SpecialTokens {
+  std::optional<int32_t> bos;
+  std::optional<int32_t> eos;
+};
+
+absl::StatusOr<SpecialTokens> ResolveSpecialTokens(const std::string& model_dir,
+                                                   const ModelConfig& config,
+                                                   const Tokenizer& tokenizer);
+
+struct TokenizedExample {
+  std::vector<int64_t> ids;
+  std::vector<int64_t> labels;  // -100 where no loss is taken
+  int64_t response_tokens() const;
+};
+
+constexpr int64_t kIgnoreLabel = -100;
+
+TokenizedExample TokenizeExample(const Tokenizer& tokenizer, const SpecialTokens& special,
+                                 const Example& example, int max_seq_len);
+
+// Learning rate at 0-based `step` (warmup then cosine).
+double LearningRateAt(const TrainOptions& options, int step);
+
+// Sets libtorch's intra-op threads (0 = all cores). The inter-op pool is set
+// to 1 thread once per process (libtorch allows it only once).
+void ConfigureThreads(int threads);
+
+}  // namespace fedlora::edge

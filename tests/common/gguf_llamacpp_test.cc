@@ -1,0 +1,453 @@
+// Interop proof: the GGUF files we write load in the real llama.cpp (through
+// the @fugood/llama.node binding, driven by tests/interop/llama_cpp_check.mjs)
+// and decode like the Hugging Face reference.
+//
+// Needs node and the npm package in $FEDLORA_INTEROP_DIR (default
+// <repo>/build/interop; scripts/interop-deps.sh installs it). Missing tools
+// are a FAILURE, not a skip.
+//
+// Checks, on the golden tiny Llama (fixtures/hf/llama; the Qwen2 fixture gets
+// the f32 base and LoRA checks too):
+//  - base GGUF f32 and f16: llama.cpp tokenizes the prompt to the HF ids, its
+//    12 greedy tokens equal HF transformers' greedy_next_12, and its next-token
+//    probabilities after the prompt equal softmax(HF logits) (|dlog p| <= 1e-3);
+//  - q8_0 and q4_0 GGUFs load, generate, and stay close to those probabilities;
+//  - base + LoRA GGUF adapter and the merged GGUF give the same greedy tokens
+//    and the next-token probabilities of HF's logits_with_adapter / logits_merged;
+//  - an rsLoRA adapter (alpha carried as alpha*sqrt(r)) equals its merge.
+
+#include <gtest/gtest.h>
+#include <sys/stat.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdio>
+#include <cstdlib>
+#include <fstream>
+#include <iostream>
+#include <map>
+#include <nlohmann/json.hpp>
+#include <sstream>
+#include <string>
+#include <vector>
+
+#include "common/export/gguf.h"
+#include "common/export/gguf_llama.h"
+#include "common/export/peft_export.h"
+
+namespace fedlora::common {
+namespace {
+
+const std::string kLlamaFixture = std::string(FEDLORA_FIXTURES) + "/hf/llama";
+const std::string kQwen2Fixture = std::string(FEDLORA_FIXTURES) + "/hf/qwen2";
+const std::string kRepo = std::string(FEDLORA_TESTDATA) + "/../..";
+
+std::string InteropDir() {
+  const char* env = std::getenv("FEDLORA_INTEROP_DIR");
+  return env != nullptr && *env != '\0' ? std::string(env) : kRepo + "/build/interop";
+}
+
+std::string ReadFile(const std::string& path) {
+  std::ifstream in(path, std::ios::binary);
+  std::stringstream ss;
+  ss << in.rdbuf();
+  return ss.str();
+}
+
+std::string Quote(const std::string& s) {
+  std::string out = "'";
+  for (char c : s) {
+    if (c == '\'')
+      out += "'\\''";
+    else
+      out += c;
+  }
+  return out + "'";
+}
+
+// GPT-2 byte-level alphabet: unicode code point -> byte.
+std::map<uint32_t, uint8_t> ByteDecoder() {
+  std::vector<int> bs;
+  for (int b = 33; b <= 126; ++b) bs.push_back(b);
+  for (int b = 161; b <= 172; ++b) bs.push_back(b);
+  for (int b = 174; b <= 255; ++b) bs.push_back(b);
+  std::vector<int> cs = bs;
+  int n = 0;
+  for (int b = 0; b < 256; ++b) {
+    if (std::find(bs.begin(), bs.end(), b) == bs.end()) {
+      bs.push_back(b);
+      cs.push_back(256 + n++);
+    }
+  }
+  std::map<uint32_t, uint8_t> m;
+  for (size_t i = 0; i < bs.size(); ++i)
+    m[static_cast<uint32_t>(cs[i])] = static_cast<uint8_t>(bs[i]);
+  return m;
+}
+
+bool ValidUtf8(const std::string& s) {
+  size_t i = 0;
+  while (i < s.size()) {
+    const auto c = static_cast<uint8_t>(s[i]);
+    size_t len = c < 0x80 ? 1 : (c >> 5) == 6 ? 2 : (c >> 4) == 14 ? 3 : (c >> 3) == 30 ? 4 : 0;
+    if (len == 0 || i + len > s.size()) return false;
+    for (size_t k = 1; k < len; ++k) {
+      if ((static_cast<uint8_t>(s[i + k]) & 0xc0) != 0x80) return false;
+    }
+    i += len;
+  }
+  return true;
+}
+
+// For each token id, the string llama.cpp's server-style formatting gives it
+// (the raw bytes, or "byte: \xNN" for a lone high byte); ids whose bytes are
+// not valid UTF-8 otherwise are left out (they cannot be told apart in JSON).
+std::map<std::string, std::vector<int>> PieceTable(const nlohmann::json& tok) {
+  const auto dec = ByteDecoder();
+  std::map<std::string, std::vector<int>> table;
+  auto add = [&](const std::string& piece, int id) { table[piece].push_back(id); };
+  for (const auto& [text, id] : tok["model"]["vocab"].items()) {
+    std::string bytes;
+    bool ok = true;
+    for (size_t i = 0; i < text.size();) {
+      const auto c = static_cast<uint8_t>(text[i]);
+      size_t len = c < 0x80 ? 1 : (c >> 5) == 6 ? 2 : (c >> 4) == 14 ? 3 : 4;
+      uint32_t cp = len == 1 ? c : c & (0xff >> (len + 1));
+      for (size_t k = 1; k < len && i + k < text.size(); ++k) cp = (cp << 6) | (text[i + k] & 0x3f);
+      i += len;
+      auto it = dec.find(cp);
+      if (it == dec.end()) {
+        ok = false;
+        break;
+      }
+      bytes.push_back(static_cast<char>(it->second));
+    }
+    if (!ok) continue;
+    if (bytes.size() == 1 && (static_cast<uint8_t>(bytes[0]) & 0x80) != 0) {
+      char buf[16];
+      std::snprintf(buf, sizeof(buf), "byte: \\x%x", static_cast<uint8_t>(bytes[0]));
+      add(buf, id.get<int>());
+    } else if (ValidUtf8(bytes)) {
+      add(bytes, id.get<int>());
+    }
+  }
+  for (const auto& t : tok["added_tokens"])
+    add(t["content"].get<std::string>(), t["id"].get<int>());
+  return table;
+}
+
+struct LlamaRun {
+  std::vector<int> prompt_ids;
+  std::vector<int> ids;                           // greedy continuation
+  std::vector<std::pair<int, double>> first_top;  // next-token (id, prob) after the prompt
+  std::string raw;
+};
+
+// Shared by the llama and qwen2 suites (they run one after the other).
+class InteropTestBase : public ::testing::Test {
+ protected:
+  // Converts `fixture` into the GGUF files the tests use; `full` adds the
+  // f16 / quantized / rsLoRA variants.
+  static void Prepare(const std::string& fixture, bool full) {
+    const std::string& kFixture = fixture;
+    char tmpl[] = "/tmp/fedlora_gguf_interop_XXXXXX";
+    ASSERT_NE(mkdtemp(tmpl), nullptr);
+    dir_ = tmpl;
+    reference_ = nlohmann::json::parse(ReadFile(kFixture + "/reference.json"));
+    tokenizer_ = nlohmann::json::parse(ReadFile(kFixture + "/tokenizer.json"));
+    auto adapter = ReadPeftAdapter(kFixture + "/adapter");
+    ASSERT_TRUE(adapter.ok()) << adapter.status();
+    adapter_ = new PeftAdapterFiles(std::move(*adapter));
+
+    auto convert = [&](const std::string& file, GgmlType type, bool merged) {
+      LlamaGgufOptions opt;
+      opt.type = type;
+      if (merged) {
+        opt.lora = &adapter_->tensors;
+        opt.lora_config = &adapter_->config;
+      }
+      absl::Status s = ConvertHfLlamaToGguf(kFixture, dir_ + "/" + file, opt);
+      ASSERT_TRUE(s.ok()) << file << ": " << s;
+    };
+    convert("base-f32.gguf", GgmlType::kF32, false);
+    convert("merged-f32.gguf", GgmlType::kF32, true);
+    absl::Status s = ExportLoraGguf(kFixture, adapter_->tensors, adapter_->config,
+                                    dir_ + "/lora-f32.gguf", GgmlType::kF32);
+    ASSERT_TRUE(s.ok()) << s;
+    if (!full) return;
+    convert("base-f16.gguf", GgmlType::kF16, false);
+    convert("base-q8_0.gguf", GgmlType::kQ8_0, false);
+    convert("base-q4_0.gguf", GgmlType::kQ4_0, false);
+    convert("merged-f16.gguf", GgmlType::kF16, true);
+    convert("merged-q8_0.gguf", GgmlType::kQ8_0, true);
+    convert("merged-q4_0.gguf", GgmlType::kQ4_0, true);
+    // rsLoRA with a smaller alpha (scale 1/sqrt(4) = 0.5): the adapter GGUF must
+    // express it through adapter.lora.alpha; the sequence is less degenerate
+    // than with the fixture's scale of 2.
+    PeftLoraConfig rs = adapter_->config;
+    rs.lora_alpha = 1.0;
+    rs.use_rslora = true;
+    LlamaGgufOptions opt;
+    opt.type = GgmlType::kF32;
+    opt.lora = &adapter_->tensors;
+    opt.lora_config = &rs;
+    s = ConvertHfLlamaToGguf(kFixture, dir_ + "/merged-rs-f32.gguf", opt);
+    ASSERT_TRUE(s.ok()) << s;
+    s = ExportLoraGguf(kFixture, adapter_->tensors, rs, dir_ + "/lora-rs-f16.gguf", GgmlType::kF16);
+    ASSERT_TRUE(s.ok()) << s;
+  }
+
+  static void Cleanup() {
+    delete adapter_;
+    adapter_ = nullptr;
+    if (std::getenv("FEDLORA_KEEP_GGUF") == nullptr) {
+      for (const char* f :
+           {"base-f32.gguf", "base-f16.gguf", "base-q8_0.gguf", "base-q4_0.gguf", "merged-f32.gguf",
+            "merged-f16.gguf", "lora-f32.gguf", "merged-rs-f32.gguf", "lora-rs-f16.gguf",
+            "merged-q8_0.gguf", "merged-q4_0.gguf", "out.json", "err.txt"}) {
+        unlink((dir_ + "/" + f).c_str());
+      }
+      rmdir(dir_.c_str());
+    }
+  }
+
+  static std::vector<int> Ints(const nlohmann::json& j) { return j.get<std::vector<int>>(); }
+
+  // Runs llama_cpp_check.mjs; returns the exit status (-1 if it did not exit).
+  static int Exec(const std::string& model, const std::string& lora, int n, std::string* out,
+                  std::string* err, std::string* command) {
+    const std::string interop = InteropDir();
+    std::string ids;
+    for (int id : Ints(reference_["input_ids"]))
+      ids += (ids.empty() ? "" : ",") + std::to_string(id);
+    std::string cmd = "FEDLORA_INTEROP_DIR=" + Quote(interop) + " node " +
+                      Quote(kRepo + "/tests/interop/llama_cpp_check.mjs") + " --model " +
+                      Quote(model) + " --ids " + ids + " --n " + std::to_string(n);
+    if (!lora.empty()) cmd += " --lora " + Quote(lora);
+    cmd += " > " + Quote(dir_ + "/out.json") + " 2> " + Quote(dir_ + "/err.txt");
+    const int rc = std::system(cmd.c_str());
+    *out = ReadFile(dir_ + "/out.json");
+    *err = ReadFile(dir_ + "/err.txt");
+    *command = cmd;
+    return rc != -1 && WIFEXITED(rc) ? WEXITSTATUS(rc) : -1;
+  }
+
+  static void CheckToolsInstalled() {
+    const std::string interop = InteropDir();
+    struct stat st;
+    ASSERT_EQ(std::system("node --version > /dev/null 2>&1"), 0)
+        << "node is not on PATH (apt-get install nodejs npm)";
+    ASSERT_EQ(stat((interop + "/node_modules/@fugood/llama.node/package.json").c_str(), &st), 0)
+        << "@fugood/llama.node is not installed in " << interop
+        << "/node_modules: run scripts/interop-deps.sh (or set FEDLORA_INTEROP_DIR)";
+  }
+
+  // Runs llama.cpp on `model` (+ `lora`) with the reference prompt ids.
+  static void Run(const std::string& model, const std::string& lora, int n, LlamaRun* run) {
+    ASSERT_NO_FATAL_FAILURE(CheckToolsInstalled());
+    std::string out, err, cmd;
+    const std::string model_path = dir_ + "/" + model;
+    const std::string lora_path = lora.empty() ? "" : dir_ + "/" + lora;
+    int rc = Exec(model_path, lora_path, n, &out, &err, &cmd);
+    // @fugood/llama.node 1.7.15 occasionally dies with a signal after (or
+    // during) otherwise successful work; such a run is retried once. A refused
+    // file never is: llama.cpp reports "failed to load" / "error loading".
+    const bool refused = (out + err).find("error loading model") != std::string::npos ||
+                         (out + err).find("failed to load") != std::string::npos;
+    if (rc > 128 && !refused) {
+      std::cerr << "llama.cpp run of " << model << " died (status " << rc << "); retrying once\n";
+      rc = Exec(model_path, lora_path, n, &out, &err, &cmd);
+    }
+    ASSERT_EQ(rc, 0) << "llama.cpp run failed for " << model << (lora.empty() ? "" : " + " + lora)
+                     << "\ncommand: " << cmd << "\nstderr (tail): "
+                     << err.substr(err.size() > 4000 ? err.size() - 4000 : 0);
+    const std::string kMarker = "\nFEDLORA_LLAMA_CPP_RESULT ";
+    const size_t at = out.rfind(kMarker);
+    ASSERT_NE(at, std::string::npos) << "no result line in: " << out;
+    const std::string line = out.substr(at + kMarker.size());
+    nlohmann::json j = nlohmann::json::parse(line, nullptr, false);
+    ASSERT_FALSE(j.is_discarded()) << "not JSON: " << line;
+    run->raw = line;
+    run->prompt_ids = Ints(j["prompt_ids"]);
+    ASSERT_EQ(j["pieces"].size(), static_cast<size_t>(n)) << out;
+    static const auto table = PieceTable(tokenizer_);
+    for (const auto& p : j["pieces"]) {
+      auto it = table.find(p.get<std::string>());
+      ASSERT_TRUE(it != table.end() && it->second.size() == 1)
+          << "cannot map llama.cpp's piece " << p.dump() << " to one token id";
+      run->ids.push_back(it->second[0]);
+    }
+    ASSERT_FALSE(j["first_top"].empty()) << line;
+    for (const auto& p : j["first_top"]) {
+      auto it = table.find(p[0].get<std::string>());
+      ASSERT_TRUE(it != table.end() && it->second.size() == 1)
+          << "cannot map llama.cpp's piece " << p[0].dump() << " to one token id";
+      run->first_top.emplace_back(it->second[0], p[1].get<double>());
+    }
+  }
+
+  // llama.cpp's next-token probabilities after the prompt against softmax of
+  // the reference logits' last row: |log p - log p_ref| <= tol for each of
+  // llama.cpp's top candidates.
+  static void ExpectFirstStepMatches(const LlamaRun& run, const nlohmann::json& logits, double tol,
+                                     const std::string& what) {
+    const auto row = logits.back().get<std::vector<double>>();
+    double mx = row[0];
+    for (double v : row) mx = std::max(mx, v);
+    double sum = 0;
+    for (double v : row) sum += std::exp(v - mx);
+    for (const auto& [id, p] : run.first_top) {
+      ASSERT_GE(id, 0);
+      ASSERT_LT(static_cast<size_t>(id), row.size());
+      const double ref = std::exp(row[id] - mx) / sum;
+      EXPECT_NEAR(std::log(p), std::log(ref), tol)
+          << what << ": token " << id << " llama.cpp p=" << p << " reference p=" << ref;
+    }
+  }
+
+  static int ArgmaxLastRow(const nlohmann::json& logits) {
+    const auto& row = logits.back();
+    int best = 0;
+    for (size_t i = 1; i < row.size(); ++i) {
+      if (row[i].get<double>() > row[best].get<double>()) best = static_cast<int>(i);
+    }
+    return best;
+  }
+
+  static std::string dir_;
+  static nlohmann::json reference_;
+  static nlohmann::json tokenizer_;
+  static PeftAdapterFiles* adapter_;
+};
+
+std::string InteropTestBase::dir_;
+nlohmann::json InteropTestBase::reference_;
+nlohmann::json InteropTestBase::tokenizer_;
+PeftAdapterFiles* InteropTestBase::adapter_ = nullptr;
+
+class LlamaCppInteropTest : public InteropTestBase {
+ protected:
+  static void SetUpTestSuite() { Prepare(kLlamaFixture, /*full=*/true); }
+  static void TearDownTestSuite() { Cleanup(); }
+};
+
+class Qwen2LlamaCppInteropTest : public InteropTestBase {
+ protected:
+  static void SetUpTestSuite() { Prepare(kQwen2Fixture, /*full=*/false); }
+  static void TearDownTestSuite() { Cleanup(); }
+};
+
+// The harness really fails when llama.cpp refuses a file.
+TEST_F(LlamaCppInteropTest, TruncatedFileIsRefused) {
+  ASSERT_NO_FATAL_FAILURE(CheckToolsInstalled());
+  const std::string full = ReadFile(dir_ + "/base-f32.gguf");
+  ASSERT_GT(full.size(), 4096u);
+  const std::string cut = dir_ + "/truncated.gguf";
+  {
+    std::ofstream f(cut, std::ios::binary);
+    f << full.substr(0, full.size() / 2);
+  }
+  std::string out, err, cmd;
+  const int rc = Exec(cut, "", 4, &out, &err, &cmd);
+  unlink(cut.c_str());
+  EXPECT_NE(rc, 0) << out;
+  EXPECT_EQ(out.find("FEDLORA_LLAMA_CPP_RESULT"), std::string::npos);
+  EXPECT_NE((out + err).find("error loading model"), std::string::npos) << err;
+}
+
+TEST_F(LlamaCppInteropTest, BaseF32MatchesHfGreedy) {
+  LlamaRun run;
+  ASSERT_NO_FATAL_FAILURE(Run("base-f32.gguf", "", 12, &run));
+  EXPECT_EQ(run.prompt_ids, Ints(reference_["input_ids"])) << "llama.cpp tokenized differently";
+  EXPECT_EQ(run.ids, Ints(reference_["greedy_next_12"])) << run.raw;
+  ExpectFirstStepMatches(run, reference_["logits"], 1e-3, "base f32");
+}
+
+TEST_F(LlamaCppInteropTest, BaseF16MatchesHfGreedy) {
+  LlamaRun run;
+  ASSERT_NO_FATAL_FAILURE(Run("base-f16.gguf", "", 12, &run));
+  EXPECT_EQ(run.prompt_ids, Ints(reference_["input_ids"]));
+  EXPECT_EQ(run.ids, Ints(reference_["greedy_next_12"])) << run.raw;
+  ExpectFirstStepMatches(run, reference_["logits"], 1e-3, "base f16");
+}
+
+TEST_F(LlamaCppInteropTest, QuantizedModelsLoadAndGenerate) {
+  const int first = Ints(reference_["greedy_next_12"])[0];
+  for (const char* model : {"base-q8_0.gguf", "base-q4_0.gguf"}) {
+    LlamaRun run;
+    ASSERT_NO_FATAL_FAILURE(Run(model, "", 12, &run)) << model;
+    EXPECT_EQ(run.prompt_ids, Ints(reference_["input_ids"])) << model;
+    EXPECT_EQ(run.ids.size(), 12u) << model;
+    if (std::string(model) == "base-q8_0.gguf") {
+      EXPECT_EQ(run.ids[0], first) << "q8_0 first greedy token differs from HF: " << run.raw;
+      ExpectFirstStepMatches(run, reference_["logits"], 1e-2, model);
+    } else {
+      // 4-bit weights: probabilities within ~10% of the fp32 reference.
+      ExpectFirstStepMatches(run, reference_["logits"], 0.1, model);
+    }
+  }
+}
+
+TEST_F(LlamaCppInteropTest, LoraAdapterMatchesMergedModelAndHf) {
+  LlamaRun with_lora, merged, merged16;
+  ASSERT_NO_FATAL_FAILURE(Run("base-f32.gguf", "lora-f32.gguf", 12, &with_lora));
+  ASSERT_NO_FATAL_FAILURE(Run("merged-f32.gguf", "", 12, &merged));
+  ASSERT_NO_FATAL_FAILURE(Run("merged-f16.gguf", "", 12, &merged16));
+  EXPECT_EQ(with_lora.ids, merged.ids) << with_lora.raw << "\n" << merged.raw;
+  EXPECT_EQ(merged16.ids, merged.ids) << merged16.raw << "\n" << merged.raw;
+  // The adapter really changes the model, and in the direction HF computed.
+  EXPECT_NE(merged.ids, Ints(reference_["greedy_next_12"]));
+  EXPECT_EQ(merged.ids[0], ArgmaxLastRow(reference_["logits_with_adapter"]));
+  EXPECT_EQ(with_lora.ids[0], ArgmaxLastRow(reference_["logits_merged"]));
+  ExpectFirstStepMatches(with_lora, reference_["logits_with_adapter"], 1e-3, "base + LoRA GGUF");
+  ExpectFirstStepMatches(merged, reference_["logits_merged"], 1e-3, "merged f32");
+  ExpectFirstStepMatches(merged16, reference_["logits_merged"], 1e-2, "merged f16");
+  // The merged model quantized: loads, generates, stays near HF's merged logits.
+  for (const auto& [model, tol] : {std::pair<const char*, double>{"merged-q8_0.gguf", 1e-2},
+                                   std::pair<const char*, double>{"merged-q4_0.gguf", 0.1}}) {
+    LlamaRun q;
+    ASSERT_NO_FATAL_FAILURE(Run(model, "", 12, &q));
+    EXPECT_EQ(q.ids.size(), 12u);
+    ExpectFirstStepMatches(q, reference_["logits_merged"], tol, model);
+  }
+}
+
+TEST_F(LlamaCppInteropTest, RsLoraAdapterMatchesMergedModel) {
+  LlamaRun with_lora, merged, fixture_merged;
+  ASSERT_NO_FATAL_FAILURE(Run("base-f32.gguf", "lora-rs-f16.gguf", 12, &with_lora));
+  ASSERT_NO_FATAL_FAILURE(Run("merged-rs-f32.gguf", "", 12, &merged));
+  ASSERT_NO_FATAL_FAILURE(Run("merged-f32.gguf", "", 12, &fixture_merged));
+  EXPECT_EQ(with_lora.ids, merged.ids) << with_lora.raw << "\n" << merged.raw;
+  ASSERT_EQ(with_lora.first_top.size(), merged.first_top.size());
+  for (size_t i = 0; i < merged.first_top.size(); ++i) {
+    EXPECT_EQ(with_lora.first_top[i].first, merged.first_top[i].first) << i;
+    EXPECT_NEAR(std::log(with_lora.first_top[i].second), std::log(merged.first_top[i].second), 1e-3)
+        << "token " << merged.first_top[i].first;
+  }
+  // A different scale gives a different model: the alpha really is applied.
+  EXPECT_NE(merged.ids, fixture_merged.ids);
+  EXPECT_NE(merged.ids, Ints(reference_["greedy_next_12"]));
+}
+
+TEST_F(Qwen2LlamaCppInteropTest, BaseMatchesHf) {
+  LlamaRun run;
+  ASSERT_NO_FATAL_FAILURE(Run("base-f32.gguf", "", 12, &run));
+  EXPECT_EQ(run.prompt_ids, Ints(reference_["input_ids"]));
+  EXPECT_EQ(run.ids, Ints(reference_["greedy_next_12"])) << run.raw;
+  ExpectFirstStepMatches(run, reference_["logits"], 1e-3, "qwen2 base f32");
+}
+
+TEST_F(Qwen2LlamaCppInteropTest, LoraAdapterMatchesMergedModelAndHf) {
+  LlamaRun with_lora, merged;
+  ASSERT_NO_FATAL_FAILURE(Run("base-f32.gguf", "lora-f32.gguf", 12, &with_lora));
+  ASSERT_NO_FATAL_FAILURE(Run("merged-f32.gguf", "", 12, &merged));
+  EXPECT_EQ(with_lora.ids, merged.ids) << with_lora.raw << "\n" << merged.raw;
+  ExpectFirstStepMatches(with_lora, reference_["logits_with_adapter"], 1e-3,
+                         "qwen2 base + LoRA GGUF");
+  ExpectFirstStepMatches(merged, reference_["logits_merged"], 1e-3, "qwen2 merged f32");
+}
+
+}  // namespace
+}  // namespace fedlora::common

@@ -1,0 +1,113 @@
+#include "coordinator/config.h"
+
+#include <gmock/gmock.h>
+#include <gtest/gtest.h>
+
+#include "common/crypto/crypto.h"
+#include "tests/coordinator/coordinator_test_util.h"
+
+namespace fedlora::coordinator {
+namespace {
+
+using ::testing::HasSubstr;
+
+TEST(ConfigTest, YamlThenFlagsOverride) {
+  CoordinatorConfig cfg;
+  ASSERT_TRUE(LoadYamlString("min_participants: 3\nmax_participants: 5\n"
+                             "lora_target_modules: [q_proj, k_proj, v_proj]\n"
+                             "learning_rate: 0.001\n",
+                             "test.yaml", &cfg)
+                  .ok());
+  EXPECT_EQ(cfg.min_participants, 3u);
+  EXPECT_EQ(cfg.lora_target_modules.size(), 3u);
+  EXPECT_DOUBLE_EQ(cfg.learning_rate, 0.001);
+}
+
+TEST(ConfigTest, UnknownKeyIsAnErrorNamingIt) {
+  CoordinatorConfig cfg;
+  absl::Status s = LoadYamlString("min_participants: 3\nmin_participant: 4\n", "c.yaml", &cfg);
+  EXPECT_EQ(s.code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(std::string(s.message()),
+              HasSubstr("c.yaml:2: unknown config key 'min_participant'"));
+}
+
+TEST(ConfigTest, WrongTypeIsAnError) {
+  CoordinatorConfig cfg;
+  absl::Status s = LoadYamlString("rounds: many\n", "c.yaml", &cfg);
+  EXPECT_THAT(std::string(s.message()), HasSubstr("'rounds'"));
+  EXPECT_FALSE(LoadYamlString("[1, 2]", "c.yaml", &cfg).ok());
+  EXPECT_FALSE(LoadYamlString("a: [", "c.yaml", &cfg).ok());
+}
+
+TEST(ConfigTest, FlagsParseAndValidate) {
+  const std::string hash(64, 'a');
+  std::vector<const char*> argv = {"fedlora-coordinator",
+                                   "--tls-ca",
+                                   "ca.pem",
+                                   "--tls-cert",
+                                   "c.pem",
+                                   "--tls-key",
+                                   "c.key",
+                                   "--base-model-hash",
+                                   hash.c_str(),
+                                   "--rounds",
+                                   "3",
+                                   "--lora-target-modules",
+                                   "q_proj,o_proj"};
+  auto cfg = ParseCoordinatorFlags(static_cast<int>(argv.size()), argv.data());
+  ASSERT_TRUE(cfg.ok()) << cfg.status();
+  EXPECT_EQ(cfg->rounds, 3u);
+  EXPECT_EQ(cfg->lora_target_modules, (std::vector<std::string>{"q_proj", "o_proj"}));
+
+  std::vector<const char*> bad = {"fedlora-coordinator", "--tls-ca", "ca.pem"};
+  auto missing = ParseCoordinatorFlags(static_cast<int>(bad.size()), bad.data());
+  EXPECT_THAT(std::string(missing.status().message()), HasSubstr("tls_ca/tls_cert/tls_key"));
+
+  std::vector<const char*> unknown = {"fedlora-coordinator", "--no-such-flag", "1"};
+  EXPECT_EQ(ParseCoordinatorFlags(3, unknown.data()).status().code(),
+            absl::StatusCode::kInvalidArgument);
+}
+
+TEST(ConfigTest, ValidateCrossFieldRules) {
+  CoordinatorConfig cfg;
+  cfg.tls_ca = cfg.tls_cert = cfg.tls_key = "x";
+  cfg.base_model_hash = std::string(64, 'a');
+  EXPECT_TRUE(cfg.Validate().ok());
+  cfg.max_participants = 1;
+  EXPECT_THAT(std::string(cfg.Validate().message()), HasSubstr("max_participants"));
+  cfg.max_participants = 10;
+  cfg.base_model_dir = "/models/x";
+  EXPECT_THAT(std::string(cfg.Validate().message()), HasSubstr("exactly one"));
+  cfg.base_model_dir = "";
+  cfg.log_format = "xml";
+  EXPECT_THAT(std::string(cfg.Validate().message()), HasSubstr("log_format"));
+  EXPECT_THAT(CoordinatorHelp(), HasSubstr("--min-participants"));
+}
+
+TEST(ConfigTest, ConfigFileThenFlagsWin) {
+  testing::TempDir dir;
+  const std::string path = dir.Sub("coordinator.yaml");
+  const std::string hash(64, 'd');
+  ASSERT_TRUE(common::WriteFileAtomic(path,
+                                      "tls_ca: ca.pem\ntls_cert: c.pem\ntls_key: c.key\n"
+                                      "base_model_hash: " +
+                                          hash +
+                                          "\n"
+                                          "min_participants: 3\nmax_participants: 4\n"
+                                          "rounds: 2\nlog_format: json\n")
+                  .ok());
+  std::vector<const char*> argv = {"fedlora-coordinator", "--rounds", "5", "--config",
+                                   path.c_str()};
+  auto cfg = ParseCoordinatorFlags(static_cast<int>(argv.size()), argv.data());
+  ASSERT_TRUE(cfg.ok()) << cfg.status();
+  EXPECT_EQ(cfg->rounds, 5u);            // the flag wins
+  EXPECT_EQ(cfg->min_participants, 3u);  // from the file
+  EXPECT_EQ(cfg->log_format, "json");
+  EXPECT_EQ(cfg->base_model_hash, hash);
+
+  std::vector<const char*> missing = {"fedlora-coordinator", "--config", "/nonexistent.yaml"};
+  EXPECT_EQ(ParseCoordinatorFlags(3, missing.data()).status().code(), absl::StatusCode::kNotFound);
+}
+
+}  // namespace
+}  // namespace fedlora::coordinator

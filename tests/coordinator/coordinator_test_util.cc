@@ -1,0 +1,143 @@
+#include "tests/coordinator/coordinator_test_util.h"
+
+#include <stdlib.h>
+
+#include <filesystem>
+#include <random>
+#include <stdexcept>
+#include <thread>
+
+#include "common/crypto/crypto.h"
+
+namespace fedlora::coordinator::testing {
+
+TempDir::TempDir() {
+  std::string tmpl = (std::filesystem::temp_directory_path() / "fedlora-coord-XXXXXX").string();
+  if (mkdtemp(tmpl.data()) == nullptr) throw std::runtime_error("mkdtemp failed");
+  path_ = tmpl;
+}
+
+TempDir::~TempDir() {
+  std::error_code ec;
+  std::filesystem::remove_all(path_, ec);
+}
+
+common::TensorMap MakeLoraUpdate(uint32_t rank, int layers, int64_t in, int64_t out, uint64_t seed,
+                                 float scale, const std::vector<std::string>& modules) {
+  std::mt19937_64 rng(seed);
+  std::uniform_real_distribution<float> dist(-scale, scale);
+  common::TensorMap map;
+  for (int l = 0; l < layers; ++l) {
+    for (const std::string& m : modules) {
+      const std::string prefix =
+          "base_model.model.model.layers." + std::to_string(l) + ".self_attn." + m;
+      common::HostTensor a;
+      a.shape.push_back(rank);
+      a.shape.push_back(in);
+      a.data.resize(rank * in);
+      for (float& v : a.data) v = dist(rng);
+      common::HostTensor b;
+      b.shape.push_back(out);
+      b.shape.push_back(rank);
+      b.data.resize(out * rank);
+      for (float& v : b.data) v = dist(rng);
+      map[prefix + ".lora_A.weight"] = std::move(a);
+      map[prefix + ".lora_B.weight"] = std::move(b);
+    }
+  }
+  return map;
+}
+
+std::string SealUpdate(const common::TensorMap& update, const std::string& public_key,
+                       uint64_t round_id, const std::string& agent_id,
+                       const std::string& base_version, const std::string& base_hash) {
+  auto sealed = common::SealToPublicKey(public_key, common::SerializeSafetensors(update),
+                                        UpdateAad(round_id, agent_id, base_hash, base_version));
+  if (!sealed.ok()) throw std::runtime_error(sealed.status().ToString());
+  return *sealed;
+}
+
+common::TensorMap NaiveWeightedMean(const std::vector<common::TensorMap>& updates,
+                                    const std::vector<double>& weights) {
+  common::TensorMap out;
+  double total = 0;
+  for (double w : weights) total += w;
+  for (const auto& [name, t] : updates.front()) {
+    common::HostTensor mean;
+    mean.shape = t.shape;
+    mean.data.assign(t.data.size(), 0.f);
+    for (size_t i = 0; i < t.data.size(); ++i) {
+      double sum = 0;
+      for (size_t k = 0; k < updates.size(); ++k) sum += weights[k] * updates[k].at(name).data[i];
+      mean.data[i] = static_cast<float>(sum / total);
+    }
+    out[name] = std::move(mean);
+  }
+  return out;
+}
+
+bool WaitFor(const std::function<bool()>& condition, std::chrono::milliseconds timeout) {
+  const auto end = std::chrono::steady_clock::now() + timeout;
+  while (std::chrono::steady_clock::now() < end) {
+    if (condition()) return true;
+    std::this_thread::sleep_for(std::chrono::milliseconds(5));
+  }
+  return condition();
+}
+
+void FakeLink::Send(const fedlora::v1::CoordinatorMessage& message) {
+  std::lock_guard<std::mutex> lock(mu_);
+  if (!closed_) messages_.push_back(message);
+}
+
+void FakeLink::Close(const absl::Status& status) {
+  std::lock_guard<std::mutex> lock(mu_);
+  if (!closed_) closed_ = status;
+}
+
+std::vector<fedlora::v1::CoordinatorMessage> FakeLink::messages() const {
+  std::lock_guard<std::mutex> lock(mu_);
+  return messages_;
+}
+
+std::optional<absl::Status> FakeLink::closed() const {
+  std::lock_guard<std::mutex> lock(mu_);
+  return closed_;
+}
+
+size_t FakeLink::Count(fedlora::v1::CoordinatorMessage::KindCase kind) const {
+  std::lock_guard<std::mutex> lock(mu_);
+  size_t n = 0;
+  for (const auto& m : messages_) n += m.kind_case() == kind;
+  return n;
+}
+
+fedlora::v1::CoordinatorMessage FakeLink::Last(
+    fedlora::v1::CoordinatorMessage::KindCase kind) const {
+  std::lock_guard<std::mutex> lock(mu_);
+  for (auto it = messages_.rbegin(); it != messages_.rend(); ++it) {
+    if (it->kind_case() == kind) return *it;
+  }
+  throw std::runtime_error("FakeLink::Last: no message of that kind");
+}
+
+fedlora::v1::UpdateHeader MakeHeader(uint64_t round_id, const std::string& agent_id,
+                                     const std::string& base_version, uint64_t num_examples,
+                                     const std::string& payload, double train_loss,
+                                     double eval_loss_before, const std::string& base_hash) {
+  fedlora::v1::UpdateHeader h;
+  h.set_round_id(round_id);
+  h.set_agent_id(agent_id);
+  h.set_base_model_hash(base_hash);
+  h.set_base_version(base_version);
+  h.set_num_examples(num_examples);
+  h.set_total_size(payload.size());
+  h.set_payload_sha256(common::Sha256Hex(payload));
+  h.mutable_metrics()->set_train_loss(train_loss);
+  h.mutable_metrics()->set_eval_loss_before(eval_loss_before);
+  h.mutable_metrics()->set_train_tokens(1000);
+  h.mutable_metrics()->set_train_seconds(1.5);
+  return h;
+}
+
+}  // namespace fedlora::coordinator::testing

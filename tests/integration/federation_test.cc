@@ -1,0 +1,199 @@
+// End to end: the real binaries (fedlora-sim, fedlora-admin, fedlora-coordinator,
+// fedlora-agent) run one federated round over loopback mutual TLS; the test then
+// opens the coordinator's RocksDB store and checks the published version.
+
+#include <gmock/gmock.h>
+#include <gtest/gtest.h>
+
+#include <chrono>
+#include <cmath>
+#include <sstream>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "common/crypto/crypto.h"
+#include "common/quant/quant.h"
+#include "coordinator/state_store.h"
+#include "nlohmann/json.hpp"
+#include "tests/integration/process_util.h"
+
+namespace fedlora::testing {
+namespace {
+
+using ::testing::HasSubstr;
+using std::chrono::seconds;
+
+std::string LastNonEmptyLine(const std::string& text) {
+  std::istringstream in(text);
+  std::string line, last;
+  while (std::getline(in, line)) {
+    if (!line.empty()) last = line;
+  }
+  return last;
+}
+
+class FederationTest : public ::testing::Test {
+ protected:
+  void SetUp() override { dir_ = MakeTempDir("fedlora-federation"); }
+  void TearDown() override {
+    if (!HasFailure()) RemoveTree(dir_);
+  }
+
+  // Runs a setup command that must succeed quickly.
+  void MustRun(const std::vector<std::string>& argv, const std::string& log_name) {
+    int code = RunToCompletion(argv, dir_ + "/" + log_name + ".out", dir_ + "/" + log_name + ".err",
+                               std::chrono::seconds(120));
+    ASSERT_EQ(code, 0) << argv[0] << " failed: " << ReadTextFile(dir_ + "/" + log_name + ".err");
+  }
+
+  void MakeFleet(int sites) {
+    MustRun({BinPath("fedlora-sim"), "make-data", "--out", dir_ + "/data", "--sites",
+             std::to_string(sites), "--examples", "48", "--heldout", "12", "--seed", "7"},
+            "make-data");
+    MustRun({BinPath("fedlora-sim"), "make-model", "--out", dir_ + "/model", "--hidden", "64",
+             "--intermediate", "160", "--layers", "2", "--heads", "4", "--kv-heads", "2",
+             "--head-dim", "16", "--vocab", "384", "--seed", "3"},
+            "make-model");
+    MustRun({BinPath("fedlora-admin"), "pki", "init", dir_ + "/pki"}, "pki-init");
+    for (int i = 0; i < sites; ++i) {
+      MustRun({BinPath("fedlora-admin"), "pki", "issue", "--ca-dir", dir_ + "/pki", "--name",
+               "site-" + std::to_string(i), "--role", "agent", "--out", dir_ + "/pki"},
+              "pki-issue-" + std::to_string(i));
+    }
+  }
+
+  Process StartCoordinator(int port, int rounds, int min_participants) {
+    return Process::Start(
+        {BinPath("fedlora-coordinator"), "--listen-address", "127.0.0.1:" + std::to_string(port),
+         "--data-dir", dir_ + "/coordinator", "--tls-ca", dir_ + "/pki/ca.pem", "--tls-cert",
+         dir_ + "/pki/coordinator.pem", "--tls-key", dir_ + "/pki/coordinator.key",
+         "--base-model-dir", dir_ + "/model", "--min-participants",
+         std::to_string(min_participants), "--rounds", std::to_string(rounds), "--local-steps",
+         "6", "--learning-rate", "0.003", "--batch-size", "4", "--eval-grace-s", "60",
+         "--heartbeat-interval-ms", "1000"},
+        dir_ + "/coordinator.out", dir_ + "/coordinator.err");
+  }
+
+  Process StartAgent(int port, int site) {
+    std::string s = std::to_string(site);
+    return Process::Start(
+        {BinPath("fedlora-agent"), "run", "--coordinator", "127.0.0.1:" + std::to_string(port),
+         "--ca", dir_ + "/pki/ca.pem", "--cert", dir_ + "/pki/site-" + s + ".pem", "--key",
+         dir_ + "/pki/site-" + s + ".key", "--model", dir_ + "/model", "--data",
+         dir_ + "/data/site-" + s + "/train.jsonl", "--eval",
+         dir_ + "/data/site-" + s + "/heldout.jsonl", "--threads", "1", "--seed", s,
+         "--max-offline", "5"},
+        dir_ + "/agent-" + s + ".out", dir_ + "/agent-" + s + ".err");
+  }
+
+  std::string Logs() {
+    return "\n--- coordinator.err ---\n" + ReadTextFile(dir_ + "/coordinator.err") +
+           "\n--- agent-0.err ---\n" + ReadTextFile(dir_ + "/agent-0.err") +
+           "\n--- agent-1.err ---\n" + ReadTextFile(dir_ + "/agent-1.err");
+  }
+
+  std::string dir_;
+};
+
+TEST_F(FederationTest, OneRoundTwoAgentsOverMutualTlsPublishesAVersion) {
+  ASSERT_NO_FATAL_FAILURE(MakeFleet(2));
+  int port = PickFreePort();
+  Process coordinator = StartCoordinator(port, /*rounds=*/1, /*min_participants=*/2);
+  Process agent0 = StartAgent(port, 0);
+  Process agent1 = StartAgent(port, 1);
+
+  // While the round runs, the admin certificate can read the status over TLS, and an
+  // agent certificate cannot.
+  bool saw_agents = false;
+  for (int i = 0; i < 100 && !saw_agents && coordinator.running(); ++i) {
+    int code = RunToCompletion(
+        {BinPath("fedlora-admin"), "--coordinator", "127.0.0.1:" + std::to_string(port), "--ca",
+         dir_ + "/pki/ca.pem", "--cert", dir_ + "/pki/admin.pem", "--key",
+         dir_ + "/pki/admin.key", "status", "--json"},
+        dir_ + "/status.out", dir_ + "/status.err", seconds(30));
+    if (code == 0) {
+      auto status = nlohmann::json::parse(ReadTextFile(dir_ + "/status.out"), nullptr, false);
+      if (!status.is_discarded() && status.contains("agents") && status["agents"].size() == 2) {
+        saw_agents = true;
+      }
+    }
+    if (!saw_agents) std::this_thread::sleep_for(std::chrono::milliseconds(200));
+  }
+  EXPECT_TRUE(saw_agents) << "admin status never listed both agents" << Logs();
+  int denied = RunToCompletion(
+      {BinPath("fedlora-admin"), "--coordinator", "127.0.0.1:" + std::to_string(port), "--ca",
+       dir_ + "/pki/ca.pem", "--cert", dir_ + "/pki/site-0.pem", "--key",
+       dir_ + "/pki/site-0.key", "status"},
+      dir_ + "/denied.out", dir_ + "/denied.err", seconds(30));
+  EXPECT_NE(denied, 0);
+  EXPECT_THAT(ReadTextFile(dir_ + "/denied.err"), HasSubstr("role admin or viewer"));
+
+  auto code = coordinator.Wait(seconds(400));
+  ASSERT_TRUE(code.has_value()) << "coordinator did not finish the round" << Logs();
+  ASSERT_EQ(*code, 0) << Logs();
+  EXPECT_EQ(agent0.Wait(seconds(60)).value_or(-1), 0) << Logs();
+  EXPECT_EQ(agent1.Wait(seconds(60)).value_or(-1), 0) << Logs();
+
+  // The summary line.
+  std::string out = ReadTextFile(dir_ + "/coordinator.out");
+  EXPECT_THAT(out, HasSubstr("round 1: participants=2"));
+  auto summary = nlohmann::json::parse(LastNonEmptyLine(out), nullptr, false);
+  ASSERT_FALSE(summary.is_discarded()) << out;
+  EXPECT_EQ(summary["rounds"], 1);
+  ASSERT_EQ(summary["versions"].size(), 1u);
+  EXPECT_EQ(summary["versions"][0], "v000001");
+  ASSERT_EQ(summary["eval_loss"].size(), 2u);
+  for (const auto& v : summary["eval_loss"]) {
+    ASSERT_TRUE(v.is_number()) << out;
+    EXPECT_TRUE(std::isfinite(v.get<double>()));
+    EXPECT_GT(v.get<double>(), 0.0);
+  }
+  EXPECT_GT(summary["bytes_up"].get<double>(), 0);
+  EXPECT_GT(summary["bytes_down"].get<double>(), 0);
+
+  // The stored version, read back from the coordinator's RocksDB store.
+  auto store = coordinator::StateStore::Open(dir_ + "/coordinator");
+  ASSERT_TRUE(store.ok()) << store.status();
+  auto current = (*store)->CurrentVersion();
+  ASSERT_TRUE(current.ok()) << current.status();
+  EXPECT_EQ(*current, "v000001");
+  auto version = (*store)->GetVersion("v000001");
+  ASSERT_TRUE(version.ok()) << version.status();
+  ASSERT_TRUE(version->has_value());
+  const coordinator::VersionRecord& record = **version;
+  EXPECT_EQ(record.round_id, 1u);
+  EXPECT_EQ(record.quant, "q8_0");
+  EXPECT_THAT(record.contributors, ::testing::UnorderedElementsAre("site-0", "site-1"));
+  EXPECT_EQ(record.num_examples, 96u);  // 2 sites x 48 training examples
+
+  auto blob = (*store)->GetBlob(record.sha256);
+  ASSERT_TRUE(blob.ok()) << blob.status();
+  EXPECT_EQ(common::Sha256Hex(*blob), record.sha256);
+  EXPECT_EQ(blob->size(), record.size_bytes);
+  auto tensors = common::DecodeAdapterBlob(*blob);
+  ASSERT_TRUE(tensors.ok()) << tensors.status();
+  EXPECT_EQ(tensors->size(), record.shapes.size());
+  bool has_q_a = false, has_v_b = false;
+  for (const auto& [name, tensor] : *tensors) {
+    ASSERT_TRUE(record.shapes.count(name)) << name;
+    EXPECT_EQ(tensor.shape, record.shapes.at(name)) << name;
+    for (float x : tensor.data) ASSERT_TRUE(std::isfinite(x)) << name;
+    if (name.find("self_attn.q_proj.lora_A.weight") != std::string::npos) has_q_a = true;
+    if (name.find("self_attn.v_proj.lora_B.weight") != std::string::npos) has_v_b = true;
+  }
+  EXPECT_TRUE(has_q_a);
+  EXPECT_TRUE(has_v_b);
+
+  // The round is closed and its transient updates are gone.
+  auto round = (*store)->GetRound(1);
+  ASSERT_TRUE(round.ok() && round->has_value());
+  EXPECT_EQ((*round)->version_id, "v000001");
+  EXPECT_EQ((*round)->updates.size(), 2u);
+  auto pending = (*store)->CountUpdates(1);
+  ASSERT_TRUE(pending.ok());
+  EXPECT_EQ(*pending, 0u);
+}
+
+}  // namespace
+}  // namespace fedlora::testing

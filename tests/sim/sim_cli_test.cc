@@ -1,0 +1,94 @@
+// fedlora-sim's command line, run as a separate process (FEDLORA_BIN_DIR).
+
+#include <stdlib.h>
+#include <sys/wait.h>
+
+#include <algorithm>
+#include <cstdio>
+#include <filesystem>
+#include <string>
+
+#include "common/crypto/crypto.h"
+#include "gmock/gmock.h"
+#include "gtest/gtest.h"
+#include "nlohmann/json.hpp"
+
+namespace fedlora::sim {
+namespace {
+
+struct Result {
+  int exit_code = -1;
+  std::string output;  // stdout + stderr
+};
+
+Result RunSim(const std::string& args) {
+  const std::string bin = std::string(FEDLORA_BIN_DIR) + "/fedlora-sim";
+  Result r;
+  if (!std::filesystem::exists(bin)) {
+    r.output = "missing binary " + bin + " (build the fedlora-sim target)";
+    return r;
+  }
+  FILE* p = popen((bin + " " + args + " 2>&1").c_str(), "r");
+  if (p == nullptr) return r;
+  char buf[4096];
+  size_t n;
+  while ((n = fread(buf, 1, sizeof(buf), p)) > 0) r.output.append(buf, n);
+  int status = pclose(p);
+  r.exit_code = WIFEXITED(status) ? WEXITSTATUS(status) : -1;
+  return r;
+}
+
+class SimCliTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    char tmpl[] = "/tmp/fedlora_sim_cli_test_XXXXXX";
+    ASSERT_NE(mkdtemp(tmpl), nullptr);
+    dir_ = tmpl;
+  }
+  void TearDown() override { std::filesystem::remove_all(dir_); }
+  std::string dir_;
+};
+
+TEST_F(SimCliTest, MakeDataWritesEverySite) {
+  Result r = RunSim("make-data --out " + dir_ + "/d --sites 2 --examples 12 --heldout 3 --seed 4");
+  ASSERT_EQ(r.exit_code, 0) << r.output;
+  for (int site = 0; site < 2; ++site) {
+    auto text = common::ReadFileToString(dir_ + "/d/site-" + std::to_string(site) + "/train.jsonl");
+    ASSERT_TRUE(text.ok());
+    EXPECT_EQ(std::count(text->begin(), text->end(), '\n'), 12);
+    auto held = common::ReadFileToString(dir_ + "/d/site-" + std::to_string(site) + "/heldout.jsonl");
+    ASSERT_TRUE(held.ok());
+    EXPECT_EQ(std::count(held->begin(), held->end(), '\n'), 3);
+  }
+  EXPECT_FALSE(std::filesystem::exists(dir_ + "/d/site-2"));
+}
+
+TEST_F(SimCliTest, MakeModelHonoursSizeFlags) {
+  Result r = RunSim("make-model --out " + dir_ + "/m --hidden 32 --intermediate 64 --layers 1 "
+                    "--heads 2 --kv-heads 1 --head-dim 16 --vocab 300 --corpus-examples 20");
+  ASSERT_EQ(r.exit_code, 0) << r.output;
+  auto text = common::ReadFileToString(dir_ + "/m/config.json");
+  ASSERT_TRUE(text.ok());
+  auto config = nlohmann::json::parse(*text);
+  EXPECT_EQ(config["hidden_size"], 32);
+  EXPECT_EQ(config["num_hidden_layers"], 1);
+  EXPECT_EQ(config["num_key_value_heads"], 1);
+  EXPECT_TRUE(std::filesystem::exists(dir_ + "/m/model.safetensors"));
+  EXPECT_TRUE(std::filesystem::exists(dir_ + "/m/tokenizer.json"));
+}
+
+TEST_F(SimCliTest, BadFlagsFailWithAMessage) {
+  Result missing = RunSim("make-data --sites 2");
+  EXPECT_NE(missing.exit_code, 0);
+  EXPECT_THAT(missing.output, ::testing::HasSubstr("--out"));
+  Result heads = RunSim("make-model --out " + dir_ + "/bad --heads 3 --kv-heads 2");
+  EXPECT_EQ(heads.exit_code, 1) << heads.output;
+  EXPECT_THAT(heads.output, ::testing::HasSubstr("num_kv_heads"));
+  Result help = RunSim("--help");
+  EXPECT_EQ(help.exit_code, 0);
+  EXPECT_THAT(help.output, ::testing::HasSubstr("make-model"));
+  EXPECT_THAT(help.output, ::testing::HasSubstr("make-data"));
+}
+
+}  // namespace
+}  // namespace fedlora::sim
