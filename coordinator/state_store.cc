@@ -322,9 +322,27 @@ absl::StatusOr<std::unique_ptr<StateStore>> StateStore::Open(const std::string& 
   return state;
 }
 
+absl::StatusOr<std::unique_ptr<StateStore>> StateStore::OpenReadOnly(const std::string& dir) {
+  ASSIGN_OR_RETURN(auto store, common::Store::OpenReadOnly(dir));
+  for (const char* cf : {kAgents, kRounds, kUpdates, kVersions, kBlobs, kMeta}) {
+    // Probe the column family: an unknown one is InvalidArgument, absent keys NotFound.
+    auto probe = store->Get(cf, kSchemaKey);
+    if (absl::IsInvalidArgument(probe.status())) {
+      return absl::FailedPreconditionError(
+          absl::StrCat(dir, " is not a coordinator state store: expected column family '", cf,
+                       "', found none"));
+    }
+  }
+  std::unique_ptr<StateStore> state(new StateStore(std::move(store)));
+  RETURN_IF_ERROR(state->CheckSchema());
+  return state;
+}
+
 absl::Status StateStore::CheckSchema() {
   auto value = store_->Get(kMeta, kSchemaKey);
   if (absl::IsNotFound(value.status())) {
+    // A read-only open of a store that never recorded its schema: version 1 layout.
+    if (store_->read_only()) return absl::OkStatus();
     return store_->Put(kMeta, kSchemaKey, std::to_string(kSchemaVersion), /*sync=*/true);
   }
   if (!value.ok()) return value.status();

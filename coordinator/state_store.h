@@ -123,6 +123,12 @@ std::string VersionId(uint64_t round_id);  // "v%06d"
 class StateStore {
  public:
   static absl::StatusOr<std::unique_ptr<StateStore>> Open(const std::string& dir);
+  // Opens an existing state store read-only (common::Store::OpenReadOnly), e.g.
+  // while the coordinator runs: writes nothing (not even schema_version), still
+  // refuses a newer schema (FailedPrecondition). NotFound when `dir` holds no
+  // database; FailedPrecondition when it is not a coordinator state store.
+  // Every mutating method then fails with FailedPrecondition.
+  static absl::StatusOr<std::unique_ptr<StateStore>> OpenReadOnly(const std::string& dir);
 
   common::Store* raw() { return store_.get(); }
 

@@ -135,7 +135,7 @@ absl::Status AddTokenizer(GgufWriter* w, const std::string& path, const LlamaHPa
   } else if (split_regex == kQwen2Regex) {
     pre = "qwen2";
   } else if (split_regex.empty() && bytelevel_regex) {
-    pre = "gpt2";
+    pre = "gpt-2";  // llama.cpp spells the GPT-2 pre-tokenizer "gpt-2"
   } else {
     return bad(
         "pre_tokenizer",

@@ -109,6 +109,7 @@ void Store::Batch::Delete(std::string_view cf, std::string_view key) {
 absl::Status Store::Batch::Commit(bool sync) {
   // After Commit (success or not) the batch is empty and may be reused.
   absl::Status s = error_;
+  if (s.ok()) s = store_->CheckWritable("batch commit");
   if (s.ok()) {
     rocksdb::WriteOptions opts;
     opts.sync = sync;
@@ -171,6 +172,44 @@ absl::StatusOr<std::unique_ptr<Store>> Store::Open(
   return store;
 }
 
+absl::StatusOr<std::unique_ptr<Store>> Store::OpenReadOnly(const std::string& dir) {
+  if (dir.empty())
+    return absl::InvalidArgumentError("store: expected a directory path, found \"\"");
+  std::error_code ec;
+  if (!std::filesystem::exists(dir + "/CURRENT", ec)) {
+    return absl::NotFoundError("store: no database in " + dir + " (expected " + dir +
+                               "/CURRENT) to open read-only");
+  }
+  rocksdb::Options options;
+  options.create_if_missing = false;
+  options.paranoid_checks = true;
+  std::vector<std::string> names;
+  RETURN_IF_ERROR(FromRocksStatus(rocksdb::DB::ListColumnFamilies(options, dir, &names),
+                                  "store: listing column families of " + dir));
+  std::vector<rocksdb::ColumnFamilyDescriptor> descriptors;
+  descriptors.reserve(names.size());
+  for (const std::string& n : names) {
+    descriptors.emplace_back(n, rocksdb::ColumnFamilyOptions(options));
+  }
+  std::vector<rocksdb::ColumnFamilyHandle*> handles;
+  rocksdb::DB* raw = nullptr;
+  RETURN_IF_ERROR(
+      FromRocksStatus(rocksdb::DB::OpenForReadOnly(options, dir, descriptors, &handles, &raw),
+                      "store: opening " + dir + " read-only"));
+  std::unique_ptr<Store> store(new Store());
+  store->db_.reset(raw);
+  store->names_ = std::move(names);
+  store->handles_ = std::move(handles);
+  store->read_only_ = true;
+  return store;
+}
+
+absl::Status Store::CheckWritable(std::string_view op) const {
+  if (!read_only_) return absl::OkStatus();
+  return absl::FailedPreconditionError(
+      absl::StrCat("store ", Sv(op), ": the store was opened read-only"));
+}
+
 Store::~Store() {
   if (!db_) return;
   for (rocksdb::ColumnFamilyHandle* h : handles_) db_->DestroyColumnFamilyHandle(h);
@@ -197,6 +236,7 @@ absl::Status UnknownCf(std::string_view op, std::string_view cf,
 
 absl::Status Store::Put(std::string_view cf, std::string_view key, std::string_view value,
                         bool sync) {
+  RETURN_IF_ERROR(CheckWritable(absl::StrCat("put ", Sv(cf), "/", ShowKey(key))));
   rocksdb::ColumnFamilyHandle* h = Handle(cf);
   if (h == nullptr) return UnknownCf("put", cf, names_);
   rocksdb::WriteOptions opts;
@@ -219,6 +259,7 @@ absl::StatusOr<std::string> Store::Get(std::string_view cf, std::string_view key
 }
 
 absl::Status Store::Delete(std::string_view cf, std::string_view key, bool sync) {
+  RETURN_IF_ERROR(CheckWritable(absl::StrCat("delete ", Sv(cf), "/", ShowKey(key))));
   rocksdb::ColumnFamilyHandle* h = Handle(cf);
   if (h == nullptr) return UnknownCf("delete", cf, names_);
   rocksdb::WriteOptions opts;
@@ -243,6 +284,10 @@ absl::Status Store::Scan(std::string_view cf, std::string_view prefix,
 }
 
 absl::Status Store::Checkpoint(const std::string& dir) const {
+  if (read_only_) {
+    return absl::UnimplementedError("store: checkpoint into " + dir +
+                                    ": not supported on a store opened read-only");
+  }
   rocksdb::Checkpoint* raw = nullptr;
   RETURN_IF_ERROR(FromRocksStatus(rocksdb::Checkpoint::Create(db_.get(), &raw),
                                   "store: creating checkpoint object"));
@@ -251,6 +296,7 @@ absl::Status Store::Checkpoint(const std::string& dir) const {
 }
 
 absl::Status Store::Flush() {
+  RETURN_IF_ERROR(CheckWritable("flush"));
   rocksdb::FlushOptions opts;
   opts.wait = true;
   RETURN_IF_ERROR(FromRocksStatus(db_->Flush(opts, handles_), "store: flushing memtables"));

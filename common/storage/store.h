@@ -5,6 +5,13 @@
 // take a `sync` flag: state a round depends on is written with sync=true
 // (WAL fsync before returning). A WriteBatch applies atomically across column
 // families. Safe for concurrent use (RocksDB's guarantees).
+//
+// Store::OpenReadOnly opens an existing database with all of its column
+// families without taking the LOCK file, so it works while another process
+// (e.g. the running coordinator) holds the database open for writing. It sees
+// the state as of the open (later writes of the other process are not seen).
+// Every write (Put, Delete, Batch::Commit, Flush) on a read-only store returns
+// FailedPrecondition; Checkpoint is Unimplemented there.
 
 #include <functional>
 #include <memory>
@@ -45,7 +52,12 @@ class Store {
 
   static absl::StatusOr<std::unique_ptr<Store>> Open(const std::string& dir,
                                                      const std::vector<std::string>& column_families);
+  // NotFound when `dir` holds no database; Get/Scan of a column family the
+  // database does not have: InvalidArgument (as for Open).
+  static absl::StatusOr<std::unique_ptr<Store>> OpenReadOnly(const std::string& dir);
   ~Store();
+
+  bool read_only() const { return read_only_; }
 
   absl::Status Put(std::string_view cf, std::string_view key, std::string_view value, bool sync);
   // NotFound when absent.
@@ -61,10 +73,12 @@ class Store {
  private:
   Store() = default;
   rocksdb::ColumnFamilyHandle* Handle(std::string_view cf) const;
+  absl::Status CheckWritable(std::string_view op) const;
 
   std::unique_ptr<rocksdb::DB> db_;
   std::vector<std::string> names_;
   std::vector<rocksdb::ColumnFamilyHandle*> handles_;
+  bool read_only_ = false;
 };
 
 }  // namespace fedlora::common

@@ -15,6 +15,7 @@
 #include "absl/strings/str_format.h"
 #include "common/crypto/pki.h"
 #include "common/net/tls.h"
+#include "coordinator/export_version.h"
 #include "fedlora/v1/fedlora.grpc.pb.h"
 
 namespace fedlora::coordinator {
@@ -64,7 +65,7 @@ void PrintStatus(const fedlora::v1::StatusResponse& s, std::ostream& out) {
 }  // namespace
 
 int RunAdminCli(int argc, const char* const* argv, std::ostream& out, std::ostream& err) {
-  CLI::App app{"fedlora-admin: fleet PKI and coordinator status", "fedlora-admin"};
+  CLI::App app{"fedlora-admin: fleet PKI, coordinator status and model export", "fedlora-admin"};
   app.require_subcommand(1);
   app.fallthrough();
   std::string coordinator, ca, cert, key;
@@ -113,6 +114,29 @@ int RunAdminCli(int argc, const char* const* argv, std::ostream& out, std::ostre
                          "needs --coordinator --ca --cert --key");
   bool json = false;
   status->add_flag("--json", json, "Print the StatusResponse as JSON");
+
+  CLI::App* models = app.add_subcommand("models", "Published adapter versions (coordinator host)");
+  models->require_subcommand(1);
+  CLI::App* exp = models->add_subcommand(
+      "export",
+      "Export a published version as a PEFT adapter directory, a llama.cpp LoRA GGUF, or a "
+      "llama.cpp GGUF of the base model with the adapter merged in. Opens --data-dir read-only, "
+      "so it works while the coordinator runs");
+  std::string exp_version, exp_data_dir, exp_base, exp_format, exp_quant, exp_out;
+  exp->add_option("VERSION", exp_version, "Version id (e.g. v000003), or latest / current")
+      ->required();
+  exp->add_option("--data-dir", exp_data_dir, "The coordinator's data directory")->required();
+  exp->add_option("--base-model", exp_base,
+                  "HF base model directory (config.json, model.safetensors, tokenizer.json); "
+                  "required for gguf-lora and gguf-merged, checked against the adapter for peft");
+  exp->add_option("--format", exp_format, "peft | gguf-lora | gguf-merged")
+      ->required()
+      ->check(CLI::IsMember({"peft", "gguf-lora", "gguf-merged"}));
+  exp->add_option("--quant", exp_quant,
+                  "Tensor type: gguf-merged f32|f16|q8_0|q4_0 (default f16); gguf-lora f32|f16 "
+                  "(default f32); peft is always f32")
+      ->check(CLI::IsMember({"f32", "f16", "q8_0", "q4_0"}));
+  exp->add_option("--out", exp_out, "Output: a directory (peft) or a .gguf file")->required();
 
   try {
     app.parse(argc, argv);
@@ -184,6 +208,33 @@ int RunAdminCli(int argc, const char* const* argv, std::ostream& out, std::ostre
     } else {
       PrintStatus(response, out);
     }
+    return 0;
+  }
+  if (exp->parsed()) {
+    ExportOptions options;
+    options.version = exp_version;
+    options.base_model_dir = exp_base;
+    options.quant = exp_quant;
+    options.out = exp_out;
+    auto format = ParseExportFormat(exp_format);
+    if (!format.ok()) {
+      err << "fedlora-admin models export: " << format.status().ToString() << "\n";
+      return 2;
+    }
+    options.format = *format;
+    if (options.format != ExportFormat::kPeft && exp_base.empty()) {
+      err << "fedlora-admin models export: --format " << exp_format
+          << " needs --base-model DIR (the HF base model directory)\n";
+      return 2;
+    }
+    auto result = ExportVersionFromDataDir(exp_data_dir, options);
+    if (!result.ok()) {
+      err << "fedlora-admin models export: " << result.status().ToString() << "\n";
+      return 1;
+    }
+    out << "exported " << result->version_id << " as " << exp_format << " ("
+        << result->tensor_count << " tensors, r=" << result->config.r
+        << " alpha=" << result->config.lora_alpha << ") to " << result->out << "\n";
     return 0;
   }
   err << "fedlora-admin: no command; run 'fedlora-admin --help'\n";

@@ -4,6 +4,12 @@
 //   fedlora-admin pki init DIR [--san NAME]... [--validity-days N]
 //   fedlora-admin pki issue --ca-dir DIR --name NAME --role agent|admin|viewer --out DIR
 //   fedlora-admin --coordinator HOST:PORT --ca F --cert F --key F [--timeout-s S] status [--json]
+//   fedlora-admin models export VERSION --data-dir DIR --format peft|gguf-lora|gguf-merged
+//                 [--base-model DIR] [--quant f32|f16|q8_0|q4_0] --out PATH
+//     Runs on the coordinator host: opens the coordinator's data dir read-only
+//     (works while the coordinator runs) and exports a published version
+//     (VERSION "latest" / "current" = the current one); see coordinator/export_version.h.
+//     --base-model is required for the GGUF formats.
 //
 // RunAdminCli parses argv, runs the command and returns the process exit code
 // (0 ok, 1 the command failed, 2 bad usage). Output goes to `out`, errors to `err`.

@@ -357,6 +357,33 @@ TEST_F(LlamaCppInteropTest, TruncatedFileIsRefused) {
   EXPECT_NE((out + err).find("error loading model"), std::string::npos) << err;
 }
 
+// A checkpoint whose tokenizer uses the plain GPT-2 byte-level regex (as the
+// simulator's make-model writes) must load: llama.cpp only knows the
+// pre-tokenizer by the name "gpt-2".
+TEST_F(LlamaCppInteropTest, Gpt2PreTokenizerModelLoads) {
+  ASSERT_NO_FATAL_FAILURE(CheckToolsInstalled());
+  const std::string model_dir = dir_ + "/gpt2-pre";
+  ASSERT_EQ(mkdir(model_dir.c_str(), 0755), 0);
+  for (const char* f : {"config.json", "model.safetensors"}) {
+    std::ofstream(model_dir + "/" + f, std::ios::binary) << ReadFile(kLlamaFixture + "/" + f);
+  }
+  nlohmann::json tok = nlohmann::json::parse(ReadFile(kLlamaFixture + "/tokenizer.json"));
+  tok["pre_tokenizer"] = {{"type", "ByteLevel"},
+                          {"add_prefix_space", false},
+                          {"trim_offsets", true},
+                          {"use_regex", true}};
+  std::ofstream(model_dir + "/tokenizer.json") << tok.dump();
+  LlamaGgufOptions opt;
+  opt.type = GgmlType::kF32;
+  const std::string gguf = dir_ + "/gpt2-pre-f32.gguf";
+  absl::Status s = ConvertHfLlamaToGguf(model_dir, gguf, opt);
+  ASSERT_TRUE(s.ok()) << s;
+  std::string out, err, cmd;
+  const int rc = Exec(gguf, "", 4, &out, &err, &cmd);
+  EXPECT_EQ(rc, 0) << cmd << "\n" << err.substr(err.size() > 2000 ? err.size() - 2000 : 0);
+  EXPECT_NE(out.find("FEDLORA_LLAMA_CPP_RESULT"), std::string::npos) << out;
+}
+
 TEST_F(LlamaCppInteropTest, BaseF32MatchesHfGreedy) {
   LlamaRun run;
   ASSERT_NO_FATAL_FAILURE(Run("base-f32.gguf", "", 12, &run));

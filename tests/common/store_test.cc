@@ -257,6 +257,58 @@ TEST(Store, ConcurrentWriters) {
   EXPECT_EQ(ScanAll(*store, "audit").size(), 800u);
 }
 
+TEST(Store, ReadOnlyOpenWhileAnotherInstanceWrites) {
+  TempDir dir;
+  auto writer = Store::Open(dir.path(), {"a", "b"});
+  ASSERT_TRUE(writer.ok()) << writer.status();
+  ASSERT_TRUE((*writer)->Put("a", "k1", "v1", /*sync=*/true).ok());
+  ASSERT_TRUE((*writer)->Put("b", "k2", "v2", /*sync=*/true).ok());
+
+  // The writer still holds the LOCK; a read-only open still works and sees
+  // every column family and the synced (WAL-only, unflushed) writes.
+  auto ro = Store::OpenReadOnly(dir.path());
+  ASSERT_TRUE(ro.ok()) << ro.status();
+  EXPECT_TRUE((*ro)->read_only());
+  EXPECT_FALSE((*writer)->read_only());
+  EXPECT_EQ(*(*ro)->Get("a", "k1"), "v1");
+  EXPECT_EQ(*(*ro)->Get("b", "k2"), "v2");
+  EXPECT_EQ((*ro)->Get("a", "nope").status().code(), absl::StatusCode::kNotFound);
+  EXPECT_EQ((*ro)->Get("zzz", "k1").status().code(), absl::StatusCode::kInvalidArgument);
+  std::vector<std::string> keys;
+  ASSERT_TRUE((*ro)->Scan("a", "", [&](std::string_view k, std::string_view) {
+                      keys.emplace_back(k);
+                      return true;
+                    })
+                  .ok());
+  EXPECT_EQ(keys, std::vector<std::string>{"k1"});
+
+  // Every write is refused, and nothing changes.
+  EXPECT_THAT((*ro)->Put("a", "k3", "v3", true), StatusIs(absl::StatusCode::kFailedPrecondition,
+                                                          "read-only"));
+  EXPECT_THAT((*ro)->Delete("a", "k1", true),
+              StatusIs(absl::StatusCode::kFailedPrecondition, "read-only"));
+  Store::Batch batch(ro->get());
+  batch.Put("a", "k4", "v4");
+  EXPECT_THAT(batch.Commit(true), StatusIs(absl::StatusCode::kFailedPrecondition, "read-only"));
+  EXPECT_THAT((*ro)->Flush(), StatusIs(absl::StatusCode::kFailedPrecondition, "read-only"));
+  EXPECT_EQ((*ro)->Checkpoint(dir.path() + "/cp").code(), absl::StatusCode::kUnimplemented);
+  EXPECT_EQ((*writer)->Get("a", "k3").status().code(), absl::StatusCode::kNotFound);
+  EXPECT_EQ(*(*writer)->Get("a", "k1"), "v1");
+
+  // The writer keeps working while the reader is open.
+  ASSERT_TRUE((*writer)->Put("a", "k5", "v5", true).ok());
+  EXPECT_EQ(*(*writer)->Get("a", "k5"), "v5");
+}
+
+TEST(Store, ReadOnlyOpenOfMissingDatabaseIsNotFound) {
+  TempDir dir;
+  EXPECT_THAT(Store::OpenReadOnly(dir.path() + "/absent").status(),
+              StatusIs(absl::StatusCode::kNotFound, "absent"));
+  EXPECT_EQ(Store::OpenReadOnly("").status().code(), absl::StatusCode::kInvalidArgument);
+  // And nothing was created.
+  EXPECT_FALSE(std::filesystem::exists(dir.path() + "/absent"));
+}
+
 TEST(FromRocksStatus, MapsCodes) {
   EXPECT_TRUE(FromRocksStatus(rocksdb::Status::OK(), "ctx").ok());
   EXPECT_THAT(FromRocksStatus(rocksdb::Status::NotFound("k"), "ctx"),

@@ -6,10 +6,15 @@
 #include <gtest/gtest.h>
 
 #include <nlohmann/json.hpp>
+#include <filesystem>
 #include <sstream>
 
 #include "common/crypto/crypto.h"
 #include "common/crypto/pki.h"
+#include "common/export/gguf.h"
+#include "common/export/peft_export.h"
+#include "common/quant/quant.h"
+#include "coordinator/state_store.h"
 #include "coordinator/server.h"
 #include "tests/coordinator/coordinator_test_util.h"
 
@@ -117,6 +122,82 @@ TEST(AdminCliTest, HelpExitsZero) {
   CliResult issue_help = RunCli({"pki", "issue", "--help"});
   EXPECT_EQ(issue_help.code, 0);
   EXPECT_THAT(issue_help.out, HasSubstr("--role"));
+}
+
+TEST(AdminCliTest, ModelsExportWhileStoreIsHeldOpen) {
+  const std::string base = std::string(FEDLORA_FIXTURES) + "/hf/llama";
+  auto adapter = common::ReadPeftAdapter(base + "/adapter");
+  ASSERT_TRUE(adapter.ok()) << adapter.status();
+  TempDir dir;
+  const std::string data = dir.Sub("data");
+  // The "coordinator" holds the store open (and its LOCK) throughout.
+  auto store = StateStore::Open(data);
+  ASSERT_TRUE(store.ok()) << store.status();
+  std::string blob = common::EncodeAdapterBlob(
+      adapter->tensors, common::Quant::kQ8_0,
+      {{"fedlora.lora.rank", "4"},
+       {"fedlora.lora.alpha", "8"},
+       {"fedlora.lora.target_modules", "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"}});
+  RoundRecord round;
+  round.round_id = 5;
+  round.phase = RoundPhase::kDone;
+  round.version_id = VersionId(5);
+  VersionRecord version;
+  version.version_id = VersionId(5);
+  version.round_id = 5;
+  version.sha256 = common::Sha256Hex(blob);
+  version.size_bytes = blob.size();
+  ASSERT_TRUE((*store)->Publish(round, version, blob).ok());
+
+  CliResult peft = RunCli({"models", "export", "latest", "--data-dir", data, "--format", "peft",
+                           "--out", dir.Sub("peft")});
+  ASSERT_EQ(peft.code, 0) << peft.err;
+  EXPECT_THAT(peft.out, HasSubstr("exported v000005 as peft"));
+  EXPECT_THAT(peft.out, HasSubstr("r=4 alpha=8"));
+  auto back = common::ReadPeftAdapter(dir.Sub("peft"));
+  ASSERT_TRUE(back.ok()) << back.status();
+  EXPECT_EQ(back->config.r, 4);
+  EXPECT_DOUBLE_EQ(back->config.lora_alpha, 8);
+  EXPECT_EQ(back->tensors.size(), adapter->tensors.size());
+
+  CliResult merged =
+      RunCli({"models", "export", "v000005", "--data-dir", data, "--base-model", base, "--format",
+              "gguf-merged", "--quant", "q8_0", "--out", dir.Sub("m.gguf")});
+  ASSERT_EQ(merged.code, 0) << merged.err;
+  auto gguf = common::GgufFile::Open(dir.Sub("m.gguf"));
+  ASSERT_TRUE(gguf.ok()) << gguf.status();
+  EXPECT_EQ((*gguf)->FindTensor("blk.0.attn_q.weight")->type, common::GgmlType::kQ8_0);
+
+  CliResult lora = RunCli({"models", "export", "current", "--data-dir", data, "--base-model",
+                           base, "--format", "gguf-lora", "--out", dir.Sub("a.gguf")});
+  ASSERT_EQ(lora.code, 0) << lora.err;
+  auto lora_file = common::GgufFile::Open(dir.Sub("a.gguf"));
+  ASSERT_TRUE(lora_file.ok()) << lora_file.status();
+  EXPECT_NE((*lora_file)->FindTensor("blk.1.ffn_down.weight.lora_b"), nullptr);
+
+  // Unknown version: exit 1, named, nothing written.
+  CliResult missing = RunCli({"models", "export", "v000099", "--data-dir", data, "--format",
+                              "peft", "--out", dir.Sub("x")});
+  EXPECT_EQ(missing.code, 1);
+  EXPECT_THAT(missing.err, HasSubstr("v000099"));
+  EXPECT_THAT(missing.err, HasSubstr("not found"));
+  EXPECT_FALSE(std::filesystem::exists(dir.Sub("x")));
+  // Usage errors: exit 2.
+  EXPECT_EQ(RunCli({"models", "export", "latest", "--data-dir", data, "--format", "onnx", "--out",
+                    dir.Sub("y")})
+                .code,
+            2);
+  CliResult no_base = RunCli({"models", "export", "latest", "--data-dir", data, "--format",
+                              "gguf-lora", "--out", dir.Sub("y.gguf")});
+  EXPECT_EQ(no_base.code, 2);
+  EXPECT_THAT(no_base.err, HasSubstr("--base-model"));
+  EXPECT_EQ(RunCli({"models", "export", "latest", "--format", "peft", "--out", dir.Sub("y")}).code,
+            2);
+  EXPECT_FALSE(std::filesystem::exists(dir.Sub("y")));
+  EXPECT_FALSE(std::filesystem::exists(dir.Sub("y.gguf")));
+  CliResult help = RunCli({"models", "export", "--help"});
+  EXPECT_EQ(help.code, 0);
+  EXPECT_THAT(help.out, HasSubstr("--base-model"));
 }
 
 }  // namespace
