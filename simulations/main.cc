@@ -4,11 +4,15 @@
 //                          [--heads 4] [--kv-heads 2] [--head-dim 32] [--vocab 512]
 //                          [--max-pos 512] [--rope-theta 10000] [--seed 0]
 //   fedlora-sim make-data --out DIR [--sites 3] [--examples 200] [--heldout 40] [--seed 0]
+//   fedlora-sim bench train --preset tiny|smollm135m [--seq 256] [--batch 4] [--threads 2]
+//                           [--steps 5] [--base-dtype fp32|bf16|int8] [--bf16]
+//     prints one JSON line (see simulations/bench_train.h)
 
 #include <cstdio>
 #include <string>
 
 #include "CLI/CLI.hpp"
+#include "simulations/bench_train.h"
 #include "simulations/data_maker.h"
 #include "simulations/model_maker.h"
 
@@ -87,7 +91,44 @@ int main(int argc, char** argv) {
       ->check(CLI::NonNegativeNumber);
   make_data->add_option("--seed", data_seed, "Seed")->capture_default_str();
 
+  fedlora::sim::TrainBenchOptions bench_train;
+  CLI::App* bench = app.add_subcommand("bench", "Benchmarks; each prints one JSON line");
+  bench->require_subcommand(1);
+  CLI::App* bench_train_cmd = bench->add_subcommand(
+      "train",
+      "LoRA training steps (r=8, alpha=16 on q,k,v,o,gate,up,down; AdamW) on a randomly "
+      "initialised Llama of the preset's shapes and random token ids: tokens/s and peak RSS");
+  bench_train_cmd->add_option("--preset", bench_train.preset, "tiny | smollm135m")
+      ->capture_default_str()
+      ->check(CLI::IsMember({"tiny", "smollm135m"}));
+  bench_train_cmd->add_option("--seq", bench_train.seq, "Tokens per sequence")
+      ->capture_default_str()
+      ->check(CLI::PositiveNumber);
+  bench_train_cmd->add_option("--batch", bench_train.batch, "Sequences per step")
+      ->capture_default_str()
+      ->check(CLI::PositiveNumber);
+  bench_train_cmd->add_option("--threads", bench_train.threads, "libtorch intra-op threads")
+      ->capture_default_str()
+      ->check(CLI::PositiveNumber);
+  bench_train_cmd->add_option("--steps", bench_train.steps, "Timed steps (after 1 warm-up step)")
+      ->capture_default_str()
+      ->check(CLI::PositiveNumber);
+  bench_train_cmd->add_option("--base-dtype", bench_train.base_dtype, "Frozen base weights dtype")
+      ->capture_default_str()
+      ->check(CLI::IsMember({"fp32", "bf16", "int8"}));
+  bench_train_cmd->add_flag("--bf16", bench_train.bf16, "Run the forward under bf16 CPU autocast");
+
   CLI11_PARSE(app, argc, argv);
+
+  if (bench_train_cmd->parsed()) {
+    auto result = fedlora::sim::RunTrainBench(bench_train);
+    if (!result.ok()) {
+      std::fprintf(stderr, "error: bench train: %s\n", result.status().ToString().c_str());
+      return 1;
+    }
+    std::printf("%s\n", fedlora::sim::TrainBenchJson(*result).c_str());
+    return 0;
+  }
 
   if (make_model->parsed()) {
     auto info = fedlora::sim::MakeTinyModel(model_out, model);

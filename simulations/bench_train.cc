@@ -1,0 +1,268 @@
+#include "simulations/bench_train.h"
+
+#include <ATen/autocast_mode.h>
+#include <stdlib.h>
+#include <sys/resource.h>
+#include <torch/torch.h>
+
+#include <chrono>
+#include <cmath>
+#include <cstdio>
+#include <filesystem>
+#include <fstream>
+#include <memory>
+#include <random>
+#include <utility>
+#include <vector>
+
+#include "absl/strings/str_cat.h"
+#include "common/status/status.h"
+#include "edge-agent/engine.h"
+#include "edge-agent/lora.h"
+#include "edge-agent/model.h"
+#include "nlohmann/json.hpp"
+
+namespace fedlora::sim {
+namespace {
+
+namespace fs = std::filesystem;
+
+// Removes the temp checkpoint folder on every exit path.
+struct TempDirGuard {
+  std::string path;
+  ~TempDirGuard() {
+    if (path.empty()) return;
+    std::error_code ec;
+    fs::remove_all(path, ec);
+  }
+};
+
+double PeakRssMb() {
+  struct rusage ru {};
+  getrusage(RUSAGE_SELF, &ru);
+  return static_cast<double>(ru.ru_maxrss) / 1024.0;  // ru_maxrss is in KiB on Linux
+}
+
+// Writes config.json and model.safetensors (F32) for preset `p` into `dir`,
+// generating each tensor straight into a small buffer that is streamed out.
+absl::Status WriteRandomCheckpoint(const std::string& dir, const TrainBenchPreset& p, int max_pos) {
+  const int64_t H = p.hidden, I = p.inter, V = p.vocab, D = p.hidden / p.heads;
+  struct Spec {
+    std::string name;
+    std::vector<int64_t> shape;
+    bool ones;
+  };
+  std::vector<Spec> specs;
+  specs.push_back({"model.embed_tokens.weight", {V, H}, false});
+  for (int64_t l = 0; l < p.layers; ++l) {
+    const std::string pre = absl::StrCat("model.layers.", l, ".");
+    specs.push_back({pre + "input_layernorm.weight", {H}, true});
+    specs.push_back({pre + "post_attention_layernorm.weight", {H}, true});
+    specs.push_back({pre + "self_attn.q_proj.weight", {p.heads * D, H}, false});
+    specs.push_back({pre + "self_attn.k_proj.weight", {p.kv_heads * D, H}, false});
+    specs.push_back({pre + "self_attn.v_proj.weight", {p.kv_heads * D, H}, false});
+    specs.push_back({pre + "self_attn.o_proj.weight", {H, p.heads * D}, false});
+    specs.push_back({pre + "mlp.gate_proj.weight", {I, H}, false});
+    specs.push_back({pre + "mlp.up_proj.weight", {I, H}, false});
+    specs.push_back({pre + "mlp.down_proj.weight", {H, I}, false});
+  }
+  specs.push_back({"model.norm.weight", {H}, true});
+  specs.push_back({"lm_head.weight", {V, H}, false});
+
+  nlohmann::ordered_json header;
+  header["__metadata__"] = {{"format", "pt"}};
+  uint64_t offset = 0;
+  for (const Spec& s : specs) {
+    uint64_t n = 1;
+    for (int64_t d : s.shape) n *= static_cast<uint64_t>(d);
+    header[s.name] = {
+        {"dtype", "F32"}, {"shape", s.shape}, {"data_offsets", {offset, offset + 4 * n}}};
+    offset += 4 * n;
+  }
+  std::string head = header.dump();
+  while (head.size() % 8 != 0) head.push_back(' ');
+
+  const std::string path = dir + "/model.safetensors";
+  std::ofstream out(path, std::ios::binary);
+  if (!out) return absl::InternalError(absl::StrCat("bench train: cannot create ", path));
+  uint64_t len = head.size();
+  unsigned char len_le[8];
+  for (int i = 0; i < 8; ++i) len_le[i] = static_cast<unsigned char>((len >> (8 * i)) & 0xff);
+  out.write(reinterpret_cast<const char*>(len_le), 8);
+  out.write(head.data(), static_cast<std::streamsize>(head.size()));
+  std::mt19937 rng(0);
+  // U(-a, a) with std 0.02: a = 0.02 * sqrt(3).
+  const float a = 0.02f * std::sqrt(3.0f);
+  std::uniform_real_distribution<float> uni(-a, a);
+  std::vector<float> buf(1 << 16);
+  for (const Spec& s : specs) {
+    uint64_t n = 1;
+    for (int64_t d : s.shape) n *= static_cast<uint64_t>(d);
+    while (n > 0) {
+      const size_t k = static_cast<size_t>(std::min<uint64_t>(n, buf.size()));
+      for (size_t i = 0; i < k; ++i) buf[i] = s.ones ? 1.0f : uni(rng);
+      out.write(reinterpret_cast<const char*>(buf.data()),
+                static_cast<std::streamsize>(k * sizeof(float)));
+      n -= k;
+    }
+  }
+  out.close();
+  if (!out) return absl::InternalError(absl::StrCat("bench train: write failed: ", path));
+
+  nlohmann::ordered_json config;
+  config["architectures"] = {"LlamaForCausalLM"};
+  config["model_type"] = "llama";
+  config["hidden_size"] = H;
+  config["intermediate_size"] = I;
+  config["num_hidden_layers"] = p.layers;
+  config["num_attention_heads"] = p.heads;
+  config["num_key_value_heads"] = p.kv_heads;
+  config["head_dim"] = D;
+  config["hidden_act"] = "silu";
+  config["vocab_size"] = V;
+  config["max_position_embeddings"] = max_pos;
+  config["rope_theta"] = 10000.0;
+  config["rms_norm_eps"] = 1e-5;
+  config["tie_word_embeddings"] = false;
+  config["torch_dtype"] = "float32";
+  std::ofstream cfg(dir + "/config.json");
+  cfg << config.dump(2) << "\n";
+  cfg.close();
+  if (!cfg)
+    return absl::InternalError(absl::StrCat("bench train: write failed: ", dir, "/config.json"));
+  return absl::OkStatus();
+}
+
+absl::Status CheckOptions(const TrainBenchOptions& o) {
+  auto bad = [](const std::string& field, const std::string& expected, auto found) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("bench train --", field, ": expected ", expected, ", found ", found));
+  };
+  if (o.seq < 1) return bad("seq", ">= 1", o.seq);
+  if (o.batch < 1) return bad("batch", ">= 1", o.batch);
+  if (o.threads < 1) return bad("threads", ">= 1", o.threads);
+  if (o.steps < 1) return bad("steps", ">= 1", o.steps);
+  if (o.base_dtype != "fp32" && o.base_dtype != "bf16" && o.base_dtype != "int8") {
+    return bad("base-dtype", "fp32, bf16 or int8", absl::StrCat("\"", o.base_dtype, "\""));
+  }
+  return absl::OkStatus();
+}
+
+absl::StatusOr<TrainBenchResult> RunImpl(const TrainBenchOptions& o, const TrainBenchPreset& p) {
+  edge::ConfigureThreads(o.threads);
+  std::string root = o.tmp_root;
+  if (root.empty()) {
+    const char* env = getenv("TMPDIR");
+    root = (env != nullptr && *env != '\0') ? env : "/tmp";
+  }
+  std::string tmpl = root + "/fedlora_bench_train_XXXXXX";
+  std::vector<char> buf(tmpl.begin(), tmpl.end());
+  buf.push_back('\0');
+  if (mkdtemp(buf.data()) == nullptr) {
+    return absl::InternalError(
+        absl::StrCat("bench train: cannot create a temp folder under ", root));
+  }
+  TempDirGuard guard{std::string(buf.data())};
+  RETURN_IF_ERROR(WriteRandomCheckpoint(guard.path, p, std::max(o.seq + 1, 512)));
+
+  edge::ModelLoadOptions lopts;
+  lopts.base_dtype = o.base_dtype;
+  ASSIGN_OR_RETURN(std::unique_ptr<edge::Model> model, edge::Model::Load(guard.path, lopts));
+  edge::LoraConfig lora;  // r=8, alpha=16, q,k,v,o,gate,up,down, no dropout
+  RETURN_IF_ERROR(edge::InitLora(*model, lora));
+  std::vector<torch::Tensor> params = edge::LoraParameters(*model);
+
+  TrainBenchResult result;
+  result.options = o;
+  for (const auto& t : params) result.trainable_params += t.numel();
+  result.frozen_params = model->NumParameters();
+
+  torch::manual_seed(0);
+  torch::Tensor ids = torch::randint(0, p.vocab, {o.batch, o.seq + 1}, torch::kLong);
+  torch::Tensor input = ids.slice(1, 0, o.seq);
+  torch::Tensor target = ids.slice(1, 1).reshape({-1});
+  torch::optim::AdamW opt(params, torch::optim::AdamWOptions(1e-4).weight_decay(0.0));
+
+  auto step = [&]() -> double {
+    opt.zero_grad();
+    torch::Tensor logits;
+    if (o.bf16) {
+      at::autocast::set_cpu_enabled(true);
+      at::autocast::set_autocast_cpu_dtype(at::kBFloat16);
+      try {
+        logits = model->Logits(model->ForwardHidden(input));
+      } catch (...) {
+        at::autocast::set_cpu_enabled(false);
+        at::autocast::clear_cache();
+        throw;
+      }
+      at::autocast::set_cpu_enabled(false);
+      at::autocast::clear_cache();
+    } else {
+      logits = model->Logits(model->ForwardHidden(input));
+    }
+    torch::Tensor loss = torch::nn::functional::cross_entropy(
+        logits.to(torch::kFloat).reshape({-1, p.vocab}), target);
+    loss.backward();
+    torch::nn::utils::clip_grad_norm_(params, 1.0);
+    opt.step();
+    return loss.item<double>();
+  };
+
+  double loss = step();  // warm-up, untimed
+  const auto t0 = std::chrono::steady_clock::now();
+  for (int s = 0; s < o.steps; ++s) loss = step();
+  const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  if (!std::isfinite(loss)) {
+    return absl::InternalError(absl::StrCat("bench train: non-finite loss ", loss));
+  }
+  result.last_loss = loss;
+  result.step_ms_mean = secs * 1000.0 / o.steps;
+  result.tokens_per_s = static_cast<double>(o.steps) * o.batch * o.seq / std::max(secs, 1e-9);
+  result.peak_rss_mb = PeakRssMb();
+  return result;
+}
+
+}  // namespace
+
+absl::StatusOr<TrainBenchPreset> FindTrainBenchPreset(const std::string& name) {
+  if (name == "tiny") return TrainBenchPreset{"tiny", 4096, 256, 688, 4, 8, 4};
+  if (name == "smollm135m") return TrainBenchPreset{"smollm135m", 49152, 576, 1536, 30, 9, 3};
+  return absl::NotFoundError(absl::StrCat(
+      "bench train --preset: expected \"tiny\" or \"smollm135m\", found \"", name, "\""));
+}
+
+absl::StatusOr<TrainBenchResult> RunTrainBench(const TrainBenchOptions& options) {
+  RETURN_IF_ERROR(CheckOptions(options));
+  ASSIGN_OR_RETURN(TrainBenchPreset preset, FindTrainBenchPreset(options.preset));
+  try {
+    return RunImpl(options, preset);
+  } catch (const c10::Error& e) {
+    return absl::InternalError(absl::StrCat("bench train: libtorch: ", e.what_without_backtrace()));
+  } catch (const std::exception& e) {
+    return absl::InternalError(absl::StrCat("bench train: ", e.what()));
+  }
+}
+
+std::string TrainBenchJson(const TrainBenchResult& r) {
+  auto round1 = [](double v) { return std::round(v * 10.0) / 10.0; };
+  auto round3 = [](double v) { return std::round(v * 1000.0) / 1000.0; };
+  nlohmann::ordered_json j;
+  j["bench"] = "train";
+  j["preset"] = r.options.preset;
+  j["seq"] = r.options.seq;
+  j["batch"] = r.options.batch;
+  j["threads"] = r.options.threads;
+  j["base_dtype"] = r.options.base_dtype;
+  j["bf16"] = r.options.bf16;
+  j["steps"] = r.options.steps;
+  j["tokens_per_s"] = round1(r.tokens_per_s);
+  j["peak_rss_mb"] = round1(r.peak_rss_mb);
+  j["step_ms_mean"] = round1(r.step_ms_mean);
+  j["last_loss"] = round3(r.last_loss);
+  j["trainable_params"] = r.trainable_params;
+  j["frozen_params"] = r.frozen_params;
+  return j.dump();
+}
+
+}  // namespace fedlora::sim

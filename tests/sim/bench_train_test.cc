@@ -1,0 +1,88 @@
+#include "simulations/bench_train.h"
+
+#include <cmath>
+#include <string>
+
+#include "gtest/gtest.h"
+#include "nlohmann/json.hpp"
+
+namespace fedlora::sim {
+namespace {
+
+TrainBenchOptions SmallRun() {
+  TrainBenchOptions o;
+  o.preset = "tiny";
+  o.seq = 32;
+  o.batch = 1;
+  o.threads = 1;
+  o.steps = 2;
+  return o;
+}
+
+TEST(BenchTrainTest, TinyRunPrintsPositiveFiniteFigures) {
+  auto result = RunTrainBench(SmallRun());
+  ASSERT_TRUE(result.ok()) << result.status();
+  const nlohmann::json j = nlohmann::json::parse(TrainBenchJson(*result));
+  EXPECT_EQ(j.at("bench"), "train");
+  EXPECT_EQ(j.at("preset"), "tiny");
+  EXPECT_EQ(j.at("seq"), 32);
+  EXPECT_EQ(j.at("batch"), 1);
+  EXPECT_EQ(j.at("threads"), 1);
+  EXPECT_EQ(j.at("steps"), 2);
+  EXPECT_EQ(j.at("base_dtype"), "fp32");
+  for (const char* key : {"tokens_per_s", "peak_rss_mb", "step_ms_mean", "last_loss"}) {
+    ASSERT_TRUE(j.contains(key)) << key;
+    const double v = j.at(key).get<double>();
+    EXPECT_TRUE(std::isfinite(v)) << key;
+    EXPECT_GT(v, 0) << key;
+  }
+  // tiny preset, LoRA r=8 on 7 projections of 4 layers:
+  // per layer r*(in+out) summed over q(256,256) k(256,128) v(256,128) o(256,256)
+  // gate(256,688) up(256,688) down(688,256).
+  const int64_t per_layer = 8 * ((256 + 256) + (256 + 128) * 2 + (256 + 256) + (256 + 688) * 3);
+  EXPECT_EQ(j.at("trainable_params").get<int64_t>(), 4 * per_layer);
+  // Random-label cross-entropy starts near ln(vocab).
+  EXPECT_NEAR(j.at("last_loss").get<double>(), std::log(4096.0), 1.0);
+}
+
+TEST(BenchTrainTest, Int8BaseRuns) {
+  TrainBenchOptions o = SmallRun();
+  o.base_dtype = "int8";
+  o.steps = 1;
+  auto result = RunTrainBench(o);
+  ASSERT_TRUE(result.ok()) << result.status();
+  EXPECT_GT(result->tokens_per_s, 0);
+  EXPECT_EQ(result->options.base_dtype, "int8");
+}
+
+TEST(BenchTrainTest, Bf16AutocastRuns) {
+  TrainBenchOptions o = SmallRun();
+  o.bf16 = true;
+  o.steps = 1;
+  auto result = RunTrainBench(o);
+  ASSERT_TRUE(result.ok()) << result.status();
+  EXPECT_TRUE(std::isfinite(result->last_loss));
+  EXPECT_NEAR(result->last_loss, std::log(4096.0), 1.0);
+  EXPECT_NE(TrainBenchJson(*result).find("\"bf16\":true"), std::string::npos);
+}
+
+TEST(BenchTrainTest, BadOptionsAreRejectedWithTheField) {
+  TrainBenchOptions o = SmallRun();
+  o.preset = "huge";
+  auto r = RunTrainBench(o);
+  ASSERT_FALSE(r.ok());
+  EXPECT_NE(r.status().message().find("--preset"), std::string::npos) << r.status();
+  o = SmallRun();
+  o.seq = 0;
+  r = RunTrainBench(o);
+  ASSERT_FALSE(r.ok());
+  EXPECT_NE(r.status().message().find("--seq"), std::string::npos) << r.status();
+  o = SmallRun();
+  o.base_dtype = "fp8";
+  r = RunTrainBench(o);
+  ASSERT_FALSE(r.ok());
+  EXPECT_NE(r.status().message().find("--base-dtype"), std::string::npos) << r.status();
+}
+
+}  // namespace
+}  // namespace fedlora::sim
