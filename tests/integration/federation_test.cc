@@ -63,16 +63,17 @@ class FederationTest : public ::testing::Test {
     }
   }
 
-  Process StartCoordinator(int port, int rounds, int min_participants) {
+  Process StartCoordinator(int port, int rounds, int min_participants,
+                           const std::string& log_suffix = "") {
     return Process::Start(
         {BinPath("fedlora-coordinator"), "--listen-address", "127.0.0.1:" + std::to_string(port),
          "--data-dir", dir_ + "/coordinator", "--tls-ca", dir_ + "/pki/ca.pem", "--tls-cert",
          dir_ + "/pki/coordinator.pem", "--tls-key", dir_ + "/pki/coordinator.key",
          "--base-model-dir", dir_ + "/model", "--min-participants",
          std::to_string(min_participants), "--rounds", std::to_string(rounds), "--local-steps",
-         "6", "--learning-rate", "0.003", "--batch-size", "4", "--eval-grace-s", "60",
+         "6", "--learning-rate", "0.003", "--batch-size", "4", "--eval-grace-s", std::to_string(eval_grace_s_),
          "--heartbeat-interval-ms", "1000"},
-        dir_ + "/coordinator.out", dir_ + "/coordinator.err");
+        dir_ + "/coordinator" + log_suffix + ".out", dir_ + "/coordinator" + log_suffix + ".err");
   }
 
   Process StartAgent(int port, int site) {
@@ -83,7 +84,7 @@ class FederationTest : public ::testing::Test {
          dir_ + "/pki/site-" + s + ".key", "--model", dir_ + "/model", "--data",
          dir_ + "/data/site-" + s + "/train.jsonl", "--eval",
          dir_ + "/data/site-" + s + "/heldout.jsonl", "--threads", "1", "--seed", s,
-         "--max-offline", "5"},
+         "--max-offline", std::to_string(max_offline_s_)},
         dir_ + "/agent-" + s + ".out", dir_ + "/agent-" + s + ".err");
   }
 
@@ -93,7 +94,48 @@ class FederationTest : public ::testing::Test {
            "\n--- agent-1.err ---\n" + ReadTextFile(dir_ + "/agent-1.err");
   }
 
+  // Kills the coordinator with SIGKILL as soon as `marker` appears in its log,
+  // restarts it on the same data directory, and returns the restarted process.
+  Process CrashWhenLogged(Process* coordinator, int port, const std::string& marker) {
+    bool seen = false;
+    for (int i = 0; i < 6000 && coordinator->running(); ++i) {  // up to ~5 min
+      if (ReadTextFile(dir_ + "/coordinator.err").find(marker) != std::string::npos) {
+        seen = true;
+        break;
+      }
+      std::this_thread::sleep_for(std::chrono::milliseconds(50));
+    }
+    EXPECT_TRUE(seen) << "never logged '" << marker << "'" << Logs();
+    coordinator->Kill();  // SIGKILL: no shutdown path runs
+    return StartCoordinator(port, /*rounds=*/1, /*min_participants=*/2, "-restarted");
+  }
+
+  // After a crash and restart: exactly one version, both agents counted once.
+  void ExpectOneCleanVersion() {
+    auto store = coordinator::StateStore::Open(dir_ + "/coordinator");
+    ASSERT_TRUE(store.ok()) << store.status();
+    auto current = (*store)->CurrentVersion();
+    ASSERT_TRUE(current.ok());
+    EXPECT_EQ(*current, "v000001");
+    auto rounds = (*store)->ListRounds();
+    ASSERT_TRUE(rounds.ok());
+    ASSERT_EQ(rounds->size(), 1u) << "a crash must not open or publish an extra round";
+    EXPECT_EQ(rounds->front().version_id, "v000001");
+    EXPECT_EQ(rounds->front().updates.size(), 2u);
+    auto version = (*store)->GetVersion("v000001");
+    ASSERT_TRUE(version.ok() && version->has_value());
+    EXPECT_THAT((*version)->contributors, ::testing::UnorderedElementsAre("site-0", "site-1"));
+    EXPECT_EQ((*version)->num_examples, 96u) << "an update was lost or counted twice";
+    auto blob = (*store)->GetBlob((*version)->sha256);
+    ASSERT_TRUE(blob.ok()) << blob.status();
+    EXPECT_EQ(common::Sha256Hex(*blob), (*version)->sha256);
+    EXPECT_TRUE(common::DecodeAdapterBlob(*blob).ok());
+    EXPECT_FALSE((*store)->GetVersion("v000002").value_or(std::nullopt).has_value());
+  }
+
   std::string dir_;
+  int max_offline_s_ = 5;
+  int eval_grace_s_ = 60;
 };
 
 TEST_F(FederationTest, OneRoundTwoAgentsOverMutualTlsPublishesAVersion) {
@@ -193,6 +235,50 @@ TEST_F(FederationTest, OneRoundTwoAgentsOverMutualTlsPublishesAVersion) {
   auto pending = (*store)->CountUpdates(1);
   ASSERT_TRUE(pending.ok());
   EXPECT_EQ(*pending, 0u);
+}
+
+// kill -9 while updates are being collected (one accepted, the round open), then restart
+// on the same data directory: the round completes from the stored updates.
+TEST_F(FederationTest, CoordinatorKilledDuringCollectResumesTheRound) {
+  ASSERT_NO_FATAL_FAILURE(MakeFleet(2));
+  max_offline_s_ = 60;
+  eval_grace_s_ = 10;  // an agent may have evaluated before the crash and not again after
+  int port = PickFreePort();
+  Process coordinator = StartCoordinator(port, 1, 2);
+  Process agent0 = StartAgent(port, 0);
+  Process agent1 = StartAgent(port, 1);
+  Process restarted = CrashWhenLogged(&coordinator, port, "update accepted");
+  auto code = restarted.Wait(seconds(400));
+  ASSERT_TRUE(code.has_value()) << "restarted coordinator did not finish"
+                                << ReadTextFile(dir_ + "/coordinator-restarted.err") << Logs();
+  ASSERT_EQ(*code, 0) << ReadTextFile(dir_ + "/coordinator-restarted.err");
+  agent0.Kill();
+  agent1.Kill();
+  auto summary = nlohmann::json::parse(
+      LastNonEmptyLine(ReadTextFile(dir_ + "/coordinator-restarted.out")), nullptr, false);
+  ASSERT_FALSE(summary.is_discarded());
+  EXPECT_EQ(summary["versions"], nlohmann::json::array({"v000001"}));
+  ExpectOneCleanVersion();
+}
+
+// kill -9 right after the version is published (eval reports still coming): the
+// restart keeps the version and publishes nothing twice.
+TEST_F(FederationTest, CoordinatorKilledAfterPublishKeepsTheVersion) {
+  ASSERT_NO_FATAL_FAILURE(MakeFleet(2));
+  max_offline_s_ = 60;
+  eval_grace_s_ = 10;  // an agent may have evaluated before the crash and not again after
+  int port = PickFreePort();
+  Process coordinator = StartCoordinator(port, 1, 2);
+  Process agent0 = StartAgent(port, 0);
+  Process agent1 = StartAgent(port, 1);
+  Process restarted = CrashWhenLogged(&coordinator, port, "version published");
+  auto code = restarted.Wait(seconds(400));
+  ASSERT_TRUE(code.has_value()) << "restarted coordinator did not finish"
+                                << ReadTextFile(dir_ + "/coordinator-restarted.err") << Logs();
+  ASSERT_EQ(*code, 0) << ReadTextFile(dir_ + "/coordinator-restarted.err");
+  agent0.Kill();
+  agent1.Kill();
+  ExpectOneCleanVersion();
 }
 
 }  // namespace
