@@ -50,6 +50,9 @@ const std::vector<Field>& Fields() {
       MakeField("coordinator_id", "Name reported to agents and admins", &C::coordinator_id),
       MakeField("listen_address", "gRPC listen address HOST:PORT (port 0 = any free port)",
                 &C::listen_address),
+      MakeField("metrics_address",
+                "HTTP address HOST:PORT for /metrics and /healthz (\"\" = off, port 0 = any)",
+                &C::metrics_address),
       MakeField("data_dir", "RocksDB state directory (created if absent)", &C::data_dir),
       MakeField("tls_ca", "Fleet CA certificate (PEM)", &C::tls_ca),
       MakeField("tls_cert", "Coordinator server certificate (PEM)", &C::tls_cert),
@@ -107,6 +110,9 @@ absl::Status CoordinatorConfig::Validate() const {
   };
   if (listen_address.empty() || listen_address.find(':') == std::string::npos) {
     return bad("listen_address", "HOST:PORT", "'" + listen_address + "'");
+  }
+  if (!metrics_address.empty() && metrics_address.find(':') == std::string::npos) {
+    return bad("metrics_address", "HOST:PORT or empty", "'" + metrics_address + "'");
   }
   if (data_dir.empty()) return bad("data_dir", "a directory", "''");
   if (tls_ca.empty() || tls_cert.empty() || tls_key.empty()) {

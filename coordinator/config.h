@@ -23,6 +23,8 @@ namespace fedlora::coordinator {
 struct CoordinatorConfig {
   std::string coordinator_id = "fedlora-coordinator";
   std::string listen_address = "0.0.0.0:7443";
+  // Plain-HTTP /metrics and /healthz (coordinator/http_server.h), HOST:PORT; "" = off.
+  std::string metrics_address = "";
   std::string data_dir = "fedlora-data";
   // Mutual TLS (common/net/tls.h).
   std::string tls_ca = "";

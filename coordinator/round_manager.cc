@@ -1,6 +1,7 @@
 #include "coordinator/round_manager.h"
 
 #include <algorithm>
+#include <chrono>
 #include <boost/asio/post.hpp>
 #include <cmath>
 #include <cstdio>
@@ -22,6 +23,30 @@ namespace fedlora::coordinator {
 namespace {
 
 namespace v1 = ::fedlora::v1;
+
+// Metric names and help texts (docs/operations.md, "Metrics and health").
+constexpr char kMetricAccepted[] = "fedlora_updates_accepted_total";
+constexpr char kHelpAccepted[] = "Updates accepted and stored";
+constexpr char kMetricRejected[] = "fedlora_updates_rejected_total";
+constexpr char kHelpRejected[] = "Updates refused, by gRPC status code";
+constexpr char kMetricPublished[] = "fedlora_rounds_published_total";
+constexpr char kHelpPublished[] = "Rounds aggregated and published as a version";
+constexpr char kMetricAborted[] = "fedlora_rounds_aborted_total";
+constexpr char kHelpAborted[] = "Rounds aborted (deadline, aggregation or store failure)";
+constexpr char kMetricBytesIn[] = "fedlora_update_bytes_received_total";
+constexpr char kHelpBytesIn[] = "Sealed update payload bytes received by SubmitUpdate";
+constexpr char kMetricBytesOut[] = "fedlora_adapter_bytes_sent_total";
+constexpr char kHelpBytesOut[] = "Adapter blob bytes sent by FetchAdapter";
+constexpr char kMetricAgents[] = "fedlora_agents_connected";
+constexpr char kHelpAgents[] = "Agents with an open Session stream";
+constexpr char kMetricRound[] = "fedlora_current_round";
+constexpr char kHelpRound[] = "Id of the open round, else of the last round opened (0 = none)";
+constexpr char kMetricAggregation[] = "fedlora_aggregation_seconds";
+constexpr char kHelpAggregation[] = "Wall time of FedAvg aggregation and encoding";
+constexpr char kMetricPhase[] = "fedlora_round_phase_seconds";
+constexpr char kHelpPhase[] =
+    "Time rounds spent in a phase: train (open to aggregate), aggregate (to publish), "
+    "eval (publish to evaluation complete)";
 
 std::string Num(double v) {
   if (!std::isfinite(v)) return "nan";
@@ -110,6 +135,15 @@ absl::Status RoundManager::Start() {
          {"updates", std::to_string(stored)},
          {"participants", std::to_string(r.participants.size())}});
   }
+  // Every family appears on /metrics from the start, at 0 (docs/operations.md).
+  metrics_.AddCounter(kMetricAccepted, kHelpAccepted, 0);
+  metrics_.AddCounter(kMetricPublished, kHelpPublished, 0);
+  metrics_.AddCounter(kMetricAborted, kHelpAborted, 0);
+  metrics_.AddCounter(kMetricBytesIn, kHelpBytesIn, 0);
+  metrics_.AddCounter(kMetricBytesOut, kHelpBytesOut, 0);
+  metrics_.SetGauge(kMetricAgents, kHelpAgents, 0);
+  metrics_.SetGauge(kMetricRound, kHelpRound,
+                    static_cast<double>(open_round_.value_or(last_round_id_)));
   guard_.emplace(io_.get_executor());
   workers_ = std::make_unique<boost::asio::thread_pool>(config_.worker_threads);
   started_ = true;
@@ -266,6 +300,7 @@ void RoundManager::MaybeOpenRound() {
   last_round_id_ = r.round_id;
   open_round_ = r.round_id;
   rounds_[r.round_id] = r;
+  metrics_.SetGauge(kMetricRound, kHelpRound, static_cast<double>(r.round_id));
   Log(LogLevel::kInfo, "round opened",
       {{"round", std::to_string(r.round_id)},
        {"participants", std::to_string(r.participants.size())},
@@ -335,6 +370,7 @@ void RoundManager::OnHello(std::shared_ptr<AgentLink> link, v1::Hello hello) {
       it->second.link->Close(absl::AbortedError("superseded by a newer session of this agent"));
     }
     online_[cn] = OnlineAgent{link, hello, now};
+    metrics_.SetGauge(kMetricAgents, kHelpAgents, static_cast<double>(online_.size()));
     v1::CoordinatorMessage msg;
     v1::Welcome* welcome = msg.mutable_welcome();
     welcome->set_coordinator_id(config_.coordinator_id);
@@ -395,6 +431,7 @@ void RoundManager::OnDisconnect(std::shared_ptr<AgentLink> link) {
     if (it == online_.end() || it->second.link != link) return;
     const uint64_t last_seen = it->second.last_seen_unix_ms;
     online_.erase(it);
+    metrics_.SetGauge(kMetricAgents, kHelpAgents, static_cast<double>(online_.size()));
     Log(LogLevel::kInfo, "agent offline", {{"agent", cn}});
     auto record = store_->GetAgent(cn);
     if (record.ok() && record->has_value()) {
@@ -411,6 +448,8 @@ void RoundManager::CountRejection(const absl::Status& status) {
   rejections_.fetch_add(1);
   std::lock_guard<std::mutex> lock(rejection_mu_);
   ++rejections_by_code_[absl::StatusCodeToString(status.code())];
+  metrics_.AddCounter(kMetricRejected, kHelpRejected, 1,
+                      {{"reason", absl::StatusCodeToString(status.code())}});
   Log(LogLevel::kWarn, "update rejected", {{"status", status.ToString()}});
 }
 
@@ -496,6 +535,7 @@ void RoundManager::SubmitUpdate(IncomingUpdate update, StatusCallback done) {
     done(absl::UnavailableError("the round manager is not running"));
     return;
   }
+  metrics_.AddCounter(kMetricBytesIn, kHelpBytesIn, static_cast<double>(update.payload.size()));
   auto shared = std::make_shared<IncomingUpdate>(std::move(update));
   boost::asio::post(*workers_, [this, shared, done = std::move(done)]() {
     auto verify = [&]() -> absl::StatusOr<common::TensorMap> {
@@ -598,6 +638,7 @@ void RoundManager::CommitUpdate(IncomingUpdate update, common::TensorMap tensors
     return;
   }
   round = std::move(next);
+  metrics_.AddCounter(kMetricAccepted, kHelpAccepted, 1);
   Log(LogLevel::kInfo, "update accepted",
       {{"round", std::to_string(round.round_id)},
        {"agent", agent},
@@ -621,9 +662,14 @@ void RoundManager::StartAggregate() {
       return;  // retried at the next tick
     }
     round = std::move(next);
+    const uint64_t now = clock_->NowUnixMs();
+    metrics_.Observe(kMetricPhase, kHelpPhase,
+                     static_cast<double>(now - std::min(now, round.created_unix_ms)) / 1000.0,
+                     {{"phase", "train"}});
   } else if (round.phase != RoundPhase::kAggregate) {
     return;
   }
+  aggregate_started_unix_ms_ = clock_->NowUnixMs();
   Log(LogLevel::kInfo, "aggregating",
       {{"round", std::to_string(round.round_id)},
        {"updates", std::to_string(round.updates.size())}});
@@ -668,11 +714,15 @@ void RoundManager::RunAggregation(RoundRecord round) {
     return out;
   };
   absl::StatusOr<Aggregated> result;
+  const auto started = std::chrono::steady_clock::now();
   try {
     result = aggregate();
   } catch (const std::exception& e) {
     result = absl::InternalError(absl::StrCat("aggregation threw: ", e.what()));
   }
+  metrics_.Observe(
+      kMetricAggregation, kHelpAggregation,
+      std::chrono::duration<double>(std::chrono::steady_clock::now() - started).count());
   Post([this, id = round.round_id, result = std::move(result)]() mutable {
     FinishAggregation(id, std::move(result));
   });
@@ -711,6 +761,10 @@ void RoundManager::FinishAggregation(uint64_t round_id, absl::StatusOr<Aggregate
   }
   rounds_[round_id] = done;
   open_round_.reset();
+  metrics_.AddCounter(kMetricPublished, kHelpPublished, 1);
+  metrics_.Observe(kMetricPhase, kHelpPhase,
+                   static_cast<double>(now - std::min(now, aggregate_started_unix_ms_)) / 1000.0,
+                   {{"phase", "aggregate"}});
   current_version_ = version.version_id;
   current_shapes_ = version.shapes;
   CacheBlob(version.version_id,
@@ -747,6 +801,7 @@ void RoundManager::AbortOpenRound(const std::string& reason) {
       {{"round", std::to_string(next.round_id)}, {"reason", reason}});
   rounds_[next.round_id] = std::move(next);
   open_round_.reset();
+  metrics_.AddCounter(kMetricAborted, kHelpAborted, 1);
 }
 
 // ------------------------------------------------------------------ Figures
@@ -762,6 +817,12 @@ RoundRecord* RoundManager::FindRoundByVersion(const std::string& version_id) {
 void RoundManager::CompleteEval(RoundRecord& round) {
   if (round.eval_complete) return;
   round.eval_complete = true;
+  if (round.finished_unix_ms > 0) {
+    const uint64_t now = clock_->NowUnixMs();
+    metrics_.Observe(kMetricPhase, kHelpPhase,
+                     static_cast<double>(now - std::min(now, round.finished_unix_ms)) / 1000.0,
+                     {{"phase", "eval"}});
+  }
   dirty_rounds_.erase(round.round_id);
   if (absl::Status s = store_->PutRound(round); !s.ok()) {
     Log(LogLevel::kWarn, "cannot persist round figures", {{"error", s.ToString()}});
@@ -881,6 +942,7 @@ void RoundManager::GetVersionBlob(std::string version_id,
 }
 
 void RoundManager::RecordBytesDown(std::string version_id, uint64_t bytes) {
+  metrics_.AddCounter(kMetricBytesOut, kHelpBytesOut, static_cast<double>(bytes));
   Post([this, version_id = std::move(version_id), bytes]() {
     RoundRecord* r = FindRoundByVersion(version_id);
     if (r == nullptr) return;

@@ -49,6 +49,7 @@
 #include "common/tensor/tensor.h"
 #include "coordinator/clock.h"
 #include "coordinator/config.h"
+#include "coordinator/metrics.h"
 #include "coordinator/state_store.h"
 #include "fedlora/v1/fedlora.pb.h"
 
@@ -128,6 +129,9 @@ class RoundManager {
   // --- Admin
   void GetStatus(std::function<void(fedlora::v1::StatusResponse)> done);
 
+  // --- Operations: the fedlora_* metrics (docs/operations.md), rendered by /metrics.
+  MetricsRegistry& metrics() { return metrics_; }
+
   // --- Tests
   void Tick();  // runs one timer check on the manager thread and waits for it
   void Sync();  // waits until everything posted before it has run
@@ -183,6 +187,7 @@ class RoundManager {
   std::atomic<bool> stopping_{false};
   std::atomic<bool> joined_{false};
   std::atomic<uint64_t> rejections_{0};
+  MetricsRegistry metrics_;
 
   // Manager-thread state.
   std::map<std::string, OnlineAgent> online_;
@@ -192,6 +197,7 @@ class RoundManager {
   std::string current_version_;
   ShapeMap current_shapes_;
   uint64_t select_wait_since_ms_ = 0;
+  uint64_t aggregate_started_unix_ms_ = 0;
   std::set<uint64_t> dirty_rounds_;  // bytes_down changed, persist at the next tick
   bool finished_ = false;
   std::function<void()> finished_callback_;

@@ -52,6 +52,13 @@ absl::StatusOr<std::unique_ptr<CoordinatorServer>> CoordinatorServer::Start(
         absl::StrCat("cannot listen on '", config.listen_address,
                      "' (address in use, bad address, or TLS files rejected by gRPC)"));
   }
+  if (!config.metrics_address.empty()) {
+    RoundManager* manager = server->manager_.get();
+    auto http = HttpServer::Start(config.metrics_address,
+                                  [manager]() { return manager->metrics().Render(); });
+    if (!http.ok()) return http.status();  // ~CoordinatorServer shuts the rest down
+    server->http_ = std::move(*http);
+  }
   Log(LogLevel::kInfo, "coordinator listening",
       {{"address", config.listen_address},
        {"port", std::to_string(server->port_)},
@@ -67,6 +74,7 @@ void CoordinatorServer::Shutdown() {
   if (shut_down_) return;
   shut_down_ = true;
   Log(LogLevel::kInfo, "shutting down");
+  if (http_) http_->Stop();  // no more HTTP (health goes away first), then gRPC
   if (manager_) manager_->Stop();
   if (server_) {
     server_->Shutdown(std::chrono::system_clock::now() +

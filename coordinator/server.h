@@ -9,6 +9,9 @@
 // hash when config.base_model_dir is set, and listens on config.listen_address
 // (port 0 = any free port; port() reports the one chosen). Shutdown() is idempotent
 // and safe to call from any thread except gRPC and round-manager callbacks.
+// With config.metrics_address set, /metrics and /healthz are served over plain HTTP
+// (coordinator/http_server.h); metrics_port() reports the port chosen (0 = off).
+// Shutdown() turns /healthz to 503 and stops the HTTP server before the gRPC server.
 
 #include <grpcpp/grpcpp.h>
 
@@ -20,6 +23,7 @@
 #include "absl/status/statusor.h"
 #include "coordinator/clock.h"
 #include "coordinator/config.h"
+#include "coordinator/http_server.h"
 #include "coordinator/round_manager.h"
 #include "coordinator/service.h"
 #include "coordinator/state_store.h"
@@ -39,6 +43,7 @@ class CoordinatorServer {
   ~CoordinatorServer();  // Shutdown()
 
   int port() const { return port_; }
+  int metrics_port() const { return http_ ? http_->port() : 0; }
   const std::string& base_model_hash() const { return base_model_hash_; }
   RoundManager* manager() { return manager_.get(); }
   StateStore* store() { return store_.get(); }  // for tests and tools
@@ -54,6 +59,7 @@ class CoordinatorServer {
   std::unique_ptr<CoordinatorService> coordinator_service_;
   std::unique_ptr<AdminService> admin_service_;
   std::unique_ptr<grpc::Server> server_;
+  std::unique_ptr<HttpServer> http_;
   int port_ = 0;
   std::mutex shutdown_mu_;
   bool shut_down_ = false;

@@ -6,6 +6,9 @@
 #include <grpcpp/grpcpp.h>
 #include <gtest/gtest.h>
 
+#include <boost/asio/ip/tcp.hpp>
+#include <boost/asio/write.hpp>
+
 #include <chrono>
 #include <cmath>
 #include <limits>
@@ -155,6 +158,21 @@ class FakeAgent {
   v1::Welcome welcome_;
 };
 
+// GET http://127.0.0.1:port/path; the whole response (status line, headers, body).
+std::string HttpGet(int port, const std::string& path) {
+  boost::asio::io_context io;
+  boost::asio::ip::tcp::socket socket(io);
+  boost::system::error_code ec;
+  socket.connect({boost::asio::ip::make_address("127.0.0.1"), static_cast<uint16_t>(port)}, ec);
+  if (ec) return "connect failed: " + ec.message();
+  const std::string request = "GET " + path + " HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n";
+  boost::asio::write(socket, boost::asio::buffer(request), ec);
+  std::string out;
+  char buf[4096];
+  while (!ec) out.append(buf, socket.read_some(boost::asio::buffer(buf), ec));
+  return out;
+}
+
 class ServerTest : public ::testing::Test {
  protected:
   void SetUp() override {
@@ -170,6 +188,7 @@ class ServerTest : public ::testing::Test {
         common::IssueCertificate(other_pki_, "agent-1", common::CertRole::kAgent, other_pki_).ok());
 
     config_.listen_address = "127.0.0.1:0";
+    config_.metrics_address = "127.0.0.1:0";
     config_.data_dir = dir_.Sub("data");
     config_.tls_ca = pki_ + "/ca.pem";
     config_.tls_cert = pki_ + "/coordinator.pem";
@@ -198,6 +217,7 @@ class ServerTest : public ::testing::Test {
     ASSERT_TRUE(server.ok()) << server.status();
     server_ = std::move(*server);
     ASSERT_GT(server_->port(), 0);
+    ASSERT_GT(server_->metrics_port(), 0);
   }
 
   std::string Target() const { return "127.0.0.1:" + std::to_string(server_->port()); }
@@ -251,6 +271,11 @@ class ServerTest : public ::testing::Test {
     EXPECT_EQ(s.error_code(), code) << s.error_message();
     v1::StatusResponse st = Status();
     EXPECT_EQ(st.updates_rejected(), rejections_before + 1);
+    EXPECT_GE(server_->manager()->metrics().Value(
+                  "fedlora_updates_rejected_total",
+                  {{"reason", absl::StatusCodeToString(static_cast<absl::StatusCode>(code))}}),
+              1)
+        << "rejections are counted on /metrics by status code";
     EXPECT_EQ(st.current_version(), "");
     EXPECT_EQ(*server_->store()->CountUpdates(1), stored_updates);
     ASSERT_GE(st.rounds_size(), 1);
@@ -302,6 +327,22 @@ TEST_F(ServerTest, OneFullRound) {
   }
   EXPECT_EQ(notice.version_id(), "v000001");
   EXPECT_EQ(notice.round_id(), 1u);
+
+  const std::string page = HttpGet(server_->metrics_port(), "/metrics");
+  EXPECT_EQ(page.rfind("HTTP/1.1 200 OK", 0), 0u) << page;
+  EXPECT_NE(page.find("\nfedlora_updates_accepted_total 2\n"), std::string::npos) << page;
+  EXPECT_NE(page.find("\nfedlora_rounds_published_total 1\n"), std::string::npos) << page;
+  EXPECT_NE(page.find("\nfedlora_rounds_aborted_total 0\n"), std::string::npos) << page;
+  EXPECT_NE(page.find("\nfedlora_agents_connected 2\n"), std::string::npos) << page;
+  EXPECT_NE(page.find(absl::StrCat("\nfedlora_update_bytes_received_total ",
+                                   p1.size() + p2.size(), "\n")),
+            std::string::npos)
+      << page;
+  EXPECT_NE(page.find("\nfedlora_aggregation_seconds_count 1\n"), std::string::npos) << page;
+  EXPECT_NE(page.find("\nfedlora_round_phase_seconds_count{phase=\"aggregate\"} 1\n"),
+            std::string::npos)
+      << page;
+  EXPECT_EQ(HttpGet(server_->metrics_port(), "/healthz").rfind("HTTP/1.1 200 OK", 0), 0u);
 
   std::string blob_sha;
   auto blob = a1_->Fetch("v000001", 0, 0, &blob_sha);
@@ -390,6 +431,15 @@ TEST_F(ServerTest, OneFullRound) {
   EXPECT_EQ(Status().updates_rejected(), 1u);
   EXPECT_EQ(a1_->Fetch("v000009").status().code(), absl::StatusCode::kNotFound);
   EXPECT_EQ(a1_->Fetch("v000001", blob->size() + 1).status().code(), absl::StatusCode::kOutOfRange);
+}
+
+TEST_F(ServerTest, MetricsAddressInUseFailsStartCleanly) {
+  CoordinatorConfig config = config_;
+  config.data_dir = dir_.Sub("data2");
+  config.metrics_address = "127.0.0.1:" + std::to_string(server_->metrics_port());
+  auto second = CoordinatorServer::Start(config, ServerOptions{nullptr, &out_, {}});
+  EXPECT_EQ(second.status().code(), absl::StatusCode::kUnavailable) << second.status();
+  EXPECT_EQ(HttpGet(server_->metrics_port(), "/healthz").rfind("HTTP/1.1 200 OK", 0), 0u);
 }
 
 TEST_F(ServerTest, RejectsWrongShape) {
