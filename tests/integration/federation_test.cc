@@ -94,11 +94,19 @@ class FederationTest : public ::testing::Test {
            "\n--- agent-1.err ---\n" + ReadTextFile(dir_ + "/agent-1.err");
   }
 
-  // Kills the coordinator with SIGKILL as soon as `marker` appears in its log,
-  // restarts it on the same data directory, and returns the restarted process.
-  Process CrashWhenLogged(Process* coordinator, int port, const std::string& marker) {
+  // Runs a 2-agent, 1-round federation, kills the coordinator with SIGKILL as soon
+  // as `marker` appears in its log, restarts it on the same data directory and
+  // waits for the restarted one to finish the round.
+  void CrashAndRestartWhenLogged(const std::string& marker) {
+    ASSERT_NO_FATAL_FAILURE(MakeFleet(2));
+    max_offline_s_ = 60;
+    eval_grace_s_ = 10;  // an agent may have evaluated before the crash and not again after
+    int port = PickFreePort();
+    Process coordinator = StartCoordinator(port, 1, 2);
+    Process agent0 = StartAgent(port, 0);
+    Process agent1 = StartAgent(port, 1);
     bool seen = false;
-    for (int i = 0; i < 6000 && coordinator->running(); ++i) {  // up to ~5 min
+    for (int i = 0; i < 6000 && coordinator.running(); ++i) {  // up to ~5 min
       if (ReadTextFile(dir_ + "/coordinator.err").find(marker) != std::string::npos) {
         seen = true;
         break;
@@ -106,8 +114,12 @@ class FederationTest : public ::testing::Test {
       std::this_thread::sleep_for(std::chrono::milliseconds(50));
     }
     EXPECT_TRUE(seen) << "never logged '" << marker << "'" << Logs();
-    coordinator->Kill();  // SIGKILL: no shutdown path runs
-    return StartCoordinator(port, /*rounds=*/1, /*min_participants=*/2, "-restarted");
+    coordinator.Kill();  // SIGKILL: no shutdown path runs
+    Process restarted = StartCoordinator(port, /*rounds=*/1, /*min_participants=*/2, "-restarted");
+    auto code = restarted.Wait(seconds(400));
+    ASSERT_TRUE(code.has_value()) << "restarted coordinator did not finish"
+                                  << ReadTextFile(dir_ + "/coordinator-restarted.err") << Logs();
+    ASSERT_EQ(*code, 0) << ReadTextFile(dir_ + "/coordinator-restarted.err");
   }
 
   // After a crash and restart: exactly one version, both agents counted once.
@@ -240,20 +252,7 @@ TEST_F(FederationTest, OneRoundTwoAgentsOverMutualTlsPublishesAVersion) {
 // kill -9 while updates are being collected (one accepted, the round open), then restart
 // on the same data directory: the round completes from the stored updates.
 TEST_F(FederationTest, CoordinatorKilledDuringCollectResumesTheRound) {
-  ASSERT_NO_FATAL_FAILURE(MakeFleet(2));
-  max_offline_s_ = 60;
-  eval_grace_s_ = 10;  // an agent may have evaluated before the crash and not again after
-  int port = PickFreePort();
-  Process coordinator = StartCoordinator(port, 1, 2);
-  Process agent0 = StartAgent(port, 0);
-  Process agent1 = StartAgent(port, 1);
-  Process restarted = CrashWhenLogged(&coordinator, port, "update accepted");
-  auto code = restarted.Wait(seconds(400));
-  ASSERT_TRUE(code.has_value()) << "restarted coordinator did not finish"
-                                << ReadTextFile(dir_ + "/coordinator-restarted.err") << Logs();
-  ASSERT_EQ(*code, 0) << ReadTextFile(dir_ + "/coordinator-restarted.err");
-  agent0.Kill();
-  agent1.Kill();
+  ASSERT_NO_FATAL_FAILURE(CrashAndRestartWhenLogged("update accepted"));
   auto summary = nlohmann::json::parse(
       LastNonEmptyLine(ReadTextFile(dir_ + "/coordinator-restarted.out")), nullptr, false);
   ASSERT_FALSE(summary.is_discarded());
@@ -264,20 +263,7 @@ TEST_F(FederationTest, CoordinatorKilledDuringCollectResumesTheRound) {
 // kill -9 right after the version is published (eval reports still coming): the
 // restart keeps the version and publishes nothing twice.
 TEST_F(FederationTest, CoordinatorKilledAfterPublishKeepsTheVersion) {
-  ASSERT_NO_FATAL_FAILURE(MakeFleet(2));
-  max_offline_s_ = 60;
-  eval_grace_s_ = 10;  // an agent may have evaluated before the crash and not again after
-  int port = PickFreePort();
-  Process coordinator = StartCoordinator(port, 1, 2);
-  Process agent0 = StartAgent(port, 0);
-  Process agent1 = StartAgent(port, 1);
-  Process restarted = CrashWhenLogged(&coordinator, port, "version published");
-  auto code = restarted.Wait(seconds(400));
-  ASSERT_TRUE(code.has_value()) << "restarted coordinator did not finish"
-                                << ReadTextFile(dir_ + "/coordinator-restarted.err") << Logs();
-  ASSERT_EQ(*code, 0) << ReadTextFile(dir_ + "/coordinator-restarted.err");
-  agent0.Kill();
-  agent1.Kill();
+  ASSERT_NO_FATAL_FAILURE(CrashAndRestartWhenLogged("version published"));
   ExpectOneCleanVersion();
 }
 
