@@ -1,5 +1,7 @@
 #pragma once
 // Export of a published adapter version to files other tools load, torch-free.
+// Reads the version from the state store; the formats, checks and writing are
+// common/export/adapter_export.h's (shared with `fedlora-agent export`).
 //
 //   PEFT        (kPeft):       a directory with adapter_config.json and
 //                              adapter_model.safetensors (F32), for HF peft / vLLM.
@@ -33,16 +35,16 @@
 #include <string>
 
 #include "absl/status/statusor.h"
+#include "common/export/adapter_export.h"
 #include "common/export/peft_export.h"
 #include "common/tensor/tensor.h"
 #include "coordinator/state_store.h"
 
 namespace fedlora::coordinator {
 
-enum class ExportFormat { kPeft, kGgufLora, kGgufMerged };
-// "peft", "gguf-lora", "gguf-merged".
-const char* ExportFormatName(ExportFormat format);
-absl::StatusOr<ExportFormat> ParseExportFormat(const std::string& name);
+using ExportFormat = common::ExportFormat;  // peft | gguf-lora | gguf-merged
+using common::ExportFormatName;
+using common::ParseExportFormat;
 
 struct ExportOptions {
   std::string version = "latest";  // a version id, or "latest" / "current"
@@ -72,8 +74,7 @@ absl::StatusOr<LoadedAdapter> LoadVersionAdapter(const StateStore& store,
                                                  const std::string& version);
 
 // Checks every LoRA pair against the base weights in `hf_dir`/model.safetensors.
-absl::Status CheckAdapterFitsBase(const common::TensorMap& adapter,
-                                  const common::PeftLoraConfig& config, const std::string& hf_dir);
+using common::CheckAdapterFitsBase;
 
 absl::StatusOr<ExportResult> ExportVersion(const StateStore& store, const ExportOptions& options);
 

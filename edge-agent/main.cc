@@ -4,12 +4,14 @@
 //                     --data TRAIN.jsonl --eval HELDOUT.jsonl [--threads N]
 //                     [--max-offline SECONDS] [--seed S] [--max-seq-len N]
 //   fedlora-agent model inspect|tokenize|logits|generate ...
+//   fedlora-agent export --model DIR (--adapter PEFT_DIR | --version-blob FILE) --format F ...
 
 #include <pthread.h>
 #include <signal.h>
 
 #include <chrono>
 #include <cstdio>
+#include <iostream>
 #include <string>
 #include <thread>
 #include <vector>
@@ -17,6 +19,7 @@
 #include "CLI/CLI.hpp"
 #include "edge-agent/agent.h"
 #include "edge-agent/data.h"
+#include "edge-agent/export_cli.h"
 #include "edge-agent/model_cli.h"
 #include "edge-agent/trainer.h"
 
@@ -31,6 +34,7 @@ struct RunFlags {
   std::string data;
   std::string eval;
   std::string tls_server_name;
+  std::string signing_pub;
   int threads = 0;
   double max_offline_s = 0;
   double rpc_timeout_s = 120;
@@ -67,6 +71,7 @@ int RunAgent(const RunFlags& flags) {
   options.coordinator = flags.coordinator;
   options.tls = {flags.ca, flags.cert, flags.key};
   options.tls_server_name = flags.tls_server_name;
+  options.signing_public_key = flags.signing_pub;
   options.train = std::move(*train);
   options.eval = std::move(*eval);
   options.max_seq_len = flags.max_seq_len;
@@ -113,6 +118,10 @@ int main(int argc, char** argv) {
 
   if (argc >= 2 && std::string(argv[1]) == "model") {
     return fedlora::edge::RunModelCli(std::vector<std::string>(argv + 2, argv + argc));
+  }
+  if (argc >= 2 && std::string(argv[1]) == "export") {
+    return fedlora::edge::RunExportCli(std::vector<std::string>(argv + 2, argv + argc), std::cout,
+                                       std::cerr);
   }
 
   CLI::App app{"fedlora-agent: federated LoRA fine-tuning edge agent"};
@@ -165,9 +174,15 @@ int main(int argc, char** argv) {
       ->check(CLI::PositiveNumber);
   run->add_option("--tls-server-name", flags.tls_server_name,
                   "Name to verify in the coordinator's certificate (default: HOST)");
+  run->add_option("--signing-pub", flags.signing_pub,
+                  "Coordinator signing public key (PEM); adapters must verify against it "
+                  "(default: coordinator-signing.pub beside --ca, when present)");
   app.add_subcommand("model",
                      "Model tools: inspect | tokenize | logits | generate "
                      "(fedlora-agent model --help)");
+  app.add_subcommand("export",
+                     "Export an adapter (PEFT dir or version blob) as PEFT, llama.cpp LoRA GGUF "
+                     "or merged GGUF (fedlora-agent export --help)");
 
   CLI11_PARSE(app, argc, argv);
   if (run->parsed()) return RunAgent(flags);

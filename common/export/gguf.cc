@@ -1,10 +1,5 @@
 #include "common/export/gguf.h"
 
-#include <fcntl.h>
-#include <sys/mman.h>
-#include <sys/stat.h>
-#include <unistd.h>
-
 #include <algorithm>
 #include <cerrno>
 #include <cmath>
@@ -657,33 +652,17 @@ std::vector<int64_t> GgufTensorInfo::shape() const {
   return std::vector<int64_t>(ne.rbegin(), ne.rend());
 }
 
-GgufFile::~GgufFile() {
-  if (map_ != nullptr) munmap(map_, map_size_);
-}
+GgufFile::~GgufFile() = default;
 
 absl::StatusOr<std::unique_ptr<GgufFile>> GgufFile::Open(const std::string& path) {
-  std::unique_ptr<GgufFile> file(new GgufFile());
-  file->source_ = path;
-  const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
-  if (fd < 0) return ErrnoToStatus(errno, absl::StrCat("open ", path));
-  struct stat st;
-  if (::fstat(fd, &st) != 0) {
-    const int err = errno;
-    ::close(fd);
-    return ErrnoToStatus(err, absl::StrCat("stat ", path));
-  }
-  const size_t size = static_cast<size_t>(st.st_size);
-  if (size == 0) {
-    ::close(fd);
+  ASSIGN_OR_RETURN(MappedFile map, MappedFile::Open(path, "GGUF file"));
+  if (map.size() == 0) {
     return absl::InvalidArgumentError(absl::StrCat(path, ": empty file, expected a GGUF header"));
   }
-  void* map = mmap(nullptr, size, PROT_READ, MAP_PRIVATE, fd, 0);
-  const int err = errno;
-  ::close(fd);
-  if (map == MAP_FAILED) return ErrnoToStatus(err, absl::StrCat("mmap ", path));
-  file->map_ = map;
-  file->map_size_ = size;
-  RETURN_IF_ERROR(file->Parse(static_cast<const uint8_t*>(map), size));
+  std::unique_ptr<GgufFile> file(new GgufFile());
+  file->source_ = path;
+  file->map_ = std::move(map);
+  RETURN_IF_ERROR(file->Parse(file->map_.data(), file->map_.size()));
   return file;
 }
 

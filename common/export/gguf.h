@@ -42,6 +42,7 @@
 #include <vector>
 
 #include "absl/status/statusor.h"
+#include "common/io/mapped_file.h"
 #include "common/tensor/tensor.h"
 
 namespace fedlora::common {
@@ -208,9 +209,8 @@ class GgufFile {
   absl::Status Parse(const uint8_t* base, size_t size);
 
   std::string source_;
-  std::string owned_;
-  void* map_ = nullptr;
-  size_t map_size_ = 0;
+  std::string owned_;  // FromBytes storage
+  MappedFile map_;     // Open storage
   uint32_t version_ = 0;
   uint32_t alignment_ = kGgufDefaultAlignment;
   GgufMetadata kv_;

@@ -3,15 +3,14 @@
 #include <cctype>
 #include <cerrno>
 #include <cmath>
-#include <fstream>
 #include <map>
 #include <nlohmann/json.hpp>
-#include <sstream>
 #include <utility>
 #include <vector>
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
+#include "common/crypto/crypto.h"
 #include "common/status/status.h"
 
 namespace fedlora::common {
@@ -45,16 +44,8 @@ constexpr char kQwen2Regex[] =
     "(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\\r\\n\\p{L}\\p{N}]?\\p{L}+|\\p{N}| "
     "?[^\\s\\p{L}\\p{N}]+[\\r\\n]*|\\s*[\\r\\n]+|\\s+(?!\\S)|\\s+";
 
-absl::StatusOr<std::string> ReadAll(const std::string& path) {
-  std::ifstream in(path, std::ios::binary);
-  if (!in) return ErrnoToStatus(errno, absl::StrCat("open ", path));
-  std::stringstream ss;
-  ss << in.rdbuf();
-  return ss.str();
-}
-
 absl::StatusOr<nlohmann::json> ReadJson(const std::string& path) {
-  ASSIGN_OR_RETURN(std::string text, ReadAll(path));
+  ASSIGN_OR_RETURN(std::string text, ReadFileToString(path));
   nlohmann::json j = nlohmann::json::parse(text, nullptr, /*allow_exceptions=*/false);
   if (j.is_discarded() || !j.is_object()) {
     return absl::InvalidArgumentError(absl::StrCat(path, ": expected a JSON object"));
@@ -263,10 +254,13 @@ absl::StatusOr<LlamaHParams> ReadLlamaHParams(const std::string& path) {
   }
   // transformers >= 5 keeps rope settings in rope_parameters, older in rope_theta/rope_scaling.
   const nlohmann::json* scaling = nullptr;
-  if (j.contains("rope_parameters") && j["rope_parameters"].is_object()) {
-    scaling = &j["rope_parameters"];
-  } else if (j.contains("rope_scaling") && j["rope_scaling"].is_object()) {
-    scaling = &j["rope_scaling"];
+  std::string scaling_field;
+  for (const char* f : {"rope_parameters", "rope_scaling"}) {
+    if (j.contains(f) && j[f].is_object()) {
+      scaling = &j[f];
+      scaling_field = f;
+      break;
+    }
   }
   if (j.contains("rope_theta") && j["rope_theta"].is_number())
     hp.rope_theta = j["rope_theta"].get<double>();
@@ -274,10 +268,51 @@ absl::StatusOr<LlamaHParams> ReadLlamaHParams(const std::string& path) {
     if (scaling->contains("rope_theta") && (*scaling)["rope_theta"].is_number()) {
       hp.rope_theta = (*scaling)["rope_theta"].get<double>();
     }
-    const std::string rt = scaling->value("rope_type", scaling->value("type", "default"));
-    if (rt != "default") {
-      return absl::InvalidArgumentError(absl::StrCat(
-          path, ": field 'rope_type': only \"default\" RoPE is supported, found \"", rt, "\""));
+    const nlohmann::json& sc = *scaling;
+    std::string rt = "default";
+    for (const char* key : {"rope_type", "type"}) {
+      if (sc.contains(key) && sc[key].is_string()) {
+        rt = sc[key].get<std::string>();
+        break;
+      }
+    }
+    if (rt == "llama3") {
+      if (hp.arch != "llama") {
+        return absl::InvalidArgumentError(absl::StrCat(
+            path, ": field 'rope_type': \"llama3\" RoPE scaling is only supported for the llama "
+                  "architecture, found model_type \"", hp.arch, "\""));
+      }
+      auto number = [&](const char* field, double* v) -> absl::Status {
+        if (!sc.contains(field) || !sc[field].is_number() || !(sc[field].get<double>() > 0)) {
+          return absl::InvalidArgumentError(
+              absl::StrCat(path, ": field '", scaling_field, ".", field,
+                           "': expected a positive number for llama3 RoPE scaling, found ",
+                           sc.contains(field) ? sc[field].dump() : std::string("nothing")));
+        }
+        *v = sc[field].get<double>();
+        return absl::OkStatus();
+      };
+      hp.rope_llama3 = true;
+      RETURN_IF_ERROR(number("factor", &hp.rope_factor));
+      RETURN_IF_ERROR(number("low_freq_factor", &hp.rope_low_freq_factor));
+      RETURN_IF_ERROR(number("high_freq_factor", &hp.rope_high_freq_factor));
+      double original = 0;
+      RETURN_IF_ERROR(number("original_max_position_embeddings", &original));
+      hp.rope_original_ctx = static_cast<int64_t>(original);
+      if (static_cast<double>(hp.rope_original_ctx) != original) {
+        return absl::InvalidArgumentError(absl::StrCat(
+            path, ": field '", scaling_field,
+            ".original_max_position_embeddings': expected an integer, found ", original));
+      }
+      if (!(hp.rope_high_freq_factor > hp.rope_low_freq_factor)) {
+        return absl::InvalidArgumentError(absl::StrCat(
+            path, ": field '", scaling_field, ".high_freq_factor': expected > low_freq_factor (",
+            hp.rope_low_freq_factor, "), found ", hp.rope_high_freq_factor));
+      }
+    } else if (rt != "default") {
+      return absl::InvalidArgumentError(
+          absl::StrCat(path, ": field 'rope_type': expected \"default\" or \"llama3\", found \"",
+                       rt, "\""));
     }
   }
   hp.tie_embeddings = j.value("tie_word_embeddings", false);
@@ -291,6 +326,31 @@ absl::StatusOr<LlamaHParams> ReadLlamaHParams(const std::string& path) {
     hp.eos_id = j["eos_token_id"][0].get<int64_t>();
   }
   return hp;
+}
+
+std::vector<float> Llama3RopeFactors(const LlamaHParams& hp) {
+  std::vector<float> factors;
+  if (!hp.rope_llama3) return factors;
+  const double original = static_cast<double>(hp.rope_original_ctx);
+  const double low_wavelen = original / hp.rope_low_freq_factor;
+  const double high_wavelen = original / hp.rope_high_freq_factor;
+  for (int64_t i = 0; i < hp.head_dim / 2; ++i) {
+    const double freq =
+        1.0 / std::pow(hp.rope_theta, static_cast<double>(2 * i) / static_cast<double>(hp.head_dim));
+    const double wavelen = 2.0 * M_PI / freq;
+    double f;
+    if (wavelen < high_wavelen) {
+      f = 1.0;
+    } else if (wavelen > low_wavelen) {
+      f = hp.rope_factor;
+    } else {
+      const double smooth = (original / wavelen - hp.rope_low_freq_factor) /
+                            (hp.rope_high_freq_factor - hp.rope_low_freq_factor);
+      f = 1.0 / ((1.0 - smooth) / hp.rope_factor + smooth);
+    }
+    factors.push_back(static_cast<float>(f));
+  }
+  return factors;
 }
 
 absl::StatusOr<HostTensor> PermuteQkRows(const HostTensor& w, int64_t n_head) {
@@ -409,6 +469,13 @@ absl::StatusOr<GgufWriter> BuildLlamaGguf(const std::string& hf_dir, const Llama
   w.Set(a + ".rope.dimension_count", GgufValue::U32(static_cast<uint32_t>(hp.head_dim)));
   w.Set(a + ".attention.layer_norm_rms_epsilon", GgufValue::F32(static_cast<float>(hp.rms_eps)));
   RETURN_IF_ERROR(AddTokenizer(&w, hf_dir + "/tokenizer.json", hp));
+  if (hp.rope_llama3) {
+    // llama.cpp's converter emits it first, before the weights; always F32.
+    HostTensor rope;
+    rope.data = Llama3RopeFactors(hp);
+    rope.shape = {static_cast<int64_t>(rope.data.size())};
+    RETURN_IF_ERROR(w.AddTensor("rope_freqs.weight", rope, GgmlType::kF32));
+  }
 
   // Expected shapes, so a checkpoint that disagrees with config.json fails here
   // (llama.cpp would refuse the file later with a less precise message).

@@ -17,6 +17,9 @@
 //   bos_token_id, eos_token_id (only when config.json gives them),
 //   add_bos_token, add_eos_token};
 //   tensors token_embd, output_norm, output (absent when embeddings are tied),
+//   rope_freqs (only for rope_type "llama3": Llama3RopeFactors; llama.cpp
+//   needs no extra metadata key for it, context_length is the scaled
+//   max_position_embeddings, as in llama.cpp's converter),
 //   blk.N.{attn_norm, attn_q, attn_k, attn_v, attn_output, ffn_norm, ffn_gate,
 //   ffn_up, ffn_down}.weight. Norms are always F32; 2-D weights use the requested
 //   type, falling back to F16 where a quantized type's 32-value blocks do not
@@ -42,6 +45,7 @@
 // Errors name the file and the field or tensor. Thread-safe (no shared state).
 
 #include <string>
+#include <vector>
 
 #include "absl/status/statusor.h"
 #include "common/export/gguf.h"
@@ -62,14 +66,34 @@ struct LlamaHParams {
   int64_t head_dim = 0;
   int64_t n_ctx = 0;
   double rope_theta = 10000.0;
+  // Llama-3.1-style RoPE scaling (rope_type "llama3"); off for "default".
+  bool rope_llama3 = false;
+  double rope_factor = 1.0;
+  double rope_low_freq_factor = 1.0;
+  double rope_high_freq_factor = 4.0;
+  int64_t rope_original_ctx = 8192;  // original_max_position_embeddings
   double rms_eps = 1e-5;
   bool tie_embeddings = false;
   int64_t bos_id = -1;  // -1: not given
   int64_t eos_id = -1;
 };
 
-// Parses config.json (model_type "llama" or "qwen2"; rope_type "default" only).
+// Parses config.json (model_type "llama" or "qwen2"). RoPE: rope_type
+// "default", or "llama3" (llama only) with factor, low_freq_factor,
+// high_freq_factor (> low_freq_factor) and original_max_position_embeddings
+// all given, in rope_scaling or (transformers >= 5) rope_parameters.
 absl::StatusOr<LlamaHParams> ReadLlamaHParams(const std::string& config_json_path);
+
+// Llama-3 RoPE scaling as per-dimension divisors of the rotation frequencies,
+// the tensor llama.cpp reads as rope_freqs.weight ([head_dim / 2], F32).
+// From Meta's published formula (llama3 reference `apply_scaling`): for
+// freq_i = rope_theta^(-2i/head_dim) with wavelength w_i = 2*pi / freq_i,
+//   w_i < original_ctx / high_freq_factor  -> 1        (kept)
+//   w_i > original_ctx / low_freq_factor   -> factor   (freq / factor)
+//   otherwise, with s = (original_ctx / w_i - low) / (high - low):
+//     1 / ((1 - s) / factor + s)                       (the smooth blend)
+// since llama.cpp divides each frequency by its factor. Empty unless rope_llama3.
+std::vector<float> Llama3RopeFactors(const LlamaHParams& hp);
 
 // Row permutation of a Q or K projection ([n_head*d, in]) or of its LoRA B
 // ([n_head*d, r]) from HF to ggml RoPE layout. InvalidArgument if the rows

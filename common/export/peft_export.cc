@@ -5,10 +5,9 @@
 #include <cctype>
 #include <cerrno>
 #include <cmath>
-#include <fstream>
 #include <map>
+#include <set>
 #include <nlohmann/json.hpp>
-#include <sstream>
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
@@ -26,7 +25,6 @@ std::string ShapeStr(const std::vector<int64_t>& s) {
 
 // Splits "base_model.model.model.layers.3.self_attn.q_proj.lora_A.weight" into
 // module path "model.layers.3.self_attn.q_proj", half 'A', layer 3, module "q_proj".
-// Also accepts PEFT's adapter-named form ".lora_A.default.weight".
 bool ParseName(const std::string& name, std::string* module_path, char* half, int* layer,
                std::string* module) {
   if (name.rfind(kPrefix, 0) != 0) return false;
@@ -35,8 +33,7 @@ bool ParseName(const std::string& name, std::string* module_path, char* half, in
   if (pos == std::string::npos || pos + 7 > rest.size()) return false;
   const char h = rest[pos + 6];
   if (h != 'A' && h != 'B') return false;
-  const std::string tail = rest.substr(pos + 7);
-  if (tail != ".weight" && tail != ".default.weight") return false;
+  if (rest.substr(pos + 7) != ".weight") return false;
   *module_path = rest.substr(0, pos);
   *half = h;
   const std::string kLayers = "model.layers.";
@@ -52,13 +49,25 @@ bool ParseName(const std::string& name, std::string* module_path, char* half, in
   return !module->empty();
 }
 
-absl::StatusOr<std::string> ReadAll(const std::string& path) {
-  std::ifstream in(path, std::ios::binary);
-  if (!in) return ErrnoToStatus(errno, absl::StrCat("open ", path));
-  std::stringstream ss;
-  ss << in.rdbuf();
-  return ss.str();
+// "....q_proj.lora_A.<adapter name>.weight" -> "....q_proj.lora_A.weight" (PEFT
+// keys saved tensors by adapter name in some versions); other names unchanged.
+std::string StripAdapterName(const std::string& name) {
+  for (const char* half : {".lora_A.", ".lora_B."}) {
+    const size_t pos = name.rfind(half);
+    if (pos == std::string::npos) continue;
+    const size_t rest = pos + 8;  // after ".lora_X."
+    if (name.compare(rest, std::string::npos, "weight") == 0) return name;
+    const size_t dot = name.find('.', rest);
+    if (dot != std::string::npos && dot > rest &&
+        name.compare(dot, std::string::npos, ".weight") == 0) {
+      return name.substr(0, rest) + "weight";
+    }
+  }
+  return name;
 }
+
+absl::StatusOr<std::vector<LoraPair>> CollectPairs(const TensorMap& adapter,
+                                                  const PeftLoraConfig& config, bool check_rank);
 
 absl::Status MakeDirs(const std::string& dir) {
   std::string cur;
@@ -80,9 +89,11 @@ double PeftLoraConfig::Scale() const {
   return use_rslora ? lora_alpha / std::sqrt(static_cast<double>(r)) : lora_alpha / r;
 }
 
-absl::StatusOr<std::vector<LoraPair>> CollectLoraPairs(const TensorMap& adapter,
-                                                       const PeftLoraConfig& config) {
-  if (config.r <= 0) {
+namespace {
+
+absl::StatusOr<std::vector<LoraPair>> CollectPairs(const TensorMap& adapter,
+                                                  const PeftLoraConfig& config, bool check_rank) {
+  if (check_rank && config.r <= 0) {
     return absl::InvalidArgumentError(
         absl::StrCat("LoRA config: expected r > 0, found ", config.r));
   }
@@ -108,7 +119,7 @@ absl::StatusOr<std::vector<LoraPair>> CollectLoraPairs(const TensorMap& adapter,
           "adapter tensor '", name, "': expected a 2-D tensor, found shape ", ShapeStr(t.shape)));
     }
     const int64_t rank_dim = half == 'A' ? t.shape[0] : t.shape[1];
-    if (rank_dim != config.r) {
+    if (check_rank && rank_dim != config.r) {
       return absl::InvalidArgumentError(absl::StrCat("adapter tensor '", name, "': expected rank ",
                                                      config.r, " in dim ", half == 'A' ? 0 : 1,
                                                      ", found shape ", ShapeStr(t.shape)));
@@ -135,6 +146,13 @@ absl::StatusOr<std::vector<LoraPair>> CollectLoraPairs(const TensorMap& adapter,
   return out;
 }
 
+}  // namespace
+
+absl::StatusOr<std::vector<LoraPair>> CollectLoraPairs(const TensorMap& adapter,
+                                                       const PeftLoraConfig& config) {
+  return CollectPairs(adapter, config, /*check_rank=*/true);
+}
+
 std::string PeftConfigJson(const PeftLoraConfig& config) {
   nlohmann::ordered_json j;
   j["base_model_name_or_path"] = config.base_model_name_or_path.empty()
@@ -150,7 +168,8 @@ std::string PeftConfigJson(const PeftLoraConfig& config) {
   j["peft_type"] = "LORA";
   j["r"] = config.r;
   j["target_modules"] = config.target_modules;
-  j["task_type"] = config.task_type;
+  j["task_type"] = config.task_type.empty() ? nlohmann::ordered_json(nullptr)
+                                            : nlohmann::ordered_json(config.task_type);
   j["use_dora"] = false;
   j["use_rslora"] = config.use_rslora;
   return j.dump(2) + "\n";
@@ -164,13 +183,15 @@ absl::Status WritePeftAdapter(const std::string& dir, const TensorMap& adapter,
         "WritePeftAdapter: expected at least one LoRA pair, found none");
   }
   RETURN_IF_ERROR(MakeDirs(dir));
-  RETURN_IF_ERROR(WriteSafetensors(dir + "/adapter_model.safetensors", adapter));
+  RETURN_IF_ERROR(
+      WriteSafetensors(dir + "/adapter_model.safetensors", adapter, {{"format", "pt"}}));
   return WriteFileAtomic(dir + "/adapter_config.json", PeftConfigJson(config), 0644);
 }
 
-absl::StatusOr<PeftAdapterFiles> ReadPeftAdapter(const std::string& dir) {
+absl::StatusOr<PeftAdapterFiles> ReadPeftAdapter(const std::string& dir,
+                                                  const PeftReadOptions& options) {
   const std::string cfg_path = dir + "/adapter_config.json";
-  ASSIGN_OR_RETURN(std::string text, ReadAll(cfg_path));
+  ASSIGN_OR_RETURN(std::string text, ReadFileToString(cfg_path));
   nlohmann::json j = nlohmann::json::parse(text, nullptr, /*allow_exceptions=*/false);
   auto bad = [&](const std::string& field, const std::string& msg) {
     return absl::InvalidArgumentError(absl::StrCat(cfg_path, ": field '", field, "': ", msg));
@@ -178,80 +199,105 @@ absl::StatusOr<PeftAdapterFiles> ReadPeftAdapter(const std::string& dir) {
   if (j.is_discarded() || !j.is_object()) {
     return absl::InvalidArgumentError(absl::StrCat(cfg_path, ": expected a JSON object"));
   }
+  // A present field that is null counts as absent (PEFT writes many nulls).
+  auto has = [&](const char* f) { return j.contains(f) && !j[f].is_null(); };
   PeftAdapterFiles out;
   PeftLoraConfig& c = out.config;
-  if (!j.contains("peft_type") || !j["peft_type"].is_string() || j["peft_type"] != "LORA") {
-    return bad("peft_type", "expected \"LORA\"");
+  if (has("peft_type") && j["peft_type"] != "LORA") {
+    return bad("peft_type", "expected \"LORA\", found " + j["peft_type"].dump());
   }
-  if (!j.contains("r") || !j["r"].is_number_integer() || j["r"].get<int64_t>() <= 0 ||
+  if (!has("r") || !j["r"].is_number_integer() || j["r"].get<int64_t>() <= 0 ||
       j["r"].get<int64_t>() > 65536) {
-    return bad("r", "expected an integer in 1..65536");
+    return bad("r", "expected an integer in 1..65536, found " +
+                        (has("r") ? j["r"].dump() : std::string("nothing")));
   }
   c.r = j["r"].get<int>();
-  if (!j.contains("lora_alpha") || !j["lora_alpha"].is_number()) {
-    return bad("lora_alpha", "expected a number");
+  if (!has("lora_alpha") || !j["lora_alpha"].is_number() ||
+      !(j["lora_alpha"].get<double>() > 0)) {
+    return bad("lora_alpha", "expected a positive number, found " +
+                                 (has("lora_alpha") ? j["lora_alpha"].dump() : "nothing"));
   }
   c.lora_alpha = j["lora_alpha"].get<double>();
-  if (j.contains("use_rslora") && !j["use_rslora"].is_null()) {
-    if (!j["use_rslora"].is_boolean()) return bad("use_rslora", "expected a bool");
+  if (has("use_rslora")) {
+    if (!j["use_rslora"].is_boolean()) {
+      return bad("use_rslora", "expected a bool, found " + j["use_rslora"].dump());
+    }
     c.use_rslora = j["use_rslora"].get<bool>();
   }
-  if (j.contains("lora_dropout") && j["lora_dropout"].is_number()) {
+  if (has("lora_dropout")) {
+    if (!j["lora_dropout"].is_number()) {
+      return bad("lora_dropout", "expected a number, found " + j["lora_dropout"].dump());
+    }
     c.lora_dropout = j["lora_dropout"].get<double>();
   }
-  if (j.contains("task_type") && j["task_type"].is_string()) {
-    c.task_type = j["task_type"].get<std::string>();
-  } else {
-    c.task_type.clear();
-  }
-  if (j.contains("base_model_name_or_path") && j["base_model_name_or_path"].is_string()) {
+  c.task_type = has("task_type") && j["task_type"].is_string() ? j["task_type"].get<std::string>()
+                                                               : std::string();
+  if (has("base_model_name_or_path") && j["base_model_name_or_path"].is_string()) {
     c.base_model_name_or_path = j["base_model_name_or_path"].get<std::string>();
   }
-  const nlohmann::json& tm = j.contains("target_modules") ? j["target_modules"] : nlohmann::json();
-  if (tm.is_string()) {
-    c.target_modules.push_back(tm.get<std::string>());
-  } else if (tm.is_array()) {
-    for (const auto& m : tm) {
-      if (!m.is_string()) return bad("target_modules", "expected strings");
-      c.target_modules.push_back(m.get<std::string>());
+  // A list names the modules exactly; a string (a regex, or "all-linear") or
+  // nothing means "the modules that have tensors", filled in below.
+  bool modules_from_tensors = true;
+  if (has("target_modules")) {
+    const nlohmann::json& tm = j["target_modules"];
+    if (tm.is_array()) {
+      for (const auto& m : tm) {
+        if (!m.is_string()) return bad("target_modules", "expected strings, found " + m.dump());
+        c.target_modules.push_back(m.get<std::string>());
+      }
+      modules_from_tensors = false;
+    } else if (!tm.is_string()) {
+      return bad("target_modules", "expected a list of module names or a name, found " + tm.dump());
     }
-  } else {
-    return bad("target_modules", "expected a list of module names or a name");
   }
   if (j.contains("use_dora") && j["use_dora"].is_boolean() && j["use_dora"].get<bool>()) {
     return bad("use_dora", "DoRA adapters are not supported");
   }
-  if (j.contains("bias") && j["bias"].is_string() && j["bias"] != "none") {
-    return bad("bias", "expected \"none\" (trained biases are not supported)");
+  if (has("bias") && j["bias"] != "none") {
+    return bad("bias",
+               "expected \"none\" (trained biases are not supported), found " + j["bias"].dump());
   }
   if (j.contains("fan_in_fan_out") && j["fan_in_fan_out"].is_boolean() &&
       j["fan_in_fan_out"].get<bool>()) {
-    return bad("fan_in_fan_out", "expected false");
+    return bad("fan_in_fan_out", "expected false (transposed Conv1D weights are not supported)");
   }
-  if (j.contains("modules_to_save") && !j["modules_to_save"].is_null() &&
+  if (has("modules_to_save") &&
       !(j["modules_to_save"].is_array() && j["modules_to_save"].empty())) {
-    return bad("modules_to_save", "expected null (full-module training is not supported)");
+    return bad("modules_to_save", "expected null (full-module training is not supported), found " +
+                                      j["modules_to_save"].dump());
   }
   for (const char* f : {"rank_pattern", "alpha_pattern"}) {
-    if (j.contains(f) && !j[f].is_null() && !(j[f].is_object() && j[f].empty())) {
-      return bad(f, "per-module rank/alpha is not supported");
+    if (has(f) && !(j[f].is_object() && j[f].empty())) {
+      return bad(f, "per-module rank/alpha is not supported, found " + j[f].dump());
     }
   }
-  ASSIGN_OR_RETURN(auto st, SafetensorsFile::Open(dir + "/adapter_model.safetensors"));
+  const std::string st_path = dir + "/adapter_model.safetensors";
+  ASSIGN_OR_RETURN(auto st, SafetensorsFile::Open(st_path));
   ASSIGN_OR_RETURN(TensorMap raw, st->ToTensorMap());
+  std::set<std::string> present;
   for (auto& [name, t] : raw) {
-    std::string key = name;
-    const std::string kDefault = ".default.weight";
-    if (key.size() > kDefault.size() &&
-        key.compare(key.size() - kDefault.size(), kDefault.size(), kDefault) == 0) {
-      key = key.substr(0, key.size() - kDefault.size()) + ".weight";
+    const std::string key = StripAdapterName(name);
+    std::string path, module;
+    char half = 0;
+    int layer = -1;
+    if (!ParseName(key, &path, &half, &layer, &module)) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          st_path, ": tensor '", name,
+          "': expected base_model.model.model.layers.<N>.<...>.<module>.lora_A|lora_B.weight"));
     }
-    out.tensors[key] = std::move(t);
+    present.insert(module);
+    if (!out.tensors.emplace(key, std::move(t)).second) {
+      return absl::InvalidArgumentError(
+          absl::StrCat(st_path, ": tensor '", key, "' appears twice (under two adapter names?)"));
+    }
   }
-  auto pairs = CollectLoraPairs(out.tensors, c);
+  if (out.tensors.empty()) {
+    return absl::InvalidArgumentError(absl::StrCat(st_path, ": expected LoRA tensors, found none"));
+  }
+  if (modules_from_tensors) c.target_modules.assign(present.begin(), present.end());
+  auto pairs = CollectPairs(out.tensors, c, options.check_ranks);
   if (!pairs.ok()) {
-    return absl::InvalidArgumentError(
-        absl::StrCat(dir, "/adapter_model.safetensors: ", pairs.status().message()));
+    return absl::InvalidArgumentError(absl::StrCat(st_path, ": ", pairs.status().message()));
   }
   return out;
 }

@@ -12,8 +12,9 @@
 // unchanged. The effective update of a module is  W += scale * B @ A  with
 // scale = lora_alpha / r, or lora_alpha / sqrt(r) when use_rslora.
 //
-// This is the coordinator-side exporter/reader (no libtorch); the engine has
-// its own loader in edge-agent/peft.h. Thread-safe (no shared state).
+// The one PEFT reader/writer of the project: the coordinator's exports, the
+// agent's `export` command and the engine's adapter loading (edge-agent/peft.h
+// forwards here) all use it. No libtorch. Thread-safe (no shared state).
 
 #include <string>
 #include <vector>
@@ -56,7 +57,8 @@ absl::StatusOr<std::vector<LoraPair>> CollectLoraPairs(const TensorMap& adapter,
 std::string PeftConfigJson(const PeftLoraConfig& config);
 
 // Creates `dir` if needed and writes adapter_config.json and
-// adapter_model.safetensors (F32), each atomically. Validates first.
+// adapter_model.safetensors (F32, metadata {"format": "pt"}), each atomically.
+// Validates first (CollectLoraPairs; at least one pair).
 absl::Status WritePeftAdapter(const std::string& dir, const TensorMap& adapter,
                               const PeftLoraConfig& config);
 
@@ -65,9 +67,22 @@ struct PeftAdapterFiles {
   TensorMap tensors;
 };
 
-// Reads and validates a PEFT LoRA adapter directory (peft_type must be LORA;
-// DoRA, bias training, modules_to_save and per-module rank/alpha patterns are
-// rejected as unsupported). Errors name the file and the field or tensor.
-absl::StatusOr<PeftAdapterFiles> ReadPeftAdapter(const std::string& dir);
+struct PeftReadOptions {
+  // Check every tensor's rank dimension against config.r. The engine turns this
+  // off: it checks each pair against the model's own shapes and names both.
+  bool check_ranks = true;
+};
+
+// Reads and validates a PEFT LoRA adapter directory. peft_type must be "LORA"
+// (or absent); r an integer in 1..65536; lora_alpha a positive number; DoRA,
+// bias training, fan_in_fan_out, modules_to_save and per-module rank/alpha
+// patterns are rejected as unsupported. Tensor names may carry PEFT's adapter
+// name (".lora_A.default.weight"); it is stripped. config.target_modules is the
+// config's list when it gives one, else (a regex string such as "all-linear",
+// or nothing) the sorted modules that have tensors. Every tensor must have the
+// PEFT name form and a partner (CollectLoraPairs). Errors name the file and the
+// field or tensor, with the value found.
+absl::StatusOr<PeftAdapterFiles> ReadPeftAdapter(const std::string& dir,
+                                                 const PeftReadOptions& options = {});
 
 }  // namespace fedlora::common

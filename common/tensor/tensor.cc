@@ -1,8 +1,6 @@
 #include "common/tensor/tensor.h"
 
 #include <fcntl.h>
-#include <sys/mman.h>
-#include <sys/stat.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -213,38 +211,18 @@ absl::StatusOr<HostTensor> TensorView::ToHost() const {
 // ---------------------------------------------------------------------------
 // SafetensorsFile
 
-SafetensorsFile::~SafetensorsFile() {
-  if (map_ != nullptr) munmap(map_, map_size_);
-}
+SafetensorsFile::~SafetensorsFile() = default;
 
 absl::StatusOr<std::unique_ptr<SafetensorsFile>> SafetensorsFile::Open(const std::string& path) {
-  const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
-  if (fd < 0) return ErrnoToStatus(errno, absl::StrCat("open safetensors file ", path));
-  struct stat st;
-  if (fstat(fd, &st) != 0) {
-    const int err = errno;
-    ::close(fd);
-    return ErrnoToStatus(err, absl::StrCat("stat ", path));
-  }
-  if (!S_ISREG(st.st_mode)) {
-    ::close(fd);
-    return absl::InvalidArgumentError(absl::StrCat(path, ": not a regular file"));
+  ASSIGN_OR_RETURN(MappedFile map, MappedFile::Open(path, "safetensors file"));
+  if (map.size() < 8) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        path, ": expected at least 8 bytes (header length), found ", map.size(), " bytes"));
   }
   std::unique_ptr<SafetensorsFile> file(new SafetensorsFile());
   file->source_ = path;
-  const size_t size = static_cast<size_t>(st.st_size);
-  if (size < 8) {
-    ::close(fd);
-    return absl::InvalidArgumentError(
-        absl::StrCat(path, ": expected at least 8 bytes (header length), found ", size, " bytes"));
-  }
-  void* map = mmap(nullptr, size, PROT_READ, MAP_PRIVATE, fd, 0);
-  const int err = errno;
-  ::close(fd);
-  if (map == MAP_FAILED) return ErrnoToStatus(err, absl::StrCat("mmap ", path));
-  file->map_ = map;
-  file->map_size_ = size;
-  RETURN_IF_ERROR(file->Parse(static_cast<const uint8_t*>(map), size));
+  file->map_ = std::move(map);
+  RETURN_IF_ERROR(file->Parse(file->map_.data(), file->map_.size()));
   return file;
 }
 

@@ -24,6 +24,7 @@
 #include <vector>
 
 #include "absl/status/statusor.h"
+#include "common/io/mapped_file.h"
 
 namespace fedlora::common {
 
@@ -80,9 +81,8 @@ class SafetensorsFile {
   absl::Status Parse(const uint8_t* base, size_t size);
 
   std::string source_;
-  std::string owned_;          // FromBytes storage
-  void* map_ = nullptr;        // mmap base (Open)
-  size_t map_size_ = 0;
+  std::string owned_;  // FromBytes storage
+  MappedFile map_;     // Open storage
   std::vector<TensorView> tensors_;
   Metadata metadata_;
 };

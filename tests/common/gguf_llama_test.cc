@@ -4,6 +4,7 @@
 #include <gtest/gtest.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdlib>
 #include <fstream>
@@ -327,9 +328,9 @@ TEST(GgufLlamaTest, RejectsUnsupportedCheckpoints) {
   {
     FixtureCopy c;
     c.EditJson("config.json",
-               [](nlohmann::json* j) { (*j)["rope_parameters"]["rope_type"] = "llama3"; });
+               [](nlohmann::json* j) { (*j)["rope_parameters"]["rope_type"] = "yarn"; });
     EXPECT_THAT(BuildLlamaGguf(c.dir(), opt).status(),
-                StatusIs(absl::StatusCode::kInvalidArgument, HasSubstr("llama3")));
+                StatusIs(absl::StatusCode::kInvalidArgument, HasSubstr("\"yarn\"")));
   }
   {
     FixtureCopy c;
@@ -376,6 +377,127 @@ TEST(GgufLlamaTest, RejectsUnsupportedCheckpoints) {
                 StatusIs(absl::StatusCode::kInvalidArgument, HasSubstr("'attention_bias'")));
   }
   EXPECT_FALSE(BuildLlamaGguf("/nonexistent", opt).ok());
+}
+
+// Llama-3 RoPE scaling written in the form of Meta's published reference
+// (llama3 `apply_scaling`): it returns the SCALED frequencies; llama.cpp's
+// rope_freqs tensor holds the divisors freq / scaled_freq. Deliberately not the
+// same expression as Llama3RopeFactors.
+std::vector<double> MetaScaledFreqs(double theta, int dim, double factor, double low, double high,
+                                    double old_context_len) {
+  std::vector<double> out;
+  const double low_freq_wavelen = old_context_len / low;
+  const double high_freq_wavelen = old_context_len / high;
+  for (int i = 0; i < dim; i += 2) {
+    const double freq = 1.0 / std::pow(theta, static_cast<double>(i) / dim);
+    const double wavelen = 2 * M_PI / freq;
+    if (wavelen < high_freq_wavelen) {
+      out.push_back(freq);
+    } else if (wavelen > low_freq_wavelen) {
+      out.push_back(freq / factor);
+    } else {
+      const double smooth = (old_context_len / wavelen - low) / (high - low);
+      out.push_back((1 - smooth) * freq / factor + smooth * freq);
+    }
+  }
+  return out;
+}
+
+// A tiny llama3-scaled config on the fixture's weights: head_dim 16 gives 8
+// frequencies with wavelengths 6.3, 19.9, 62.8, 199, 628, ...; with
+// original_max_position_embeddings 256 and low/high 1/4 the bands are
+// < 64 (kept), 64..256 (blended) and > 256 (divided by factor).
+void MakeLlama3(FixtureCopy* c, const char* field = "rope_parameters") {
+  c->EditJson("config.json", [field](nlohmann::json* j) {
+    j->erase("rope_parameters");
+    (*j)["rope_theta"] = 10000.0;
+    (*j)[field] = {{"rope_type", "llama3"},
+                   {"rope_theta", 10000.0},
+                   {"factor", 8.0},
+                   {"low_freq_factor", 1.0},
+                   {"high_freq_factor", 4.0},
+                   {"original_max_position_embeddings", 256}};
+    (*j)["max_position_embeddings"] = 2048;
+  });
+}
+
+TEST(GgufLlamaTest, Llama3RopeFactorsFollowMetasFormula) {
+  for (const char* field : {"rope_parameters", "rope_scaling"}) {
+    SCOPED_TRACE(field);
+    FixtureCopy c;
+    MakeLlama3(&c, field);
+    auto hp = ReadLlamaHParams(c.dir() + "/config.json");
+    ASSERT_TRUE(hp.ok()) << hp.status();
+    EXPECT_TRUE(hp->rope_llama3);
+    const std::vector<float> factors = Llama3RopeFactors(*hp);
+    const std::vector<double> scaled = MetaScaledFreqs(10000.0, 16, 8.0, 1.0, 4.0, 256);
+    ASSERT_EQ(factors.size(), 8u);
+    int kept = 0, divided = 0, blended = 0;
+    for (size_t i = 0; i < factors.size(); ++i) {
+      const double freq = 1.0 / std::pow(10000.0, 2.0 * static_cast<double>(i) / 16);
+      EXPECT_NEAR(factors[i], freq / scaled[i], 1e-6 * freq / scaled[i]) << "dim " << i;
+      if (factors[i] == 1.0f) {
+        ++kept;
+      } else if (factors[i] == 8.0f) {
+        ++divided;
+      } else {
+        ++blended;
+        EXPECT_GT(factors[i], 1.0f);
+        EXPECT_LT(factors[i], 8.0f);
+      }
+    }
+    // All three bands of the formula are exercised, in order.
+    EXPECT_EQ(kept, 3);
+    EXPECT_EQ(blended, 1);
+    EXPECT_EQ(divided, 4);
+    EXPECT_TRUE(std::is_sorted(factors.begin(), factors.end()));
+
+    auto w = BuildLlamaGguf(c.dir(), LlamaGgufOptions{});
+    ASSERT_TRUE(w.ok()) << w.status();
+    auto f = GgufFile::FromBytes(w->Serialize(), "llama3.gguf");
+    ASSERT_TRUE(f.ok()) << f.status();
+    const GgufTensorInfo* t = (*f)->FindTensor("rope_freqs.weight");
+    ASSERT_NE(t, nullptr);
+    EXPECT_EQ(t->type, GgmlType::kF32);
+    EXPECT_EQ(t->ne, (std::vector<int64_t>{8}));
+    auto host = (*f)->ToHost(*t);
+    ASSERT_TRUE(host.ok());
+    EXPECT_EQ(host->data, factors);
+    EXPECT_EQ(*(*f)->GetUint("llama.context_length"), 2048u);
+    EXPECT_EQ(*(*f)->GetUint("llama.rope.dimension_count"), 16u);
+  }
+  // Without llama3 scaling there is no rope_freqs tensor.
+  auto plain = BuildLlamaGguf(kLlama, LlamaGgufOptions{});
+  ASSERT_TRUE(plain.ok());
+  auto pf = GgufFile::FromBytes(plain->Serialize(), "plain.gguf");
+  ASSERT_TRUE(pf.ok());
+  EXPECT_EQ((*pf)->FindTensor("rope_freqs.weight"), nullptr);
+}
+
+TEST(GgufLlamaTest, Llama3RopeScalingNeedsItsParameters) {
+  {
+    FixtureCopy c;
+    MakeLlama3(&c);
+    c.EditJson("config.json", [](nlohmann::json* j) { (*j)["rope_parameters"].erase("factor"); });
+    EXPECT_THAT(ReadLlamaHParams(c.dir() + "/config.json").status(),
+                StatusIs(absl::StatusCode::kInvalidArgument,
+                         HasSubstr("'rope_parameters.factor': expected a positive number")));
+  }
+  {
+    FixtureCopy c;
+    MakeLlama3(&c);
+    c.EditJson("config.json",
+               [](nlohmann::json* j) { (*j)["rope_parameters"]["high_freq_factor"] = 1.0; });
+    EXPECT_THAT(ReadLlamaHParams(c.dir() + "/config.json").status(),
+                StatusIs(absl::StatusCode::kInvalidArgument, HasSubstr("high_freq_factor")));
+  }
+  {
+    FixtureCopy c;
+    MakeLlama3(&c);
+    c.EditJson("config.json", [](nlohmann::json* j) { (*j)["model_type"] = "qwen2"; });
+    EXPECT_THAT(ReadLlamaHParams(c.dir() + "/config.json").status(),
+                StatusIs(absl::StatusCode::kInvalidArgument, HasSubstr("only supported for the llama")));
+  }
 }
 
 TEST(GgufLlamaTest, Qwen2KeepsHfRopeLayoutAndBiases) {

@@ -14,7 +14,13 @@
 //  - q8_0 and q4_0 GGUFs load, generate, and stay close to those probabilities;
 //  - base + LoRA GGUF adapter and the merged GGUF give the same greedy tokens
 //    and the next-token probabilities of HF's logits_with_adapter / logits_merged;
-//  - an rsLoRA adapter (alpha carried as alpha*sqrt(r)) equals its merge.
+//  - an rsLoRA adapter (alpha carried as alpha*sqrt(r)) equals its merge;
+//  - against OUR engine: the files `fedlora-agent export` writes on a device
+//    (gguf-lora, gguf-merged f32 and q8_0, from the fixture's non-zero PEFT
+//    adapter and from the same adapter as a coordinator version blob) decode in
+//    llama.cpp to exactly the greedy tokens of `fedlora-agent model generate
+//    --adapter ... --json`, for Llama, Qwen2 and a Llama-3-RoPE-scaled Llama
+//    (rope_freqs.weight), and llama.cpp refuses nothing.
 
 #include <gtest/gtest.h>
 #include <sys/stat.h>
@@ -33,9 +39,11 @@
 #include <string>
 #include <vector>
 
+#include "common/export/adapter_export.h"
 #include "common/export/gguf.h"
 #include "common/export/gguf_llama.h"
 #include "common/export/peft_export.h"
+#include "common/quant/quant.h"
 
 namespace fedlora::common {
 namespace {
@@ -203,14 +211,55 @@ class InteropTestBase : public ::testing::Test {
     delete adapter_;
     adapter_ = nullptr;
     if (std::getenv("FEDLORA_KEEP_GGUF") == nullptr) {
-      for (const char* f :
-           {"base-f32.gguf", "base-f16.gguf", "base-q8_0.gguf", "base-q4_0.gguf", "merged-f32.gguf",
-            "merged-f16.gguf", "lora-f32.gguf", "merged-rs-f32.gguf", "lora-rs-f16.gguf",
-            "merged-q8_0.gguf", "merged-q4_0.gguf", "out.json", "err.txt"}) {
-        unlink((dir_ + "/" + f).c_str());
-      }
-      rmdir(dir_.c_str());
+      const std::string cmd = "rm -rf " + Quote(dir_);
+      EXPECT_EQ(std::system(cmd.c_str()), 0) << cmd;
     }
+  }
+
+  // Runs a command; returns its exit status and stdout+stderr.
+  static int Shell(const std::string& cmd, std::string* output) {
+    const std::string log = dir_ + "/shell.txt";
+    const int rc = std::system((cmd + " > " + Quote(log) + " 2>&1").c_str());
+    *output = ReadFile(log);
+    unlink(log.c_str());
+    return rc != -1 && WIFEXITED(rc) ? WEXITSTATUS(rc) : -1;
+  }
+
+  static std::string Agent() { return std::string(FEDLORA_BIN_DIR) + "/fedlora-agent"; }
+
+  // `fedlora-agent export ARGS` (the device-side export); the output in dir_.
+  static void AgentExport(const std::string& args) {
+    std::string out;
+    const std::string cmd = Quote(Agent()) + " export " + args;
+    ASSERT_EQ(Shell(cmd, &out), 0) << cmd << "\n" << out;
+  }
+
+  // Our engine's greedy continuation of the reference prompt ids.
+  static void EngineGenerate(const std::string& model_dir, const std::string& adapter, int n,
+                             std::vector<int>* ids) {
+    std::string prompt;
+    for (int id : Ints(reference_["input_ids"]))
+      prompt += (prompt.empty() ? "" : ",") + std::to_string(id);
+    std::string cmd = Quote(Agent()) + " model generate " + Quote(model_dir) + " --ids " + prompt +
+                      " --max-new " + std::to_string(n) + " --json";
+    if (!adapter.empty()) cmd += " --adapter " + Quote(adapter);
+    std::string out;
+    ASSERT_EQ(Shell(cmd, &out), 0) << cmd << "\n" << out;
+    // The JSON is the last line (libtorch may log before it).
+    const size_t start = out.rfind("{\"ids\"");
+    ASSERT_NE(start, std::string::npos) << out;
+    nlohmann::json j = nlohmann::json::parse(out.substr(start), nullptr, false);
+    ASSERT_FALSE(j.is_discarded()) << out;
+    *ids = Ints(j["ids"]);
+    ASSERT_FALSE(ids->empty()) << out;
+  }
+
+  // llama.cpp ignores eos; the engine stops at it: compare over the engine's length.
+  static void ExpectSameTokens(const std::vector<int>& llama_cpp, const std::vector<int>& engine,
+                               const std::string& what) {
+    ASSERT_LE(engine.size(), llama_cpp.size()) << what;
+    const std::vector<int> prefix(llama_cpp.begin(), llama_cpp.begin() + engine.size());
+    EXPECT_EQ(prefix, engine) << what << ": llama.cpp's greedy tokens differ from our engine's";
   }
 
   static std::vector<int> Ints(const nlohmann::json& j) { return j.get<std::vector<int>>(); }
@@ -458,6 +507,99 @@ TEST_F(LlamaCppInteropTest, RsLoraAdapterMatchesMergedModel) {
   EXPECT_NE(merged.ids, Ints(reference_["greedy_next_12"]));
 }
 
+// The device-side export (`fedlora-agent export`) of the fixture's non-zero
+// adapter, loaded by llama.cpp, decodes exactly like our engine running the
+// same adapter (`fedlora-agent model generate --adapter --json`).
+TEST_F(LlamaCppInteropTest, AgentExportsDecodeLikeOurEngine) {
+  const std::string adapter = kLlamaFixture + "/adapter";
+  const std::string from_dir = "--model " + Quote(kLlamaFixture) + " --adapter " + Quote(adapter);
+  ASSERT_NO_FATAL_FAILURE(
+      AgentExport(from_dir + " --format gguf-lora --out " + Quote(dir_ + "/agent-lora.gguf")));
+  ASSERT_NO_FATAL_FAILURE(AgentExport(from_dir + " --format gguf-merged --quant f32 --out " +
+                                      Quote(dir_ + "/agent-merged-f32.gguf")));
+  ASSERT_NO_FATAL_FAILURE(AgentExport(from_dir + " --format gguf-merged --quant q8_0 --out " +
+                                      Quote(dir_ + "/agent-merged-q8_0.gguf")));
+  // The same adapter as the coordinator publishes it (f32 blob: lossless).
+  const std::string blob = EncodeAdapterBlob(
+      adapter_->tensors, Quant::kNone,
+      {{kBlobLoraAlphaKey, "8"}, {kBlobLoraRankKey, "4"}});
+  const std::string blob_path = dir_ + "/version.blob";
+  std::ofstream(blob_path, std::ios::binary) << blob;
+  ASSERT_NO_FATAL_FAILURE(AgentExport("--model " + Quote(kLlamaFixture) + " --version-blob " +
+                                      Quote(blob_path) + " --format gguf-lora --out " +
+                                      Quote(dir_ + "/agent-blob-lora.gguf")));
+
+  std::vector<int> engine, engine_base;
+  ASSERT_NO_FATAL_FAILURE(EngineGenerate(kLlamaFixture, adapter, 12, &engine));
+  ASSERT_NO_FATAL_FAILURE(EngineGenerate(kLlamaFixture, "", 12, &engine_base));
+  // The adapter changes the continuation: equality below is not the base model's.
+  ASSERT_NE(engine, engine_base);
+
+  LlamaRun base, lora, merged, merged_q8, blob_lora;
+  ASSERT_NO_FATAL_FAILURE(Run("base-f32.gguf", "", 12, &base));
+  ASSERT_NO_FATAL_FAILURE(Run("base-f32.gguf", "agent-lora.gguf", 12, &lora));
+  ASSERT_NO_FATAL_FAILURE(Run("agent-merged-f32.gguf", "", 12, &merged));
+  ASSERT_NO_FATAL_FAILURE(Run("agent-merged-q8_0.gguf", "", 12, &merged_q8));
+  ASSERT_NO_FATAL_FAILURE(Run("base-f32.gguf", "agent-blob-lora.gguf", 12, &blob_lora));
+  EXPECT_EQ(lora.prompt_ids, Ints(reference_["input_ids"]));
+  ExpectSameTokens(base.ids, engine_base, "base f32 vs engine without adapter");
+  ExpectSameTokens(lora.ids, engine, "base f32 + agent gguf-lora");
+  ExpectSameTokens(merged.ids, engine, "agent gguf-merged f32");
+  ExpectSameTokens(merged_q8.ids, engine, "agent gguf-merged q8_0");
+  ExpectSameTokens(blob_lora.ids, engine, "base f32 + gguf-lora exported from a version blob");
+}
+
+// Llama-3 RoPE scaling: the GGUF carries rope_freqs.weight, llama.cpp loads it
+// and decodes like our engine on the same checkpoint (base and merged adapter),
+// and the scaling really changes the model.
+TEST_F(LlamaCppInteropTest, Llama3RopeScaledModelDecodesLikeOurEngine) {
+  const std::string model_dir = dir_ + "/llama3";
+  ASSERT_EQ(mkdir(model_dir.c_str(), 0755), 0);
+  for (const char* f : {"model.safetensors", "tokenizer.json", "generation_config.json"}) {
+    std::ofstream(model_dir + "/" + f, std::ios::binary) << ReadFile(kLlamaFixture + "/" + f);
+  }
+  // head_dim 16: wavelengths 6.3, 19.9, 62.8 ... 19869; original context 32
+  // with low/high factors 1/4 keeps the shortest, blends the next and divides
+  // the other six by the factor, so the 24-token prompt already sees it.
+  nlohmann::json cfg = nlohmann::json::parse(ReadFile(kLlamaFixture + "/config.json"));
+  cfg["rope_parameters"] = {{"rope_type", "llama3"},          {"rope_theta", 10000.0},
+                            {"factor", 8.0},                   {"low_freq_factor", 1.0},
+                            {"high_freq_factor", 4.0},         {"original_max_position_embeddings", 32}};
+  std::ofstream(model_dir + "/config.json") << cfg.dump(2);
+  LlamaGgufOptions opt;
+  opt.type = GgmlType::kF32;
+  absl::Status s = ConvertHfLlamaToGguf(model_dir, dir_ + "/llama3-base.gguf", opt);
+  ASSERT_TRUE(s.ok()) << s;
+  ASSERT_NO_FATAL_FAILURE(AgentExport("--model " + Quote(model_dir) + " --adapter " +
+                                      Quote(kLlamaFixture + "/adapter") +
+                                      " --format gguf-merged --quant f32 --out " +
+                                      Quote(dir_ + "/llama3-merged.gguf")));
+  for (const char* f : {"llama3-base.gguf", "llama3-merged.gguf"}) {
+    auto gguf = GgufFile::Open(dir_ + "/" + f);
+    ASSERT_TRUE(gguf.ok()) << gguf.status();
+    const GgufTensorInfo* t = (*gguf)->FindTensor("rope_freqs.weight");
+    ASSERT_NE(t, nullptr) << f;
+    EXPECT_EQ(t->ne, (std::vector<int64_t>{8})) << f;
+  }
+  std::vector<int> engine_base, engine_merged;
+  ASSERT_NO_FATAL_FAILURE(EngineGenerate(model_dir, "", 12, &engine_base));
+  ASSERT_NO_FATAL_FAILURE(EngineGenerate(model_dir, kLlamaFixture + "/adapter", 12, &engine_merged));
+  LlamaRun base, merged, unscaled;
+  ASSERT_NO_FATAL_FAILURE(Run("llama3-base.gguf", "", 12, &base));
+  ASSERT_NO_FATAL_FAILURE(Run("llama3-merged.gguf", "", 12, &merged));
+  ASSERT_NO_FATAL_FAILURE(Run("base-f32.gguf", "", 12, &unscaled));
+  ExpectSameTokens(base.ids, engine_base, "llama3-scaled base");
+  ExpectSameTokens(merged.ids, engine_merged, "llama3-scaled merged adapter");
+  // Same weights, other RoPE: llama.cpp's next-token distribution moves.
+  double max_diff = 0;
+  for (const auto& [id, p] : base.first_top) {
+    for (const auto& [uid, up] : unscaled.first_top) {
+      if (uid == id) max_diff = std::max(max_diff, std::abs(std::log(p) - std::log(up)));
+    }
+  }
+  EXPECT_GT(max_diff, 1e-3) << base.raw << "\n" << unscaled.raw;
+}
+
 TEST_F(Qwen2LlamaCppInteropTest, BaseMatchesHf) {
   LlamaRun run;
   ASSERT_NO_FATAL_FAILURE(Run("base-f32.gguf", "", 12, &run));
@@ -474,6 +616,11 @@ TEST_F(Qwen2LlamaCppInteropTest, LoraAdapterMatchesMergedModelAndHf) {
   ExpectFirstStepMatches(with_lora, reference_["logits_with_adapter"], 1e-3,
                          "qwen2 base + LoRA GGUF");
   ExpectFirstStepMatches(merged, reference_["logits_merged"], 1e-3, "qwen2 merged f32");
+  // Our engine with the same adapter decodes the same tokens.
+  std::vector<int> engine;
+  ASSERT_NO_FATAL_FAILURE(EngineGenerate(kQwen2Fixture, kQwen2Fixture + "/adapter", 12, &engine));
+  ExpectSameTokens(with_lora.ids, engine, "qwen2 base + LoRA GGUF");
+  ExpectSameTokens(merged.ids, engine, "qwen2 merged f32");
 }
 
 }  // namespace

@@ -341,10 +341,11 @@ TEST(StateStoreReadOnlyTest, ReadsWhileWriterOpenAndRefusesWritesAndNewerSchema)
   EXPECT_EQ((*ro)->PutAgent(agent, true).code(), absl::StatusCode::kFailedPrecondition);
   EXPECT_EQ((*ro)->LoadOrCreateSealKey().status().code(), absl::StatusCode::kFailedPrecondition);
   ro->reset();
-  ASSERT_TRUE((*writer)->raw()->Put("meta", "schema_version", "2", true).ok());
+  const std::string newer_schema = std::to_string(kSchemaVersion + 1);
+  ASSERT_TRUE((*writer)->raw()->Put("meta", "schema_version", newer_schema, true).ok());
   auto newer = StateStore::OpenReadOnly(dir.path());
   EXPECT_EQ(newer.status().code(), absl::StatusCode::kFailedPrecondition);
-  EXPECT_THAT(std::string(newer.status().message()), HasSubstr("schema_version is 2"));
+  EXPECT_THAT(std::string(newer.status().message()), HasSubstr("schema_version is " + newer_schema));
   // Not a state store: a plain store without the coordinator's column families.
   TempDir other;
   { ASSERT_TRUE(common::Store::Open(other.path(), {"x"}).ok()); }
