@@ -5,13 +5,18 @@
 //                          [--max-pos 512] [--rope-theta 10000] [--seed 0]
 //   fedlora-sim make-data --out DIR [--sites 3] [--examples 200] [--heldout 40] [--seed 0]
 //   fedlora-sim bench train --preset tiny|smollm135m [--seq 256] [--batch 4] [--threads 2]
-//                           [--steps 5] [--base-dtype fp32|bf16|int8] [--bf16]
+//                           [--steps 5] [--base-dtype fp32|bf16|int8|int4] [--bf16]
+//                           [--grad-checkpoint]
 //     prints one JSON line (see simulations/bench_train.h)
+//   fedlora-sim bench secagg [--agents 100] [--params 1000000] [--dropout 0.1]
+//                            [--neighbours K] [--threshold T] [--threads 1] [--seed 1]
+//     prints one JSON line (see simulations/bench_secagg.h)
 
 #include <cstdio>
 #include <string>
 
 #include "CLI/CLI.hpp"
+#include "simulations/bench_secagg.h"
 #include "simulations/bench_train.h"
 #include "simulations/data_maker.h"
 #include "simulations/model_maker.h"
@@ -115,8 +120,38 @@ int main(int argc, char** argv) {
       ->check(CLI::PositiveNumber);
   bench_train_cmd->add_option("--base-dtype", bench_train.base_dtype, "Frozen base weights dtype")
       ->capture_default_str()
-      ->check(CLI::IsMember({"fp32", "bf16", "int8"}));
+      ->check(CLI::IsMember({"fp32", "bf16", "int8", "int4"}));
   bench_train_cmd->add_flag("--bf16", bench_train.bf16, "Run the forward under bf16 CPU autocast");
+
+  fedlora::sim::SecAggBenchOptions bench_secagg;
+  CLI::App* bench_secagg_cmd = bench->add_subcommand(
+      "secagg",
+      "Secure aggregation (SecAgg/SecAgg+) of N agents in one process: agent masking time, "
+      "coordinator unmask time, bytes per agent vs plaintext fp32, exactness of the sum");
+  bench_secagg_cmd->add_option("--agents", bench_secagg.agents, "Agents in the round (>= 3)")
+      ->capture_default_str()
+      ->check(CLI::Range(3, 1000000));
+  bench_secagg_cmd->add_option("--params", bench_secagg.params, "Parameters per update")
+      ->capture_default_str()
+      ->check(CLI::PositiveNumber);
+  bench_secagg_cmd->add_option("--dropout", bench_secagg.dropout,
+                               "Fraction of agents dropping after ShareKeys, in [0, 1)")
+      ->capture_default_str()
+      ->check(CLI::Range(0.0, 0.999999));
+  bench_secagg_cmd->add_option("--neighbours", bench_secagg.neighbours,
+                               "SecAgg+ neighbours k (0 = 2*ceil(1.5*log2 N); >= N-1 = full)")
+      ->capture_default_str()
+      ->check(CLI::NonNegativeNumber);
+  bench_secagg_cmd->add_option("--threshold", bench_secagg.threshold,
+                               "Shamir threshold t per neighbourhood (0 = majority)")
+      ->capture_default_str()
+      ->check(CLI::NonNegativeNumber);
+  bench_secagg_cmd->add_option("--threads", bench_secagg.threads, "Coordinator unmask threads")
+      ->capture_default_str()
+      ->check(CLI::PositiveNumber);
+  bench_secagg_cmd->add_option("--seed", bench_secagg.seed, "Seed")->capture_default_str();
+  bench_train_cmd->add_flag("--grad-checkpoint", bench_train.grad_checkpoint,
+                            "Recompute each decoder layer in backward (gradient checkpointing)");
 
   CLI11_PARSE(app, argc, argv);
 
@@ -128,6 +163,16 @@ int main(int argc, char** argv) {
     }
     std::printf("%s\n", fedlora::sim::TrainBenchJson(*result).c_str());
     return 0;
+  }
+
+  if (bench_secagg_cmd->parsed()) {
+    auto result = fedlora::sim::RunSecAggBench(bench_secagg);
+    if (!result.ok()) {
+      std::fprintf(stderr, "error: bench secagg: %s\n", result.status().ToString().c_str());
+      return 1;
+    }
+    std::printf("%s\n", fedlora::sim::SecAggBenchJson(*result).c_str());
+    return result->correct ? 0 : 1;
   }
 
   if (make_model->parsed()) {
