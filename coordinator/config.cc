@@ -57,6 +57,14 @@ const std::vector<Field>& Fields() {
       MakeField("tls_ca", "Fleet CA certificate (PEM)", &C::tls_ca),
       MakeField("tls_cert", "Coordinator server certificate (PEM)", &C::tls_cert),
       MakeField("tls_key", "Coordinator server private key (PEM)", &C::tls_key),
+      MakeField("at_rest_key",
+                "Key file (32 bytes, raw or hex) encrypting updates and blobs at rest "
+                "(\"\" = off)",
+                &C::at_rest_key),
+      MakeField("signing_key",
+                "Ed25519 key (PEM) signing published versions (default: "
+                "coordinator-signing.key beside --tls-key, if present)",
+                &C::signing_key),
       MakeField("base_model_hash", "Hex SHA-256 of the base model agents must hold",
                 &C::base_model_hash),
       MakeField("base_model_dir", "Base model directory to hash instead of --base-model-hash",
@@ -95,10 +103,98 @@ const std::vector<Field>& Fields() {
   return *fields;
 }
 
+// The `aggregation:` section: YAML key, flag, help, member.
+struct AggregationKey {
+  const char* key;
+  const char* flag;
+  const char* help;
+  double StrategyParams::*member;  // null for "strategy"
+};
+const AggregationKey kAggregationKeys[] = {
+    {"strategy", "--strategy",
+     "Aggregation: fedavg | fedprox | fedadam | fedyogi | ffa-lora | lora-product", nullptr},
+    {"prox_mu", "--prox-mu", "FedProx proximal weight mu sent to agents", &StrategyParams::prox_mu},
+    {"server_lr", "--server-lr", "FedAdam/FedYogi server learning rate eta",
+     &StrategyParams::server_lr},
+    {"beta1", "--beta1", "FedAdam/FedYogi first-moment decay", &StrategyParams::beta1},
+    {"beta2", "--beta2", "FedAdam/FedYogi second-moment decay", &StrategyParams::beta2},
+    {"tau", "--tau", "FedAdam/FedYogi adaptivity (denominator offset)", &StrategyParams::tau},
+};
+
+void AddAggregationFlags(CLI::App& app, CoordinatorConfig* cfg) {
+  for (const AggregationKey& k : kAggregationKeys) {
+    if (k.member == nullptr) {
+      app.add_option_function<std::string>(
+             k.flag,
+             [cfg](const std::string& value) {
+               auto strategy = ParseStrategy(value);
+               if (!strategy.ok()) {
+                 throw CLI::ValidationError("--strategy", std::string(strategy.status().message()));
+               }
+               cfg->aggregation.strategy = *strategy;
+             },
+             k.help)
+          ->default_str(StrategyName(cfg->aggregation.strategy));
+    } else {
+      app.add_option(k.flag, cfg->aggregation.*(k.member), k.help)->capture_default_str();
+    }
+  }
+}
+
+absl::Status LoadAggregation(const YAML::Node& node, const std::string& source, int line,
+                             CoordinatorConfig* config) {
+  if (node.IsNull()) return absl::OkStatus();
+  if (!node.IsMap()) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        source, ":", line, ": config key 'aggregation': expected a mapping of strategy, ",
+        "prox_mu, server_lr, beta1, beta2, tau"));
+  }
+  for (const auto& kv : node) {
+    const int sub_line = kv.first.Mark().line + 1;
+    std::string key;
+    try {
+      key = kv.first.as<std::string>();
+    } catch (const YAML::Exception&) {
+      return absl::InvalidArgumentError(
+          absl::StrCat(source, ":", sub_line, ": aggregation key is not a string"));
+    }
+    const AggregationKey* found = nullptr;
+    std::vector<std::string> known;
+    for (const AggregationKey& k : kAggregationKeys) {
+      if (key == k.key) found = &k;
+      known.push_back(k.key);
+    }
+    if (found == nullptr) {
+      return absl::InvalidArgumentError(
+          absl::StrCat(source, ":", sub_line, ": unknown config key 'aggregation.", key,
+                       "'; known keys: ", absl::StrJoin(known, ", ")));
+    }
+    try {
+      if (found->member == nullptr) {
+        auto strategy = ParseStrategy(kv.second.as<std::string>());
+        if (!strategy.ok()) {
+          return absl::InvalidArgumentError(absl::StrCat(source, ":", sub_line,
+                                                         ": config key 'aggregation.strategy': ",
+                                                         strategy.status().message()));
+        }
+        config->aggregation.strategy = *strategy;
+      } else {
+        config->aggregation.*(found->member) = kv.second.as<double>();
+      }
+    } catch (const YAML::Exception& e) {
+      return absl::InvalidArgumentError(absl::StrCat(source, ":", sub_line, ": config key 'aggregation.",
+                                                     key, "': value has the wrong type (", e.msg,
+                                                     ")"));
+    }
+  }
+  return absl::OkStatus();
+}
+
 void AddFlags(CLI::App& app, CoordinatorConfig* cfg, std::string* config_path) {
   app.add_option("--config", *config_path,
                  "YAML config file (flat keys = flag names with '_'); flags override it");
   for (const Field& f : Fields()) f.add_flag(app, cfg);
+  AddAggregationFlags(app, cfg);
 }
 
 }  // namespace
@@ -153,6 +249,9 @@ absl::Status CoordinatorConfig::Validate() const {
   if (log_level != "debug" && log_level != "info" && log_level != "warn" && log_level != "error") {
     return bad("log_level", "debug, info, warn or error", "'" + log_level + "'");
   }
+  if (absl::Status s = ValidateStrategyParams(aggregation); !s.ok()) {
+    return absl::InvalidArgumentError(absl::StrCat("config field ", s.message()));
+  }
   return absl::OkStatus();
 }
 
@@ -183,9 +282,14 @@ absl::Status LoadYamlString(const std::string& yaml, const std::string& source,
       if (f.key == key) field = &f;
     }
     const int line = kv.first.Mark().line + 1;
+    if (key == "aggregation") {
+      RETURN_IF_ERROR(LoadAggregation(kv.second, source, line, config));
+      continue;
+    }
     if (field == nullptr) {
       std::vector<std::string> known;
       for (const Field& f : Fields()) known.push_back(f.key);
+      known.push_back("aggregation");
       return absl::InvalidArgumentError(
           absl::StrCat(source, ":", line, ": unknown config key '", key,
                        "'; known keys: ", absl::StrJoin(known, ", ")));

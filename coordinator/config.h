@@ -6,6 +6,9 @@
 // `lora_target_modules: [q_proj, v_proj]`). An unknown key, a value of the wrong type
 // or an out-of-range value is an InvalidArgument error naming the file, line and key.
 // Validate() checks cross-field rules (min <= max, TLS files present, ...).
+// One nested section: `aggregation:` with keys strategy, prox_mu, server_lr, beta1,
+// beta2, tau (flags --strategy, --prox-mu, --server-lr, --beta1, --beta2, --tau;
+// docs/aggregation.md).
 
 #include <cstdint>
 #include <string>
@@ -13,6 +16,7 @@
 
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
+#include "coordinator/strategy.h"
 
 namespace CLI {
 class App;
@@ -30,6 +34,11 @@ struct CoordinatorConfig {
   std::string tls_ca = "";
   std::string tls_cert = "";
   std::string tls_key = "";
+  // Security at rest (docs/security.md): the AES-256-GCM key file for sealed
+  // updates and blobs ("" = off), and the Ed25519 key signing published versions
+  // ("" = coordinator-signing.key beside tls_key when present, else unsigned).
+  std::string at_rest_key = "";
+  std::string signing_key = "";
   // The base model agents must hold: its hash, or a directory to hash
   // (common::HashModelDirectory). Exactly one is required.
   std::string base_model_hash = "";
@@ -60,6 +69,9 @@ struct CoordinatorConfig {
   uint32_t worker_threads = 2;        // crypto / parsing / aggregation pool
   std::string log_format = "text";    // "text" | "json"
   std::string log_level = "info";     // "debug" | "info" | "warn" | "error"
+
+  // How updates become the next version (coordinator/strategy.h).
+  StrategyParams aggregation;
 
   absl::Status Validate() const;
 };

@@ -15,8 +15,8 @@
 #include "common/quant/quant.h"
 #include "common/status/status.h"
 #include "common/tensor/tensor.h"
-#include "coordinator/aggregator.h"
 #include "coordinator/logging.h"
+#include "coordinator/strategy.h"
 #include "coordinator/update_validator.h"
 
 namespace fedlora::coordinator {
@@ -42,7 +42,7 @@ constexpr char kHelpAgents[] = "Agents with an open Session stream";
 constexpr char kMetricRound[] = "fedlora_current_round";
 constexpr char kHelpRound[] = "Id of the open round, else of the last round opened (0 = none)";
 constexpr char kMetricAggregation[] = "fedlora_aggregation_seconds";
-constexpr char kHelpAggregation[] = "Wall time of FedAvg aggregation and encoding";
+constexpr char kHelpAggregation[] = "Wall time of aggregation (any strategy) and encoding";
 constexpr char kMetricPhase[] = "fedlora_round_phase_seconds";
 constexpr char kHelpPhase[] =
     "Time rounds spent in a phase: train (open to aggregate), aggregate (to publish), "
@@ -290,8 +290,11 @@ void RoundManager::MaybeOpenRound() {
   r.lora_target_modules = config_.lora_target_modules;
   r.lora_init_seed = config_.lora_init_seed;
   r.max_update_bytes = config_.max_update_bytes;
+  r.strategy = StrategyName(config_.aggregation.strategy);
+  r.prox_mu = config_.aggregation.strategy == Strategy::kFedProx ? config_.aggregation.prox_mu : 0;
+  r.freeze_lora_a = config_.aggregation.strategy == Strategy::kFfaLora;
   r.shapes = current_version_.empty() ? ShapeMap{} : current_shapes_;
-  absl::Status s = store_->PutRound(r);
+  absl::Status s = store_->StartRound(r);  // audited
   if (!s.ok()) {
     Log(LogLevel::kError, "cannot open a round: the store write failed",
         {{"round", std::to_string(r.round_id)}, {"error", s.ToString()}});
@@ -325,6 +328,9 @@ void RoundManager::SendTask(const RoundRecord& r, const std::string& agent_id) {
   task->set_deadline_unix_ms(r.deadline_unix_ms);
   task->set_max_update_bytes(r.max_update_bytes);
   task->set_seal_public_key(seal_key_.public_key);
+  task->set_aggregation(r.strategy);
+  task->set_prox_mu(static_cast<float>(r.prox_mu));
+  task->set_freeze_lora_a(r.freeze_lora_a);
   it->second.link->Send(msg);
 }
 
@@ -678,8 +684,37 @@ void RoundManager::StartAggregate() {
 
 void RoundManager::RunAggregation(RoundRecord round) {
   auto aggregate = [&]() -> absl::StatusOr<Aggregated> {
-    FedAvgAggregator aggregator;
+    // The round's strategy was fixed when it opened; its server-side parameters
+    // come from the current configuration.
+    StrategyParams params = config_.aggregation;
+    ASSIGN_OR_RETURN(params.strategy, ParseStrategy(round.strategy));
+    AggregationInput input;
+    input.params = params;
+    input.lora_rank = round.lora_rank;
+    input.lora_alpha = round.lora_alpha;
+    common::TensorMap global;
+    std::optional<ServerOptimizerState> state;
+    const bool needs_global = IsAdaptive(params.strategy) || params.strategy == Strategy::kFfaLora;
+    if (needs_global && !round.base_version.empty()) {
+      ASSIGN_OR_RETURN(auto base, store_->GetVersion(round.base_version));
+      if (!base.has_value()) {
+        return absl::DataLossError(absl::StrCat("round ", round.round_id, " starts from version '",
+                                                round.base_version, "', which is not stored"));
+      }
+      ASSIGN_OR_RETURN(std::string blob, store_->GetBlob(base->sha256));
+      ASSIGN_OR_RETURN(global, common::DecodeAdapterBlob(blob));
+      input.global = &global;
+      if (IsAdaptive(params.strategy) && !base->server_state_sha256.empty()) {
+        ASSIGN_OR_RETURN(std::string bytes, store_->GetBlob(base->server_state_sha256));
+        ASSIGN_OR_RETURN(state, DecodeServerState(std::move(bytes),
+                                                  absl::StrCat("server optimizer state of version '",
+                                                               base->version_id, "'")));
+        input.state = &*state;
+      }
+    }
+    ASSIGN_OR_RETURN(std::unique_ptr<RoundAggregator> aggregator, RoundAggregator::Create(input));
     Aggregated out;
+    out.strategy = StrategyName(params.strategy);
     RETURN_IF_ERROR(store_->ForEachUpdate(round.round_id, [&](UpdateRecord u) -> absl::Status {
       const std::string where =
           absl::StrCat("stored update of agent '", u.agent_id, "' for round ", u.round_id);
@@ -692,23 +727,35 @@ void RoundManager::RunAggregation(RoundRecord round) {
       ASSIGN_OR_RETURN(auto file, common::SafetensorsFile::FromBytes(std::move(plain), where));
       ASSIGN_OR_RETURN(common::TensorMap tensors, file->ToTensorMap());
       file.reset();
-      RETURN_IF_ERROR(aggregator.Add(tensors, static_cast<double>(u.summary.num_examples)));
+      RETURN_IF_ERROR(
+          aggregator->Add(tensors, static_cast<double>(u.summary.num_examples), u.agent_id));
       out.num_examples += u.summary.num_examples;
       out.contributors.push_back(u.agent_id);
       return absl::OkStatus();
     }));
-    ASSIGN_OR_RETURN(common::TensorMap mean, aggregator.Finish());
+    ASSIGN_OR_RETURN(AggregationResult result, aggregator->Finish());
+    common::TensorMap& mean = result.adapter;
     out.shapes = ShapesOf(mean);
+    out.discarded_energy = result.discarded_energy;
+    if (result.server_state.has_value()) {
+      // Content-addressed beside the adapter blobs, before the version that names it
+      // is published (an orphan after a crash here is harmless).
+      ASSIGN_OR_RETURN(out.server_state_sha256,
+                       store_->PutBlob(EncodeServerState(*result.server_state, params.strategy)));
+    }
     common::Metadata metadata{
         {"fedlora.version", VersionId(round.round_id)},
         {"fedlora.round", std::to_string(round.round_id)},
         {"fedlora.parent_version", round.base_version},
         {"fedlora.base_model_hash", base_model_hash_},
-        {"fedlora.aggregation", "fedavg"},
+        {"fedlora.aggregation", out.strategy},
         {"fedlora.lora.rank", std::to_string(round.lora_rank)},
         {"fedlora.lora.alpha", absl::StrCat(round.lora_alpha)},
         {"fedlora.lora.target_modules", absl::StrJoin(round.lora_target_modules, ",")},
         {"fedlora.lora.init_seed", std::to_string(round.lora_init_seed)}};
+    if (out.discarded_energy.has_value()) {
+      metadata["fedlora.discarded_energy"] = absl::StrFormat("%.9g", *out.discarded_energy);
+    }
     out.blob = common::EncodeAdapterBlob(mean, common::Quant::kQ8_0, metadata);
     out.sha256 = common::Sha256Hex(out.blob);
     return out;
@@ -750,9 +797,18 @@ void RoundManager::FinishAggregation(uint64_t round_id, absl::StatusOr<Aggregate
   version.num_examples = result->num_examples;
   version.contributors = result->contributors;
   version.shapes = result->shapes;
+  version.strategy = result->strategy;
+  version.discarded_energy = result->discarded_energy;
+  version.server_state_sha256 = result->server_state_sha256;
+  done.discarded_energy = result->discarded_energy;
   done.phase = RoundPhase::kDone;
   done.version_id = version.version_id;
   done.finished_unix_ms = now;
+  version.base_model_hash = base_model_hash_;
+  if (absl::Status s = store_->SignVersion(&version); !s.ok()) {
+    AbortOpenRound(absl::StrCat("signing the version failed: ", s.message()));
+    return;
+  }
   if (absl::Status s = store_->Publish(done, version, result->blob); !s.ok()) {
     Log(LogLevel::kError, "publish failed",
         {{"round", std::to_string(round_id)}, {"error", s.ToString()}});
@@ -769,19 +825,24 @@ void RoundManager::FinishAggregation(uint64_t round_id, absl::StatusOr<Aggregate
   current_shapes_ = version.shapes;
   CacheBlob(version.version_id,
             BlobRef{version.version_id, version.sha256,
-                    std::make_shared<const std::string>(std::move(result->blob))});
+                    std::make_shared<const std::string>(std::move(result->blob)),
+                    version.signature});
   Log(LogLevel::kInfo, "version published",
       {{"round", std::to_string(round_id)},
        {"version", version.version_id},
        {"sha256", version.sha256},
        {"bytes", std::to_string(version.size_bytes)},
-       {"contributors", std::to_string(version.contributors.size())}});
+       {"contributors", std::to_string(version.contributors.size())},
+       {"strategy", version.strategy},
+       {"discarded_energy",
+        version.discarded_energy ? absl::StrFormat("%.6g", *version.discarded_energy) : "n/a"}});
   v1::CoordinatorMessage msg;
   v1::VersionNotice* notice = msg.mutable_version_notice();
   notice->set_version_id(version.version_id);
   notice->set_round_id(round_id);
   notice->set_sha256(version.sha256);
   notice->set_size_bytes(version.size_bytes);
+  notice->set_signature(version.signature);
   for (auto& [id, agent] : online_) agent.link->Send(msg);
   MaybeOpenRound();
 }
@@ -838,7 +899,10 @@ void RoundManager::PrintRoundLine(const RoundRecord& r) {
       "round ", r.round_id, ": participants=", r.participants.size(),
       " train_loss=", Num(r.mean_train_loss()), " eval_loss ", Num(r.mean_eval_loss_before()),
       " -> ", Num(r.mean_eval_loss_after()), " bytes_up/agent=", r.bytes_up() / up_agents,
-      " bytes_down/agent=", r.bytes_down / down_agents, " version=", r.version_id, "\n");
+      " bytes_down/agent=", r.bytes_down / down_agents, " version=", r.version_id,
+      " strategy=", r.strategy,
+      r.discarded_energy ? absl::StrFormat(" discarded_energy=%.6g", *r.discarded_energy) : "",
+      "\n");
   if (out_ != nullptr) {
     *out_ << line;
     out_->flush();
@@ -927,7 +991,7 @@ void RoundManager::GetVersionBlob(std::string version_id,
                                                 "' does not match its SHA-256 ", version->sha256));
       }
       BlobRef ref{version_id, version->sha256,
-                  std::make_shared<const std::string>(std::move(blob))};
+                  std::make_shared<const std::string>(std::move(blob)), version->signature};
       CacheBlob(version_id, ref);
       return ref;
     };
@@ -990,6 +1054,8 @@ void RoundManager::GetStatus(std::function<void(v1::StatusResponse)> done) {
       info->set_eval_loss_after(r.mean_eval_loss_after());
       info->set_bytes_up(r.bytes_up());
       info->set_bytes_down(r.bytes_down);
+      info->set_aggregation(r.strategy);
+      info->set_discarded_energy(r.discarded_energy.value_or(-1.0));
     }
     response.set_updates_rejected(rejections_.load());
     done(std::move(response));

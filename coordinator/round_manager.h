@@ -82,6 +82,7 @@ struct BlobRef {
   std::string version_id;
   std::string sha256;
   std::shared_ptr<const std::string> bytes;
+  std::string signature;  // the version's signed statement ("" = unsigned)
 };
 
 class RoundManager {
@@ -150,6 +151,9 @@ class RoundManager {
     ShapeMap shapes;
     uint64_t num_examples = 0;
     std::vector<std::string> contributors;
+    std::string strategy;
+    std::optional<double> discarded_energy;  // lora-product
+    std::string server_state_sha256;         // fedadam/fedyogi, already stored
   };
 
   // Posts fn to the manager thread, catching (and logging) any exception.

@@ -23,7 +23,8 @@ absl::StatusOr<std::unique_ptr<CoordinatorServer>> CoordinatorServer::Start(
   }
   ASSIGN_OR_RETURN(auto creds,
                    common::MakeServerCredentials({config.tls_ca, config.tls_cert, config.tls_key}));
-  ASSIGN_OR_RETURN(server->store_, StateStore::Open(config.data_dir));
+  ASSIGN_OR_RETURN(StateStoreOptions store_options, StateStoreOptionsFromConfig(config));
+  ASSIGN_OR_RETURN(server->store_, StateStore::Open(config.data_dir, std::move(store_options)));
   const Clock* clock = options.clock != nullptr ? options.clock : SystemClock::Get();
   std::ostream* out = options.out != nullptr ? options.out : &std::cout;
   server->manager_ = std::make_unique<RoundManager>(config, server->store_.get(), clock,

@@ -422,6 +422,7 @@ class FetchReactor final : public grpc::ServerWriteReactor<v1::AdapterChunk> {
     out_.set_chunk_sha256(common::Sha256Hex(out_.data()));
     out_.set_total_size(bytes.size());
     out_.set_blob_sha256(blob_.sha256);
+    out_.set_signature(blob_.signature);
     StartWrite(&out_);
   }
 

@@ -6,9 +6,15 @@
 #include <limits>
 #include <nlohmann/json.hpp>
 
+#include <sys/stat.h>
+
+#include <chrono>
+
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
+#include "common/crypto/pki.h"
 #include "common/status/status.h"
+#include "coordinator/config.h"
 
 namespace fedlora::coordinator {
 namespace {
@@ -24,6 +30,21 @@ constexpr char kMeta[] = "meta";
 constexpr char kSchemaKey[] = "schema_version";
 constexpr char kCurrentKey[] = "current_version";
 constexpr char kSealKey[] = "seal_private_key";
+constexpr char kAtRestKeyIdKey[] = "at_rest_key_id";
+constexpr char kAtRestCheckKey[] = "at_rest_check";
+constexpr char kAtRestCheckPlain[] = "fedlora at-rest check v1";
+constexpr char kSigningKeyFile[] = "coordinator-signing.key";
+
+uint64_t WallUnixMs() {
+  return static_cast<uint64_t>(std::chrono::duration_cast<std::chrono::milliseconds>(
+                                   std::chrono::system_clock::now().time_since_epoch())
+                                   .count());
+}
+
+bool FileExists(const std::string& path) {
+  struct stat st;
+  return ::stat(path.c_str(), &st) == 0;
+}
 
 double NaN() { return std::numeric_limits<double>::quiet_NaN(); }
 
@@ -93,7 +114,12 @@ json VersionToJson(const VersionRecord& v) {
               {"parent_version", v.parent_version},   {"sha256", v.sha256},
               {"size_bytes", v.size_bytes},           {"quant", v.quant},
               {"created_unix_ms", v.created_unix_ms}, {"num_examples", v.num_examples},
-              {"contributors", v.contributors},       {"shapes", ShapesToJson(v.shapes)}};
+              {"contributors", v.contributors},       {"shapes", ShapesToJson(v.shapes)},
+              {"strategy", v.strategy},
+              {"discarded_energy", v.discarded_energy ? json(*v.discarded_energy) : json(nullptr)},
+              {"server_state_sha256", v.server_state_sha256},
+              {"base_model_hash", v.base_model_hash},
+              {"signature", v.signature}};
 }
 VersionRecord VersionFromJson(const json& j) {
   VersionRecord v;
@@ -107,6 +133,15 @@ VersionRecord VersionFromJson(const json& j) {
   v.num_examples = j.at("num_examples").get<uint64_t>();
   v.contributors = j.at("contributors").get<std::vector<std::string>>();
   v.shapes = ShapesFromJson(j.at("shapes"));
+  // Absent in records written before aggregation strategies existed.
+  v.strategy = j.value("strategy", std::string("fedavg"));
+  if (j.contains("discarded_energy") && !j.at("discarded_energy").is_null()) {
+    v.discarded_energy = j.at("discarded_energy").get<double>();
+  }
+  v.server_state_sha256 = j.value("server_state_sha256", std::string());
+  // Absent in records written before signing existed.
+  v.base_model_hash = j.value("base_model_hash", std::string());
+  v.signature = j.value("signature", std::string());
   return v;
 }
 
@@ -231,7 +266,11 @@ std::string EncodeRound(const RoundRecord& r) {
          {"version_id", r.version_id},
          {"abort_reason", r.abort_reason},
          {"bytes_down", r.bytes_down},
-         {"eval_complete", r.eval_complete}};
+         {"eval_complete", r.eval_complete},
+         {"strategy", r.strategy},
+         {"prox_mu", r.prox_mu},
+         {"freeze_lora_a", r.freeze_lora_a},
+         {"discarded_energy", r.discarded_energy ? json(*r.discarded_energy) : json(nullptr)}};
   return j.dump(-1, ' ', false, json::error_handler_t::replace);
 }
 
@@ -266,6 +305,13 @@ absl::StatusOr<RoundRecord> DecodeRound(const std::string& text, const std::stri
     r.abort_reason = j.at("abort_reason").get<std::string>();
     r.bytes_down = j.at("bytes_down").get<uint64_t>();
     r.eval_complete = j.at("eval_complete").get<bool>();
+    // Absent in records written before aggregation strategies existed.
+    r.strategy = j.value("strategy", std::string("fedavg"));
+    r.prox_mu = j.value("prox_mu", 0.0);
+    r.freeze_lora_a = j.value("freeze_lora_a", false);
+    if (j.contains("discarded_energy") && !j.at("discarded_energy").is_null()) {
+      r.discarded_energy = j.at("discarded_energy").get<double>();
+    }
     return r;
   });
 }
@@ -314,37 +360,53 @@ absl::StatusOr<UpdateRecord> DecodeUpdate(const std::string& bytes, const std::s
   return u;
 }
 
-absl::StatusOr<std::unique_ptr<StateStore>> StateStore::Open(const std::string& dir) {
-  ASSIGN_OR_RETURN(
-      auto store, common::Store::Open(dir, {kAgents, kRounds, kUpdates, kVersions, kBlobs, kMeta}));
-  std::unique_ptr<StateStore> state(new StateStore(std::move(store)));
-  RETURN_IF_ERROR(state->CheckSchema());
-  return state;
-}
-
-absl::StatusOr<std::unique_ptr<StateStore>> StateStore::OpenReadOnly(const std::string& dir) {
-  ASSIGN_OR_RETURN(auto store, common::Store::OpenReadOnly(dir));
-  for (const char* cf : {kAgents, kRounds, kUpdates, kVersions, kBlobs, kMeta}) {
-    // Probe the column family: an unknown one is InvalidArgument, absent keys NotFound.
-    auto probe = store->Get(cf, kSchemaKey);
-    if (absl::IsInvalidArgument(probe.status())) {
-      return absl::FailedPreconditionError(
-          absl::StrCat(dir, " is not a coordinator state store: expected column family '", cf,
-                       "', found none"));
+absl::StatusOr<StateStoreOptions> StateStoreOptionsFromConfig(const CoordinatorConfig& config) {
+  StateStoreOptions options;
+  if (!config.at_rest_key.empty()) {
+    ASSIGN_OR_RETURN(options.at_rest, common::AtRestCipher::LoadFile(config.at_rest_key));
+  }
+  std::string signing = config.signing_key;
+  if (signing.empty() && !config.tls_key.empty()) {
+    const size_t slash = config.tls_key.rfind('/');
+    const std::string dir = slash == std::string::npos ? "." : config.tls_key.substr(0, slash);
+    const std::string beside = dir + "/" + kSigningKeyFile;
+    if (FileExists(beside)) signing = beside;
+  }
+  if (!signing.empty()) {
+    ASSIGN_OR_RETURN(options.signing_key, common::SigningKey::LoadFile(signing));
+  }
+  if (!config.tls_cert.empty()) {
+    auto pem = common::ReadFileToString(config.tls_cert);
+    if (pem.ok()) {
+      auto id = common::ReadCertIdentity(*pem);
+      if (id.ok()) options.actor = id->common_name;
     }
   }
-  std::unique_ptr<StateStore> state(new StateStore(std::move(store)));
-  RETURN_IF_ERROR(state->CheckSchema());
-  return state;
+  return options;
 }
 
-absl::Status StateStore::CheckSchema() {
-  auto value = store_->Get(kMeta, kSchemaKey);
-  if (absl::IsNotFound(value.status())) {
-    // A read-only open of a store that never recorded its schema: version 1 layout.
-    if (store_->read_only()) return absl::OkStatus();
-    return store_->Put(kMeta, kSchemaKey, std::to_string(kSchemaVersion), /*sync=*/true);
-  }
+common::AdapterStatement VersionStatement(const VersionRecord& v) {
+  common::AdapterStatement s;
+  s.version_id = v.version_id;
+  s.round_id = v.round_id;
+  s.parent_version = v.parent_version;
+  s.blob_sha256 = v.sha256;
+  s.base_model_hash = v.base_model_hash;
+  s.quant = v.quant;
+  return s;
+}
+
+StateStore::StateStore(std::unique_ptr<common::Store> store, StateStoreOptions options)
+    : store_(std::move(store)),
+      options_(std::move(options)),
+      audit_(std::make_unique<AuditLog>(store_.get())) {}
+
+namespace {
+
+// The stored schema version (0 when never recorded); refuses a newer one.
+absl::StatusOr<int> StoredSchema(const common::Store& store) {
+  auto value = store.Get(kMeta, kSchemaKey);
+  if (absl::IsNotFound(value.status())) return 0;
   if (!value.ok()) return value.status();
   int version = 0;
   if (!absl::SimpleAtoi(*value, &version) || version < 1) {
@@ -356,12 +418,184 @@ absl::Status StateStore::CheckSchema() {
                                                       " but this coordinator understands up to ",
                                                       kSchemaVersion, "; upgrade the coordinator"));
   }
+  return version;
+}
+
+}  // namespace
+
+absl::StatusOr<std::unique_ptr<StateStore>> StateStore::Open(const std::string& dir,
+                                                             StateStoreOptions options) {
+  ASSIGN_OR_RETURN(auto store,
+                   common::Store::Open(dir, {kAgents, kRounds, kUpdates, kVersions, kBlobs, kMeta,
+                                             kAuditColumnFamily}));
+  std::unique_ptr<StateStore> state(new StateStore(std::move(store), std::move(options)));
+  // Checks that can refuse come before any write.
+  ASSIGN_OR_RETURN(int schema, StoredSchema(*state->store_));
+  RETURN_IF_ERROR(state->audit_->Load());
+  RETURN_IF_ERROR(state->CheckAtRest());
+  if (schema < kSchemaVersion) {
+    // New store, or schema 1 (no audit column family; it was just created).
+    RETURN_IF_ERROR(
+        state->store_->Put(kMeta, kSchemaKey, std::to_string(kSchemaVersion), /*sync=*/true));
+  }
+  if (state->options_.at_rest.has_value() && state->encrypted_key_id_.empty()) {
+    RETURN_IF_ERROR(state->EncryptExistingRecords(dir));
+  }
+  return state;
+}
+
+absl::StatusOr<std::unique_ptr<StateStore>> StateStore::OpenReadOnly(const std::string& dir,
+                                                                     StateStoreOptions options) {
+  ASSIGN_OR_RETURN(auto store, common::Store::OpenReadOnly(dir));
+  for (const char* cf : {kAgents, kRounds, kUpdates, kVersions, kBlobs, kMeta}) {
+    // Probe the column family: an unknown one is InvalidArgument, absent keys NotFound.
+    auto probe = store->Get(cf, kSchemaKey);
+    if (absl::IsInvalidArgument(probe.status())) {
+      return absl::FailedPreconditionError(
+          absl::StrCat(dir, " is not a coordinator state store: expected column family '", cf,
+                       "', found none"));
+    }
+  }
+  std::unique_ptr<StateStore> state(new StateStore(std::move(store), std::move(options)));
+  ASSIGN_OR_RETURN(int schema, StoredSchema(*state->store_));
+  (void)schema;  // an older layout reads fine; the audit column family may be absent
+  RETURN_IF_ERROR(state->audit_->Load());
+  RETURN_IF_ERROR(state->CheckAtRest());
+  return state;
+}
+
+absl::Status StateStore::CheckAtRest() {
+  auto id = store_->Get(kMeta, kAtRestKeyIdKey);
+  if (!id.ok() && !absl::IsNotFound(id.status())) return id.status();
+  encrypted_key_id_ = id.ok() ? *id : "";
+  const bool have_key = options_.at_rest.has_value();
+  if (encrypted_key_id_.empty()) {
+    if (have_key && (store_->read_only() || !options_.encrypt_existing)) {
+      return absl::FailedPreconditionError(
+          "the state store is not encrypted at rest; open it without an at-rest key (a writable "
+          "open with the key encrypts it)");
+    }
+    return absl::OkStatus();  // plaintext store (a writable open with a key encrypts it)
+  }
+  if (!have_key) {
+    if (store_->read_only()) return absl::OkStatus();  // encrypted records will refuse to read
+    return absl::FailedPreconditionError(absl::StrCat(
+        "the state store is encrypted at rest with key id ", encrypted_key_id_,
+        "; pass its key file (--at-rest-key FILE)"));
+  }
+  const common::AtRestCipher& cipher = *options_.at_rest;
+  if (cipher.key_id() != encrypted_key_id_) {
+    return absl::FailedPreconditionError(
+        absl::StrCat("wrong at-rest key: the state store is encrypted with key id ",
+                     encrypted_key_id_, ", the key given has id ", cipher.key_id(),
+                     "; nothing was changed"));
+  }
+  ASSIGN_OR_RETURN(std::string check, store_->Get(kMeta, kAtRestCheckKey));
+  auto plain = cipher.Decrypt(check, "meta/at_rest_check", "meta/at_rest_check");
+  if (!plain.ok() || *plain != kAtRestCheckPlain) {
+    return absl::FailedPreconditionError(absl::StrCat(
+        "wrong at-rest key: meta/at_rest_check does not decrypt under key id ", cipher.key_id(),
+        " (", plain.ok() ? "unexpected check value" : plain.status().message(),
+        "); nothing was changed"));
+  }
+  return absl::OkStatus();
+}
+
+absl::Status StateStore::EncryptExistingRecords(const std::string& dir) {
+  const common::AtRestCipher& cipher = *options_.at_rest;
+  common::Store::Batch batch(store_.get());
+  uint64_t updates = 0, blobs = 0;
+  absl::Status error;
+  auto encrypt_cf = [&](const char* cf, uint64_t* count) -> absl::Status {
+    RETURN_IF_ERROR(store_->Scan(cf, "", [&](std::string_view key, std::string_view value) {
+      if (common::AtRestCipher::IsEncrypted(value)) {
+        error = absl::DataLossError(absl::StrCat(
+            cf, "/", std::string(key),
+            " is already encrypted but meta/at_rest_key_id is absent; refusing to continue"));
+        return false;
+      }
+      auto enc = cipher.Encrypt(value, absl::StrCat(cf, "/", std::string(key)));
+      if (!enc.ok()) {
+        error = enc.status();
+        return false;
+      }
+      batch.Put(cf, key, *enc);
+      ++*count;
+      return true;
+    }));
+    return error;
+  };
+  RETURN_IF_ERROR(encrypt_cf(kUpdates, &updates));
+  RETURN_IF_ERROR(encrypt_cf(kBlobs, &blobs));
+  auto seal = store_->Get(kMeta, kSealKey);
+  if (seal.ok()) {
+    ASSIGN_OR_RETURN(std::string enc, cipher.Encrypt(*seal, std::string("meta/") + kSealKey));
+    batch.Put(kMeta, kSealKey, enc);
+  } else if (!absl::IsNotFound(seal.status())) {
+    return seal.status();
+  }
+  ASSIGN_OR_RETURN(std::string check, cipher.Encrypt(kAtRestCheckPlain, "meta/at_rest_check"));
+  batch.Put(kMeta, kAtRestKeyIdKey, cipher.key_id());
+  batch.Put(kMeta, kAtRestCheckKey, check);
+  json details{{"key_id", cipher.key_id()},
+               {"updates", updates},
+               {"blobs", blobs},
+               {"seal_key", seal.ok()},
+               {"data_dir", dir}};
+  RETURN_IF_ERROR(CommitAudited(&batch, "at_rest.enabled",
+                                details.dump(-1, ' ', false, json::error_handler_t::replace)));
+  encrypted_key_id_ = cipher.key_id();
+  return absl::OkStatus();
+}
+
+absl::StatusOr<std::string> StateStore::SealValue(const char* cf, const std::string& key,
+                                                  std::string_view value) const {
+  if (!options_.at_rest.has_value()) return std::string(value);
+  return options_.at_rest->Encrypt(value, absl::StrCat(cf, "/", key));
+}
+
+absl::StatusOr<std::string> StateStore::OpenValue(const char* cf, const std::string& key,
+                                                  std::string value) const {
+  const std::string where = absl::StrCat(cf, "/", key);
+  if (common::AtRestCipher::IsEncrypted(value)) {
+    if (!options_.at_rest.has_value()) {
+      return absl::FailedPreconditionError(absl::StrCat(
+          where, " is encrypted at rest (key id ", common::AtRestCipher::RecordKeyId(value),
+          "); pass its key file (--at-rest-key FILE)"));
+    }
+    return options_.at_rest->Decrypt(value, where, where);
+  }
+  if (!encrypted_key_id_.empty() || options_.at_rest.has_value()) {
+    return absl::DataLossError(absl::StrCat(
+        where, ": expected a record encrypted at rest, found plaintext (written around the "
+               "encryption, or a downgrade)"));
+  }
+  return value;
+}
+
+absl::Status StateStore::CommitAudited(common::Store::Batch* batch, const std::string& action,
+                                       const std::string& details_json) {
+  return audit_->Commit(batch, options_.actor, action, details_json, WallUnixMs());
+}
+
+absl::Status StateStore::AppendAudit(const std::string& actor, const std::string& action,
+                                     const std::string& details_json) {
+  common::Store::Batch batch(store_.get());
+  return audit_->Commit(&batch, actor, action, details_json, WallUnixMs());
+}
+
+absl::Status StateStore::SignVersion(VersionRecord* version) const {
+  version->signature.clear();
+  if (!options_.signing_key.has_value()) return absl::OkStatus();
+  ASSIGN_OR_RETURN(version->signature,
+                   common::SignAdapterStatement(*options_.signing_key, VersionStatement(*version)));
   return absl::OkStatus();
 }
 
 absl::StatusOr<common::X25519KeyPair> StateStore::LoadOrCreateSealKey() {
   auto value = store_->Get(kMeta, kSealKey);
   if (value.ok()) {
+    ASSIGN_OR_RETURN(*value, OpenValue(kMeta, kSealKey, std::move(*value)));
     if (value->size() != 32) {
       return absl::DataLossError(
           absl::StrCat("meta/seal_private_key: expected 32 bytes, found ", value->size()));
@@ -370,7 +604,8 @@ absl::StatusOr<common::X25519KeyPair> StateStore::LoadOrCreateSealKey() {
   }
   if (!absl::IsNotFound(value.status())) return value.status();
   ASSIGN_OR_RETURN(common::X25519KeyPair pair, common::GenerateX25519KeyPair());
-  RETURN_IF_ERROR(store_->Put(kMeta, kSealKey, pair.private_key, /*sync=*/true));
+  ASSIGN_OR_RETURN(std::string stored, SealValue(kMeta, kSealKey, pair.private_key));
+  RETURN_IF_ERROR(store_->Put(kMeta, kSealKey, stored, /*sync=*/true));
   return pair;
 }
 
@@ -432,9 +667,22 @@ absl::Status StateStore::PutRound(const RoundRecord& round) {
   return store_->Put(kRounds, RoundKey(round.round_id), EncodeRound(round), /*sync=*/true);
 }
 
+absl::Status StateStore::StartRound(const RoundRecord& round) {
+  common::Store::Batch batch(store_.get());
+  batch.Put(kRounds, RoundKey(round.round_id), EncodeRound(round));
+  json details{{"round", round.round_id},
+               {"participants", round.participants},
+               {"base_version", round.base_version},
+               {"deadline_unix_ms", round.deadline_unix_ms}};
+  return CommitAudited(&batch, "round.started",
+                       details.dump(-1, ' ', false, json::error_handler_t::replace));
+}
+
 absl::Status StateStore::AcceptUpdate(const UpdateRecord& update, const RoundRecord& round) {
   common::Store::Batch batch(store_.get());
-  batch.Put(kUpdates, UpdateKey(update.round_id, update.agent_id), EncodeUpdate(update));
+  const std::string key = UpdateKey(update.round_id, update.agent_id);
+  ASSIGN_OR_RETURN(std::string value, SealValue(kUpdates, key, EncodeUpdate(update)));
+  batch.Put(kUpdates, key, value);
   batch.Put(kRounds, RoundKey(round.round_id), EncodeRound(round));
   return batch.Commit(/*sync=*/true);
 }
@@ -442,9 +690,11 @@ absl::Status StateStore::AcceptUpdate(const UpdateRecord& update, const RoundRec
 absl::StatusOr<std::optional<UpdateRecord>> StateStore::GetUpdate(
     uint64_t round_id, const std::string& agent_id) const {
   const std::string key = UpdateKey(round_id, agent_id);
-  return OptionalGet<UpdateRecord>(store_->Get(kUpdates, key), [&](const std::string& bytes) {
-    return DecodeUpdate(bytes, "updates/" + key);
-  });
+  return OptionalGet<UpdateRecord>(
+      store_->Get(kUpdates, key), [&](const std::string& bytes) -> absl::StatusOr<UpdateRecord> {
+        ASSIGN_OR_RETURN(std::string plain, OpenValue(kUpdates, key, bytes));
+        return DecodeUpdate(plain, "updates/" + key);
+      });
 }
 
 absl::Status StateStore::ForEachUpdate(uint64_t round_id,
@@ -458,6 +708,7 @@ absl::Status StateStore::ForEachUpdate(uint64_t round_id,
       }));
   for (const std::string& key : keys) {
     ASSIGN_OR_RETURN(std::string bytes, store_->Get(kUpdates, key));
+    ASSIGN_OR_RETURN(bytes, OpenValue(kUpdates, key, std::move(bytes)));
     ASSIGN_OR_RETURN(UpdateRecord u, DecodeUpdate(bytes, "updates/" + key));
     RETURN_IF_ERROR(fn(std::move(u)));
   }
@@ -485,20 +736,33 @@ absl::Status StateStore::DeleteUpdates(uint64_t round_id, common::Store::Batch* 
 absl::Status StateStore::Publish(const RoundRecord& round, const VersionRecord& version,
                                  const std::string& blob) {
   common::Store::Batch batch(store_.get());
-  batch.Put(kBlobs, version.sha256, blob);
+  ASSIGN_OR_RETURN(std::string stored_blob, SealValue(kBlobs, version.sha256, blob));
+  batch.Put(kBlobs, version.sha256, stored_blob);
   batch.Put(kVersions, version.version_id,
             VersionToJson(version).dump(-1, ' ', false, json::error_handler_t::replace));
   batch.Put(kMeta, kCurrentKey, version.version_id);
   batch.Put(kRounds, RoundKey(round.round_id), EncodeRound(round));
   RETURN_IF_ERROR(DeleteUpdates(round.round_id, &batch));
-  return batch.Commit(/*sync=*/true);
+  json details{{"round", round.round_id},
+               {"version", version.version_id},
+               {"parent_version", version.parent_version},
+               {"sha256", version.sha256},
+               {"contributors", version.contributors},
+               {"signed", !version.signature.empty()}};
+  if (options_.signing_key.has_value() && !version.signature.empty()) {
+    details["signing_key_id"] = options_.signing_key->key_id();
+  }
+  return CommitAudited(&batch, "round.published",
+                       details.dump(-1, ' ', false, json::error_handler_t::replace));
 }
 
 absl::Status StateStore::Abort(const RoundRecord& round) {
   common::Store::Batch batch(store_.get());
   batch.Put(kRounds, RoundKey(round.round_id), EncodeRound(round));
   RETURN_IF_ERROR(DeleteUpdates(round.round_id, &batch));
-  return batch.Commit(/*sync=*/true);
+  json details{{"round", round.round_id}, {"reason", round.abort_reason}};
+  return CommitAudited(&batch, "round.aborted",
+                       details.dump(-1, ' ', false, json::error_handler_t::replace));
 }
 
 absl::StatusOr<std::string> StateStore::CurrentVersion() const {
@@ -517,8 +781,22 @@ absl::StatusOr<std::optional<VersionRecord>> StateStore::GetVersion(
       });
 }
 
+absl::StatusOr<std::string> StateStore::PutBlob(const std::string& bytes) {
+  const std::string sha = common::Sha256Hex(bytes);
+  ASSIGN_OR_RETURN(std::string stored, SealValue(kBlobs, sha, bytes));
+  RETURN_IF_ERROR(store_->Put(kBlobs, sha, stored, /*sync=*/true));
+  return sha;
+}
+
 absl::StatusOr<std::string> StateStore::GetBlob(const std::string& sha256_hex) const {
-  return store_->Get(kBlobs, sha256_hex);
+  ASSIGN_OR_RETURN(std::string value, store_->Get(kBlobs, sha256_hex));
+  if (!common::AtRestCipher::IsEncrypted(value)) {
+    if (encrypted_key_id_.empty() && !options_.at_rest.has_value()) return value;
+    // Content-addressed: a plaintext blob that hashes to its key is authentic
+    // whatever wrote it, so it is not a downgrade.
+    if (common::Sha256Hex(value) == sha256_hex) return value;
+  }
+  return OpenValue(kBlobs, sha256_hex, std::move(value));
 }
 
 absl::Status StateStore::Flush() { return store_->Flush(); }

@@ -1,18 +1,37 @@
 #pragma once
 // Typed, durable coordinator state on common::Store (RocksDB).
 //
-// Column families and encodings (schema version 1):
-//   meta      "schema_version" -> "1"; "current_version" -> version id ("" / absent = none);
-//             "seal_private_key" -> 32 raw bytes of the X25519 sealing key.
+// Column families and encodings (schema version 2):
+//   meta      "schema_version" -> "2"; "current_version" -> version id ("" / absent = none);
+//             "seal_private_key" -> 32 raw bytes of the X25519 sealing key;
+//             "at_rest_key_id" / "at_rest_check" (encryption at rest, below);
+//             "audit_head" (coordinator/audit.h).
 //   agents    agent id -> AgentRecord as JSON.
 //   rounds    round id as 20 zero-padded decimal digits -> RoundRecord as JSON.
 //   updates   "<round 20 digits>/<agent id>" -> 8-byte little-endian length of the
 //             UpdateRecord JSON, the JSON, then the sealed payload bytes.
 //   versions  version id ("v000001") -> VersionRecord as JSON.
 //   blobs     hex SHA-256 of the blob -> adapter blob (common::EncodeAdapterBlob).
+//   audit     seq (20 digits) -> hash-chained audit record (coordinator/audit.h).
+// Schema 1 stores (no audit column family) are upgraded on a writable open.
+//
+// Encryption at rest (StateStoreOptions::at_rest, common/crypto/at_rest.h): the
+// values of `updates`, `blobs` and meta/seal_private_key are AES-256-GCM records
+// with AAD "<cf>/<key>"; meta/at_rest_key_id names the key and meta/at_rest_check
+// is a known plaintext encrypted under it. Open() with the wrong key, or a
+// writable open of an encrypted store without a key, is FailedPrecondition and
+// writes nothing. Opening a plaintext store with a key encrypts its existing
+// records in one synced batch (audited). A read-only open without the key works
+// (audit, rounds, versions) but reading an encrypted record is FailedPrecondition.
+// Other values (agents, rounds, versions, audit) are not encrypted.
+//
+// Signing (StateStoreOptions::signing_key): SignVersion sets VersionRecord::signature
+// to a signed adapter statement (common/crypto/sign.h).
+// Audit: StartRound, Publish, Abort and AppendAudit write one audit record in
+// the same synced batch as the change.
 // Records that a round depends on are written with synced writes; multi-record
 // transitions (accept an update, publish, abort) are one atomic batch.
-// Open() refuses a store whose schema_version is newer than 1 (FailedPrecondition)
+// Open() refuses a store whose schema_version is newer than 2 (FailedPrecondition)
 // and a corrupt record reads as DataLoss naming the column family and key.
 // Safe for concurrent use (each call is independent; callers order transitions).
 
@@ -26,12 +45,15 @@
 
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
+#include "common/crypto/at_rest.h"
 #include "common/crypto/crypto.h"
+#include "common/crypto/sign.h"
 #include "common/storage/store.h"
+#include "coordinator/audit.h"
 
 namespace fedlora::coordinator {
 
-inline constexpr int kSchemaVersion = 1;
+inline constexpr int kSchemaVersion = 2;
 
 enum class RoundPhase { kTrain, kAggregate, kDone, kAborted };
 const char* RoundPhaseName(RoundPhase phase);  // "TRAIN", "AGGREGATE", "DONE", "ABORTED"
@@ -85,6 +107,12 @@ struct RoundRecord {
   std::string abort_reason;
   uint64_t bytes_down = 0;     // bytes of version_id served by FetchAdapter
   bool eval_complete = false;  // all participants reported, or the grace passed
+  // Aggregation (docs/aggregation.md): the strategy the task was sent with, its
+  // agent-side knobs, and (lora-product) the energy the rank-r re-factoring dropped.
+  std::string strategy = "fedavg";
+  double prox_mu = 0;          // fedprox (RoundTask.prox_mu)
+  bool freeze_lora_a = false;  // ffa-lora (RoundTask.freeze_lora_a)
+  std::optional<double> discarded_energy;
 
   uint64_t bytes_up() const;
   double mean_train_loss() const;        // NaN when no update
@@ -114,7 +142,29 @@ struct VersionRecord {
   uint64_t num_examples = 0;  // total FedAvg weight
   std::vector<std::string> contributors;
   ShapeMap shapes;
+  std::string strategy = "fedavg";         // aggregation strategy that produced it
+  std::optional<double> discarded_energy;  // lora-product: dropped sigma^2 / total
+  std::string server_state_sha256;         // fedadam/fedyogi: blob of the moments ("" = none)
+  std::string base_model_hash;  // hex; "" in records written before signing existed
+  std::string signature;        // encoded signed adapter statement ("" = unsigned)
 };
+
+struct StateStoreOptions {
+  std::optional<common::AtRestCipher> at_rest;   // encrypt updates, blobs and the seal key
+  std::optional<common::SigningKey> signing_key;  // sign published versions
+  std::string actor = "coordinator";              // audit actor of the store's transitions
+  // A writable open with `at_rest` of a plaintext store encrypts it (true) or
+  // refuses (false, FailedPrecondition) as a read-only open does.
+  bool encrypt_existing = true;
+};
+
+struct CoordinatorConfig;
+// Loads config.at_rest_key and config.signing_key (default: coordinator-signing.key
+// beside config.tls_key, when that file exists); the actor is the CN of
+// config.tls_cert when readable. Errors name the file.
+absl::StatusOr<StateStoreOptions> StateStoreOptionsFromConfig(const CoordinatorConfig& config);
+// The signed statement of a version (key id filled in by signing).
+common::AdapterStatement VersionStatement(const VersionRecord& version);
 
 std::string RoundKey(uint64_t round_id);
 std::string UpdateKey(uint64_t round_id, const std::string& agent_id);
@@ -122,15 +172,20 @@ std::string VersionId(uint64_t round_id);  // "v%06d"
 
 class StateStore {
  public:
-  static absl::StatusOr<std::unique_ptr<StateStore>> Open(const std::string& dir);
+  static absl::StatusOr<std::unique_ptr<StateStore>> Open(const std::string& dir,
+                                                          StateStoreOptions options = {});
   // Opens an existing state store read-only (common::Store::OpenReadOnly), e.g.
   // while the coordinator runs: writes nothing (not even schema_version), still
   // refuses a newer schema (FailedPrecondition). NotFound when `dir` holds no
   // database; FailedPrecondition when it is not a coordinator state store.
   // Every mutating method then fails with FailedPrecondition.
-  static absl::StatusOr<std::unique_ptr<StateStore>> OpenReadOnly(const std::string& dir);
+  static absl::StatusOr<std::unique_ptr<StateStore>> OpenReadOnly(const std::string& dir,
+                                                                  StateStoreOptions options = {});
 
   common::Store* raw() { return store_.get(); }
+  const common::Store& raw_store() const { return *store_; }
+  bool encrypted() const { return options_.at_rest.has_value(); }
+  const std::string& actor() const { return options_.actor; }
 
   // Sealing key: loaded from meta, generated and stored (synced) on first use.
   absl::StatusOr<common::X25519KeyPair> LoadOrCreateSealKey();
@@ -142,6 +197,8 @@ class StateStore {
   absl::StatusOr<std::optional<RoundRecord>> GetRound(uint64_t round_id) const;
   absl::StatusOr<std::vector<RoundRecord>> ListRounds() const;  // ascending id
   absl::Status PutRound(const RoundRecord& round);              // synced
+  // A new round: PutRound plus a "round.started" audit record, one synced batch.
+  absl::Status StartRound(const RoundRecord& round);
 
   // Accepts an update: the update and the updated round in one synced batch.
   absl::Status AcceptUpdate(const UpdateRecord& update, const RoundRecord& round);
@@ -162,15 +219,39 @@ class StateStore {
   absl::StatusOr<std::string> CurrentVersion() const;  // "" when none
   absl::StatusOr<std::optional<VersionRecord>> GetVersion(const std::string& version_id) const;
   absl::StatusOr<std::string> GetBlob(const std::string& sha256_hex) const;
+  // Stores `bytes` (synced) content-addressed in blobs, sealed at rest like adapter
+  // blobs, and returns its hex SHA-256 (aggregation: server optimizer moments).
+  absl::StatusOr<std::string> PutBlob(const std::string& bytes);
+
+  // Sets version->signature from version's fields (VersionStatement) when a
+  // signing key is configured; leaves it "" (OK) when none is.
+  absl::Status SignVersion(VersionRecord* version) const;
+  bool can_sign() const { return options_.signing_key.has_value(); }
+
+  // Appends an audit record on its own (admin actions, exports); synced.
+  absl::Status AppendAudit(const std::string& actor, const std::string& action,
+                           const std::string& details_json);
+  const AuditLog& audit() const { return *audit_; }
 
   absl::Status Flush();
 
  private:
-  explicit StateStore(std::unique_ptr<common::Store> store) : store_(std::move(store)) {}
-  absl::Status CheckSchema();
+  StateStore(std::unique_ptr<common::Store> store, StateStoreOptions options);
+  absl::Status CheckAtRest();
+  absl::Status EncryptExistingRecords(const std::string& dir);
+  // At-rest encoding of a value of `cf`/`key` (identity when not encrypted).
+  absl::StatusOr<std::string> SealValue(const char* cf, const std::string& key,
+                                        std::string_view value) const;
+  absl::StatusOr<std::string> OpenValue(const char* cf, const std::string& key,
+                                        std::string value) const;
+  absl::Status CommitAudited(common::Store::Batch* batch, const std::string& action,
+                             const std::string& details_json);
   absl::Status DeleteUpdates(uint64_t round_id, common::Store::Batch* batch) const;
 
   std::unique_ptr<common::Store> store_;
+  StateStoreOptions options_;
+  std::unique_ptr<AuditLog> audit_;
+  std::string encrypted_key_id_;  // meta/at_rest_key_id ("" = plaintext store)
 };
 
 // JSON codecs (exposed for tests).

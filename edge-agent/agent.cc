@@ -8,6 +8,7 @@
 #include <cstdio>
 #include <ctime>
 #include <deque>
+#include <sys/stat.h>
 #include <thread>
 #include <utility>
 
@@ -183,8 +184,39 @@ absl::StatusOr<std::unique_ptr<Agent>> Agent::Create(AgentOptions options, Local
   }
   auto channel = grpc::CreateCustomChannel(options.coordinator, creds, args);
   std::string agent_id = identity->common_name;
-  return std::unique_ptr<Agent>(
+  std::string signing_pub = options.signing_public_key;
+  bool explicit_key = !signing_pub.empty();
+  if (!explicit_key) {
+    const size_t slash = options.tls.ca_cert.rfind('/');
+    const std::string dir =
+        slash == std::string::npos ? "." : options.tls.ca_cert.substr(0, slash);
+    struct stat st;
+    if (::stat((dir + "/coordinator-signing.pub").c_str(), &st) == 0) {
+      signing_pub = dir + "/coordinator-signing.pub";
+    }
+  }
+  std::optional<common::VerifyKey> signing_key;
+  if (!signing_pub.empty()) {
+    auto key = common::VerifyKey::LoadFile(signing_pub);
+    if (!key.ok()) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "coordinator signing public key", explicit_key ? "" : " (found beside the CA file)",
+          ": ", key.status().message()));
+    }
+    signing_key = std::move(*key);
+  }
+  std::unique_ptr<Agent> agent(
       new Agent(std::move(options), trainer, std::move(agent_id), std::move(channel)));
+  agent->signing_key_ = std::move(signing_key);
+  if (agent->signing_key_.has_value()) {
+    agent->Log(absl::StrCat("adapter signatures required: coordinator signing key id ",
+                            agent->signing_key_->key_id(), " (", signing_pub, ")"));
+  } else {
+    agent->Log(
+        "WARNING: no coordinator signing public key (--signing-pub, or coordinator-signing.pub "
+        "beside the CA file): adapter versions are checked by SHA-256 only, not by signature");
+  }
+  return agent;
 }
 
 Agent::Agent(AgentOptions options, LocalTrainer* trainer, std::string agent_id,
@@ -509,6 +541,8 @@ void Agent::HandleRoundTask(const v1::RoundTask& task) {
   train_options.batch_size = static_cast<int>(task.batch_size());
   train_options.max_seq_len = options_.max_seq_len;
   train_options.seed = options_.seed * 1000003ull + round;
+  train_options.prox_mu = task.prox_mu();               // FedProx (0 = off)
+  train_options.freeze_lora_a = task.freeze_lora_a();   // FFA-LoRA
   auto train = trainer_->Train(options_.train, train_options);
   if (!train.ok()) return fail(train.status());
 
@@ -544,7 +578,7 @@ void Agent::HandleVersionNotice(const v1::VersionNotice& notice, Session* sessio
     return;
   }
   if (absl::Status s = ApplyVersion(version, lora_ ? &*lora_ : nullptr, notice.sha256(),
-                                    notice.size_bytes());
+                                    notice.size_bytes(), notice.signature(), notice.round_id());
       !s.ok()) {
     NoteError(absl::StrFormat("version %s not applied: %s", version, s.ToString()));
     return;
@@ -575,7 +609,8 @@ void Agent::HandleVersionNotice(const v1::VersionNotice& notice, Session* sessio
 }
 
 absl::Status Agent::ApplyVersion(const std::string& version, const LoraConfig* lora,
-                                 const std::string& expected_sha256, uint64_t expected_size) {
+                                 const std::string& expected_sha256, uint64_t expected_size,
+                                 const std::string& signature, uint64_t round_id) {
   if (version.empty()) {
     if (lora == nullptr) return absl::InvalidArgumentError("no LoRA settings for a fresh adapter");
     return trainer_->InitAdapter(*lora);
@@ -586,14 +621,47 @@ absl::Status Agent::ApplyVersion(const std::string& version, const LoraConfig* l
         lora != nullptr ? *lora : InferLoraConfig(cached_tensors_, cached_metadata_, LoraConfig{});
     return trainer_->SetAdapter(config, cached_tensors_);
   }
-  ASSIGN_OR_RETURN(std::string blob, FetchBlob(version, expected_sha256, expected_size));
+  std::string fetched_signature;
+  ASSIGN_OR_RETURN(std::string blob,
+                   FetchBlob(version, expected_sha256, expected_size, &fetched_signature));
+  auto refuse = [&](absl::Status status) {
+    std::lock_guard<std::mutex> lock(mu_);
+    ++stats_.adapters_refused;
+    return status;
+  };
+  auto refused = [&](const std::string& why) {
+    return refuse(absl::PermissionDeniedError(absl::StrCat(
+        "adapter version ", version, " refused, keeping ",
+        cached_version_.empty() ? std::string("no version") : cached_version_, ": ", why)));
+  };
+  std::optional<common::AdapterStatement> statement;
+  if (signing_key_.has_value()) {
+    // The notice's statement, else the fetched one; verified before the blob is parsed.
+    auto verified = VerifyVersion(version, blob, signature.empty() ? fetched_signature : signature,
+                                  round_id);
+    if (!verified.ok()) return refused(std::string(verified.status().message()));
+    statement = std::move(*verified);
+  }
   common::Metadata metadata;
   auto tensors = common::DecodeAdapterBlob(blob, &metadata);
   if (!tensors.ok()) {
-    std::lock_guard<std::mutex> lock(mu_);
-    ++stats_.adapters_refused;
-    return absl::DataLossError(
-        absl::StrCat("adapter blob of version ", version, ": ", tensors.status().message()));
+    return refuse(absl::DataLossError(
+        absl::StrCat("adapter blob of version ", version, ": ", tensors.status().message())));
+  }
+  if (statement.has_value()) {
+    // The blob's own metadata must tell the same story as the signed statement.
+    const std::pair<const char*, std::string> expect[] = {
+        {"fedlora.version", statement->version_id},
+        {"fedlora.round", std::to_string(statement->round_id)},
+        {"fedlora.parent_version", statement->parent_version},
+        {"fedlora.base_model_hash", statement->base_model_hash}};
+    for (const auto& [key, want] : expect) {
+      auto it = metadata.find(key);
+      if (it != metadata.end() && it->second != want) {
+        return refused(absl::StrCat("blob metadata ", key, " is '", it->second,
+                                    "', the signed statement says '", want, "'"));
+      }
+    }
   }
   LoraConfig config = lora != nullptr ? *lora : InferLoraConfig(*tensors, metadata, LoraConfig{});
   RETURN_IF_ERROR(trainer_->SetAdapter(config, *tensors));
@@ -605,9 +673,41 @@ absl::Status Agent::ApplyVersion(const std::string& version, const LoraConfig* l
   return absl::OkStatus();
 }
 
+absl::StatusOr<common::AdapterStatement> Agent::VerifyVersion(const std::string& version,
+                                                               const std::string& blob,
+                                                               const std::string& signature,
+                                                               uint64_t round_id) const {
+  if (signature.empty()) {
+    return absl::PermissionDeniedError(absl::StrCat(
+        "version ", version, " is not signed, and this agent requires signatures (key id ",
+        signing_key_->key_id(), ")"));
+  }
+  ASSIGN_OR_RETURN(common::AdapterStatement s,
+                   common::ParseAndVerifyAdapterStatement(*signing_key_, signature));
+  const std::string sha = common::Sha256Hex(blob);
+  if (s.version_id != version) {
+    return absl::PermissionDeniedError(
+        absl::StrCat("the signed statement is for version ", s.version_id));
+  }
+  if (s.blob_sha256 != sha) {
+    return absl::PermissionDeniedError(absl::StrCat("blob SHA-256 is ", sha,
+                                                    ", the signed statement says ", s.blob_sha256));
+  }
+  if (s.base_model_hash != base_model_hash_) {
+    return absl::PermissionDeniedError(absl::StrCat(
+        "the signed statement is for base model ", s.base_model_hash, ", this agent has ",
+        base_model_hash_));
+  }
+  if (round_id != 0 && s.round_id != round_id) {
+    return absl::PermissionDeniedError(absl::StrCat("the signed statement says round ",
+                                                    s.round_id, ", the notice says ", round_id));
+  }
+  return s;
+}
+
 absl::StatusOr<std::string> Agent::FetchBlob(const std::string& version,
                                              const std::string& expected_sha256,
-                                             uint64_t expected_size) {
+                                             uint64_t expected_size, std::string* signature) {
   const std::string want_sha = absl::AsciiStrToLower(expected_sha256);
   std::string blob;
   uint64_t total = 0;  // 0 = not known yet
@@ -678,6 +778,7 @@ absl::StatusOr<std::string> Agent::FetchBlob(const std::string& version,
       if (!chunk_error.ok() || !blob_error.ok()) break;
       total = chunk.total_size();
       blob_sha = absl::AsciiStrToLower(chunk.blob_sha256());
+      if (signature != nullptr && !chunk.signature().empty()) *signature = chunk.signature();
       blob.append(chunk.data());
       {
         std::lock_guard<std::mutex> lock(mu_);

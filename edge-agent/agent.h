@@ -11,6 +11,15 @@
 //                    -> SubmitUpdate in <= 1 MiB checksummed chunks.
 //   VersionNotice -> fetch + verify (SHA-256 per chunk and of the whole blob),
 //                    apply, Evaluate, send EvalReport.
+// Adapter signatures (docs/security.md): with the coordinator's signing public
+// key (AgentOptions::signing_public_key, or coordinator-signing.pub beside the
+// CA file when it exists) every version is applied only after its signed
+// statement (VersionNotice.signature or AdapterChunk.signature) verifies and
+// names this version, the blob's SHA-256 and this agent's base-model hash, and
+// the blob's own metadata agrees with it. A version that fails is refused
+// (adapters_refused, a clear error in last_error): the agent keeps its last good
+// version and reports nothing for the refused one. Without a key, versions are
+// applied after the hash checks only, and the agent logs that once.
 // FetchAdapter resumes from the last good byte after a broken stream (bounded
 // retries with backoff). A dropped session is re-opened with backoff.
 //
@@ -41,6 +50,7 @@
 
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
+#include "common/crypto/sign.h"
 #include "common/net/tls.h"
 #include "common/tensor/tensor.h"
 #include "edge-agent/trainer.h"
@@ -81,6 +91,9 @@ struct AgentOptions {
   int submit_max_attempts = 3;     // SubmitUpdate calls per update (UNAVAILABLE/DEADLINE only)
   uint32_t fetch_chunk_size = 0;   // requested chunk size (0 = server default)
   uint64_t max_adapter_bytes = 1ull << 30;  // refuse larger blobs
+  // Coordinator signing public key (PEM). "" = coordinator-signing.pub beside
+  // tls.ca_cert when that file exists, else versions are not signature-checked.
+  std::string signing_public_key;
 };
 
 struct AgentStats {
@@ -128,11 +141,19 @@ class Agent {
   // Puts the trainer's adapter at `version` ("" = fresh from `lora`).
   // `lora` nullptr = infer from the blob (InferLoraConfig). Expected sha/size
   // empty/0 = not known (RoundTask); a VersionNotice gives them.
+  // `signature` / `round_id`: the VersionNotice's ("" / 0 = not known).
   absl::Status ApplyVersion(const std::string& version, const LoraConfig* lora,
-                            const std::string& expected_sha256, uint64_t expected_size);
+                            const std::string& expected_sha256, uint64_t expected_size,
+                            const std::string& signature = "", uint64_t round_id = 0);
+  // `signature` (may be null) receives the chunks' signed statement.
   absl::StatusOr<std::string> FetchBlob(const std::string& version,
                                         const std::string& expected_sha256,
-                                        uint64_t expected_size);
+                                        uint64_t expected_size, std::string* signature = nullptr);
+  // Checks a fetched blob against its signed statement (see above).
+  absl::StatusOr<common::AdapterStatement> VerifyVersion(const std::string& version,
+                                                         const std::string& blob,
+                                                         const std::string& signature,
+                                                         uint64_t round_id) const;
   absl::Status SubmitUpdate(const v1::RoundTask& task, const std::string& payload,
                             const TrainResult& train, double eval_before);
   absl::Status SubmitOnce(const v1::RoundTask& task, const std::string& payload,
@@ -152,6 +173,7 @@ class Agent {
   const std::string agent_id_;
   std::shared_ptr<grpc::Channel> channel_;
   std::string base_model_hash_;
+  std::optional<common::VerifyKey> signing_key_;  // set in Create
 
   // Owned by Run()'s thread.
   std::string seal_public_key_;      // from Welcome; RoundTask's takes precedence

@@ -6,12 +6,16 @@
 #include <algorithm>
 #include <chrono>
 #include <cmath>
+#include <cstdio>
+#include <cstring>
 #include <mutex>
 #include <numeric>
 #include <random>
+#include <sstream>
 #include <thread>
 
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
 #include "common/crypto/crypto.h"
 #include "common/status/status.h"
 #include "edge-agent/lora.h"
@@ -68,6 +72,18 @@ std::optional<std::string> TemplateBos(const json& post) {
     }
   }
   return std::string();
+}
+
+torch::Tensor BytesTensor(const std::string& bytes) {
+  torch::Tensor t = torch::empty({static_cast<int64_t>(bytes.size())}, torch::kByte);
+  if (!bytes.empty()) std::memcpy(t.data_ptr<uint8_t>(), bytes.data(), bytes.size());
+  return t;
+}
+
+std::string TensorBytes(const torch::Tensor& t) {
+  torch::Tensor c = t.contiguous().to(torch::kByte);
+  return std::string(reinterpret_cast<const char*>(c.data_ptr<uint8_t>()),
+                     static_cast<size_t>(c.numel()));
 }
 
 class TorchTrainer final : public LocalTrainer {
@@ -206,6 +222,10 @@ class TorchTrainer final : public LocalTrainer {
     }
     if (std::isnan(o.max_grad_norm)) return bad("max_grad_norm", "a number", o.max_grad_norm);
     if (o.warmup_steps < 0) return bad("warmup_steps", ">= 0", o.warmup_steps);
+    if (!(o.prox_mu >= 0) || !std::isfinite(o.prox_mu)) return bad("prox_mu", ">= 0", o.prox_mu);
+    if (o.grad_accum_steps < 1) return bad("grad_accum_steps", ">= 1", o.grad_accum_steps);
+    if (o.progress_every < 0) return bad("progress_every", ">= 0", o.progress_every);
+    if (o.checkpoint_every < 0) return bad("checkpoint_every", ">= 0", o.checkpoint_every);
     return absl::OkStatus();
   }
 
@@ -261,6 +281,186 @@ class TorchTrainer final : public LocalTrainer {
     return {sum, count};
   }
 
+  // The trainable tensors (B only under freeze_lora_a) and, for FedProx, their
+  // values at the start of the call.
+  struct Trainable {
+    std::vector<torch::Tensor> params;
+    std::vector<torch::Tensor> frozen;  // A under freeze_lora_a (requires_grad off meanwhile)
+    ~Trainable() {
+      for (auto& t : frozen) t.set_requires_grad(true);
+    }
+  };
+
+  // Data order and counters of one Train call (what a checkpoint must restore).
+  struct RunState {
+    std::mt19937_64 rng;
+    std::vector<size_t> order;
+    size_t cursor = 0;
+    int step = 0;  // optimizer steps done
+    double loss_sum = 0;
+    double last_loss = 0;
+    uint64_t tokens = 0;
+  };
+
+  // The examples of the next optimizer step: grad_accum_steps * batch_size
+  // drawn in order from a shuffled permutation (reshuffled when used up), or
+  // the whole (small) data set when it has no more than that.
+  static std::vector<size_t> DrawStep(const std::vector<size_t>& usable, size_t effective,
+                                      RunState& st) {
+    std::vector<size_t> out;
+    if (effective >= usable.size()) return usable;
+    while (out.size() < effective) {
+      if (st.cursor == st.order.size()) {
+        st.order = usable;
+        std::shuffle(st.order.begin(), st.order.end(), st.rng);
+        st.cursor = 0;
+      }
+      out.push_back(st.order[st.cursor++]);
+    }
+    return out;
+  }
+
+  // What makes two Train calls the same run: base model, adapter config and
+  // starting values, the tokenized data and every option that changes the result.
+  std::string RunFingerprint(const std::vector<TokenizedExample>& tok,
+                             const TrainOptions& o) const {
+    json j;
+    j["base"] = hash_;
+    j["lora"] = {lora_.rank, lora_.alpha, lora_.target_modules, lora_.dropout, lora_.use_rslora};
+    j["options"] = {o.steps,        o.learning_rate,  o.batch_size,   o.max_seq_len,
+                    o.weight_decay, o.max_grad_norm,  o.warmup_steps, o.seed,
+                    o.prox_mu,      o.freeze_lora_a,  o.grad_accum_steps};
+    j["threads"] = at::get_num_threads();
+    std::string buf = j.dump();
+    for (const TokenizedExample& ex : tok) {
+      buf.append(reinterpret_cast<const char*>(ex.ids.data()), ex.ids.size() * sizeof(int64_t));
+      buf.append(reinterpret_cast<const char*>(ex.labels.data()),
+                 ex.labels.size() * sizeof(int64_t));
+      buf.push_back('\n');
+    }
+    for (const torch::Tensor& t : LoraParameters(*model_)) {
+      torch::Tensor c = t.detach().contiguous();
+      buf.append(reinterpret_cast<const char*>(c.data_ptr<float>()),
+                 static_cast<size_t>(c.numel()) * sizeof(float));
+    }
+    return common::Sha256Hex(buf);
+  }
+
+  static std::string AdamKey(const torch::Tensor& p) {
+    return c10::guts::to_string(p.unsafeGetTensorImpl());
+  }
+
+  // Writes the run's state to options.checkpoint_path (atomically).
+  absl::Status SaveCheckpoint(const TrainOptions& options, const std::string& fingerprint,
+                              const RunState& st, const std::vector<torch::Tensor>& trainable,
+                              const std::vector<torch::Tensor>& anchors,
+                              torch::optim::AdamW& opt, torch::Generator& gen) const {
+    torch::NoGradGuard no_grad;
+    std::ostringstream rng;
+    rng << st.rng;
+    json meta;
+    meta["fingerprint"] = fingerprint;
+    meta["step"] = st.step;
+    meta["loss_sum"] = st.loss_sum;
+    meta["last_loss"] = st.last_loss;
+    meta["tokens"] = st.tokens;
+    meta["cursor"] = st.cursor;
+    meta["order"] = st.order;
+    meta["rng"] = rng.str();
+    torch::serialize::OutputArchive ar;
+    ar.write("meta", BytesTensor(meta.dump()));
+    ar.write("gen", gen.get_state());
+    for (size_t i = 0; i < trainable.size(); ++i) {
+      ar.write(absl::StrCat("param.", i), trainable[i].detach());
+      if (i < anchors.size()) ar.write(absl::StrCat("anchor.", i), anchors[i]);
+      auto it = opt.state().find(AdamKey(trainable[i]));
+      if (it == opt.state().end()) continue;
+      const auto& a = static_cast<const torch::optim::AdamWParamState&>(*it->second);
+      ar.write(absl::StrCat("adam_step.", i), torch::tensor(a.step(), torch::kLong));
+      ar.write(absl::StrCat("exp_avg.", i), a.exp_avg());
+      ar.write(absl::StrCat("exp_avg_sq.", i), a.exp_avg_sq());
+    }
+    std::string bytes;
+    ar.save_to([&bytes](const void* data, size_t n) {
+      bytes.append(static_cast<const char*>(data), n);
+      return n;
+    });
+    return common::WriteFileAtomic(options.checkpoint_path, bytes, 0600);
+  }
+
+  // Restores the run's state from options.checkpoint_path when that file
+  // exists and belongs to this run. Returns whether it did. A missing,
+  // unreadable or foreign file is not an error: the run starts from scratch.
+  bool LoadCheckpoint(const TrainOptions& options, const std::string& fingerprint, RunState& st,
+                      const std::vector<torch::Tensor>& trainable,
+                      std::vector<torch::Tensor>& anchors, torch::optim::AdamW& opt,
+                      torch::Generator& gen) const {
+    absl::StatusOr<std::string> bytes = common::ReadFileToString(options.checkpoint_path);
+    if (!bytes.ok()) return false;
+    torch::NoGradGuard no_grad;
+    try {
+      torch::serialize::InputArchive ar;
+      ar.load_from(bytes->data(), bytes->size());
+      torch::Tensor t;
+      ar.read("meta", t);
+      json meta = json::parse(TensorBytes(t));
+      if (meta.at("fingerprint").get<std::string>() != fingerprint) return false;
+      RunState loaded;
+      loaded.step = meta.at("step").get<int>();
+      loaded.loss_sum = meta.at("loss_sum").get<double>();
+      loaded.last_loss = meta.at("last_loss").get<double>();
+      loaded.tokens = meta.at("tokens").get<uint64_t>();
+      loaded.cursor = meta.at("cursor").get<size_t>();
+      loaded.order = meta.at("order").get<std::vector<size_t>>();
+      std::istringstream rng(meta.at("rng").get<std::string>());
+      rng >> loaded.rng;
+      if (!rng || loaded.step < 0 || loaded.step > options.steps ||
+          loaded.cursor > loaded.order.size()) {
+        return false;
+      }
+      // Read everything before changing anything.
+      torch::Tensor gen_state;
+      ar.read("gen", gen_state);
+      std::vector<torch::Tensor> values(trainable.size()), anchor_values(trainable.size());
+      std::vector<std::unique_ptr<torch::optim::AdamWParamState>> adam(trainable.size());
+      for (size_t i = 0; i < trainable.size(); ++i) {
+        ar.read(absl::StrCat("param.", i), values[i]);
+        if (!values[i].defined() || !values[i].sizes().equals(trainable[i].sizes())) return false;
+        if (!anchors.empty()) {
+          ar.read(absl::StrCat("anchor.", i), anchor_values[i]);
+          if (!anchor_values[i].defined() ||
+              !anchor_values[i].sizes().equals(trainable[i].sizes())) {
+            return false;
+          }
+        }
+        torch::Tensor step, m, v;
+        if (ar.try_read(absl::StrCat("adam_step.", i), step)) {
+          ar.read(absl::StrCat("exp_avg.", i), m);
+          ar.read(absl::StrCat("exp_avg_sq.", i), v);
+          if (!m.sizes().equals(trainable[i].sizes()) || !v.sizes().equals(trainable[i].sizes())) {
+            return false;
+          }
+          adam[i] = std::make_unique<torch::optim::AdamWParamState>();
+          adam[i]->step(step.item<int64_t>());
+          adam[i]->exp_avg(m.clone());
+          adam[i]->exp_avg_sq(v.clone());
+        }
+      }
+      gen.set_state(gen_state);
+      for (size_t i = 0; i < trainable.size(); ++i) {
+        trainable[i].copy_(values[i]);
+        if (!anchors.empty()) anchors[i] = anchor_values[i].clone();
+        if (adam[i]) opt.state()[AdamKey(trainable[i])] = std::move(adam[i]);
+      }
+      st = std::move(loaded);
+      return true;
+    } catch (const c10::Error&) {
+      return false;
+    } catch (const json::exception&) {
+      return false;
+    }
+  }
+
   absl::StatusOr<TrainResult> TrainImpl(const std::vector<Example>& data,
                                         const TrainOptions& options) {
     const auto start = std::chrono::steady_clock::now();
@@ -273,56 +473,117 @@ class TorchTrainer final : public LocalTrainer {
       return absl::InvalidArgumentError(absl::StrCat(
           "Train: no example has response tokens within max_seq_len ", options.max_seq_len));
     }
-    std::vector<torch::Tensor> params = LoraParameters(*model_);
-    torch::optim::AdamW opt(
-        params,
-        torch::optim::AdamWOptions(options.learning_rate).weight_decay(options.weight_decay));
-    std::mt19937_64 rng(options.seed);
-    torch::Generator gen = at::detail::createCPUGenerator(options.seed ^ 0x9e3779b97f4a7c15ull);
-    const bool dropout = lora_.dropout > 0;
-    std::vector<size_t> order;
-    size_t cursor = 0;
-    TrainResult result;
-    double loss_sum = 0;
-    int loss_steps = 0;
-    for (int step = 0; step < options.steps; ++step) {
-      std::vector<const TokenizedExample*> batch;
-      if (static_cast<size_t>(options.batch_size) >= usable.size()) {
-        // Tiny dataset: every step sees all of it once.
-        for (size_t i : usable) batch.push_back(&tok[i]);
+    Trainable tr;
+    for (const Model::Adaptable& a : model_->AdaptableModules()) {
+      if (!a.linear->has_lora()) continue;
+      if (options.freeze_lora_a) {
+        a.linear->lora_a.set_requires_grad(false);
+        tr.frozen.push_back(a.linear->lora_a);
       } else {
-        while (static_cast<int>(batch.size()) < options.batch_size) {
-          if (cursor == order.size()) {
-            order = usable;
-            std::shuffle(order.begin(), order.end(), rng);
-            cursor = 0;
-          }
-          batch.push_back(&tok[order[cursor++]]);
-        }
+        tr.params.push_back(a.linear->lora_a);
       }
-      for (const auto* ex : batch) result.tokens += ex->ids.size();
+      tr.params.push_back(a.linear->lora_b);
+    }
+    struct CheckpointingGuard {
+      Model* m;
+      ~CheckpointingGuard() { m->set_gradient_checkpointing(false); }
+    } checkpointing{model_.get()};
+    model_->set_gradient_checkpointing(options.gradient_checkpointing);
+    std::vector<torch::Tensor> anchors;
+    if (options.prox_mu > 0) {
+      for (const auto& p : tr.params) anchors.push_back(p.detach().clone());
+    }
+    torch::optim::AdamW opt(
+        tr.params,
+        torch::optim::AdamWOptions(options.learning_rate).weight_decay(options.weight_decay));
+    RunState st;
+    st.rng.seed(options.seed);
+    torch::Generator gen = at::detail::createCPUGenerator(options.seed ^ 0x9e3779b97f4a7c15ull);
+    std::string fingerprint;
+    if (!options.checkpoint_path.empty()) {
+      fingerprint = RunFingerprint(tok, options);
+      (void)LoadCheckpoint(options, fingerprint, st, tr.params, anchors, opt, gen);
+    }
+    const bool dropout = lora_.dropout > 0;
+    const size_t micro = static_cast<size_t>(options.batch_size);
+    const size_t effective = micro * static_cast<size_t>(options.grad_accum_steps);
+    const int first_step = st.step;
+    const uint64_t first_tokens = st.tokens;
+    for (; st.step < options.steps;) {
+      const int step = st.step;
+      const std::vector<size_t> chosen = DrawStep(usable, effective, st);
+      int64_t total_count = 0;
+      for (size_t i : chosen) {
+        total_count += tok[i].response_tokens();
+        st.tokens += tok[i].ids.size();
+      }
       const double lr = LearningRateAt(options, step);
       for (auto& group : opt.param_groups()) {
         static_cast<torch::optim::AdamWOptions&>(group.options()).lr(lr);
       }
       opt.zero_grad();
-      auto [sum, count] = BatchLoss(batch, dropout ? &gen : nullptr);
-      torch::Tensor loss = sum / static_cast<double>(count);
-      const double value = loss.item<double>();
-      if (!std::isfinite(value)) {
-        return absl::InternalError(absl::StrCat("Train: non-finite loss ", value, " at step ", step,
-                                                "; adapter restored (try a lower learning_rate)"));
+      double value = 0;
+      for (size_t begin = 0; begin < chosen.size(); begin += micro) {
+        std::vector<const TokenizedExample*> batch;
+        for (size_t j = begin; j < std::min(chosen.size(), begin + micro); ++j) {
+          batch.push_back(&tok[chosen[j]]);
+        }
+        // Token-weighted: each micro-batch's summed loss over the step's total count.
+        torch::Tensor loss =
+            BatchLoss(batch, dropout ? &gen : nullptr).first / static_cast<double>(total_count);
+        const double v = loss.item<double>();
+        if (!std::isfinite(v)) {
+          return absl::InternalError(absl::StrCat("Train: non-finite loss ", v, " at step ",
+                                                  step,
+                                                  "; adapter restored (try a lower learning_rate)"));
+        }
+        value += v;
+        loss.backward();
       }
-      loss.backward();
+      if (options.prox_mu > 0) ProximalTerm(tr.params, anchors, options.prox_mu).backward();
       if (options.max_grad_norm > 0) {
-        torch::nn::utils::clip_grad_norm_(params, options.max_grad_norm);
+        torch::nn::utils::clip_grad_norm_(tr.params, options.max_grad_norm);
       }
       opt.step();
-      loss_sum += value;
-      ++loss_steps;
-      result.last_loss = value;
+      st.loss_sum += value;
+      st.last_loss = value;
+      ++st.step;
+      const bool last = st.step == options.steps;
+      if (!options.checkpoint_path.empty() && options.checkpoint_every > 0 && !last &&
+          st.step % options.checkpoint_every == 0) {
+        RETURN_IF_ERROR(SaveCheckpoint(options, fingerprint, st, tr.params, anchors, opt, gen));
+      }
+      if (options.progress_every > 0 && (st.step % options.progress_every == 0 || last)) {
+        TrainProgress p;
+        p.step = st.step;
+        p.total_steps = options.steps;
+        p.loss = value;
+        p.mean_loss = st.loss_sum / st.step;
+        p.tokens = st.tokens;
+        const double secs =
+            std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+        const int done = st.step - first_step;
+        p.tokens_per_s = static_cast<double>(st.tokens - first_tokens) / std::max(secs, 1e-9);
+        p.eta_seconds = secs / done * (options.steps - st.step);
+        if (options.on_progress) {
+          if (!options.on_progress(p)) {
+            if (!options.checkpoint_path.empty() && !last) {
+              RETURN_IF_ERROR(
+                  SaveCheckpoint(options, fingerprint, st, tr.params, anchors, opt, gen));
+            }
+            return absl::CancelledError(absl::StrCat("Train: stopped by on_progress after step ",
+                                                     st.step, " of ", options.steps));
+          }
+        } else {
+          std::fprintf(stderr, "%s\n", FormatProgress(p).c_str());
+        }
+      }
     }
-    result.mean_loss = loss_steps > 0 ? loss_sum / loss_steps : 0;
+    if (!options.checkpoint_path.empty()) std::remove(options.checkpoint_path.c_str());
+    TrainResult result;
+    result.tokens = st.tokens;
+    result.last_loss = st.last_loss;
+    result.mean_loss = options.steps > 0 ? st.loss_sum / options.steps : 0;
     result.seconds =
         std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
     return result;
@@ -337,6 +598,13 @@ class TorchTrainer final : public LocalTrainer {
 };
 
 }  // namespace
+
+std::string FormatProgress(const TrainProgress& p) {
+  const int64_t eta = static_cast<int64_t>(std::llround(p.eta_seconds));
+  return absl::StrFormat("train step %d/%d loss %.4f mean %.4f tokens/s %.1f eta %dm%02ds",
+                         p.step, p.total_steps, p.loss, p.mean_loss, p.tokens_per_s, eta / 60,
+                         eta % 60);
+}
 
 int64_t TokenizedExample::response_tokens() const {
   int64_t n = 0;

@@ -21,7 +21,18 @@
 // shuffled order seeded by options.seed (reshuffled every epoch), right-padded;
 // LoRA dropout from a generator seeded by options.seed. Same seed, data and
 // thread count => same result. Optimizer state does not persist across Train
-// calls. A non-finite loss aborts training and restores the adapter.
+// calls (except through a checkpoint file, see TrainOptions::checkpoint_path).
+// A non-finite loss aborts training and restores the adapter.
+//   * grad_accum_steps k: each step draws k * batch_size examples (the same
+//     ones a batch of k * batch_size would get) and runs them as k
+//     micro-batches; each micro-batch's summed loss is divided by the step's
+//     total response-token count, so the summed gradients equal the big batch's.
+//   * freeze_lora_a: A is left out of the optimizer (and of autograd), so it
+//     is bit-identical afterwards; weight decay does not touch it either.
+//   * prox_mu: after the data gradients, prox_mu/2 * ||w - w_start||^2 over
+//     the trained tensors is backpropagated (ProximalTerm in lora.h), before
+//     clipping. The reported losses are the data loss only.
+//   * gradient_checkpointing: Model::set_gradient_checkpointing during the call.
 
 #include <cstdint>
 #include <optional>
@@ -54,6 +65,9 @@ constexpr int64_t kIgnoreLabel = -100;
 
 TokenizedExample TokenizeExample(const Tokenizer& tokenizer, const SpecialTokens& special,
                                  const Example& example, int max_seq_len);
+
+// One progress line: "train step 10/200 loss 2.3456 mean 2.5000 tokens/s 812.3 eta 3m07s".
+std::string FormatProgress(const TrainProgress& p);
 
 // Learning rate at 0-based `step` (warmup then cosine).
 double LearningRateAt(const TrainOptions& options, int step);

@@ -177,6 +177,17 @@ std::vector<torch::Tensor> LoraParameters(const Model& model) {
   return out;
 }
 
+torch::Tensor ProximalTerm(const std::vector<torch::Tensor>& params,
+                           const std::vector<torch::Tensor>& anchors, double mu) {
+  TORCH_CHECK(params.size() == anchors.size(), "ProximalTerm: ", params.size(), " params but ",
+              anchors.size(), " anchors");
+  torch::Tensor sum = torch::zeros({}, torch::kFloat);
+  for (size_t i = 0; i < params.size(); ++i) {
+    sum = sum + (params[i] - anchors[i]).pow(2).sum();
+  }
+  return sum * (mu / 2.0);
+}
+
 void ClearLora(Model& model) {
   for (const Model::Adaptable& a : model.AdaptableModules()) {
     a.linear->lora_a = torch::Tensor();
@@ -193,11 +204,12 @@ void MergeLora(Model& model) {
     if (!l.has_lora()) continue;
     const torch::Tensor delta = torch::matmul(l.lora_b, l.lora_a) * l.scale;
     // A fresh tensor: the old weight may be a view of the read-only mapping.
-    // An int8 weight becomes fp32 (re-quantizing would lose the adapter's
+    // An int8 / int4 weight becomes fp32 (re-quantizing would lose the adapter's
     // small contribution); bf16/fp16 keep their dtype.
     torch::Tensor merged = l.DenseWeight() + delta;
-    if (l.weight.scalar_type() == torch::kChar) {
+    if (l.weight.scalar_type() == torch::kChar || l.is_int4()) {
       l.weight_scale = torch::Tensor();
+      l.int4_in = 0;
     } else {
       merged = merged.to(l.weight.scalar_type());
     }

@@ -35,24 +35,45 @@ class Model;
 
 // A frozen linear layer with an optional LoRA adapter.
 struct LoraLinear {
-  torch::Tensor weight;  // [out, in]; frozen (may alias a read-only mmap: never write in place).
-                         // fp32, bf16/fp16, or int8 with weight_scale.
-  torch::Tensor weight_scale;  // [out] fp32 per-row scale when weight is int8, else undefined
+  torch::Tensor weight;  // frozen (may alias a read-only mmap: never write in place):
+                         // fp32 / bf16 / fp16 [out, in]; int8 [out, in] with weight_scale;
+                         // int4: uint8 [out, ceil(in / kInt4Group) * kInt4Group / 2], two
+                         // 4-bit codes per byte (low nibble = even column), code c means
+                         // (c - 8) * scale of its group; the padding columns are zero.
+  torch::Tensor weight_scale;  // int8: [out] fp32 per-row scale; int4: [out, groups] fp32
   torch::Tensor bias;          // [out] or undefined
   torch::Tensor lora_a;        // [r, in] or undefined (no adapter)
   torch::Tensor lora_b;        // [out, r]
   double scale = 0.0;
   double dropout = 0.0;
+  int64_t int4_in = 0;  // in-features of an int4 weight (its packed width is padded)
 
-  int64_t in_features() const { return weight.size(1); }
+  static constexpr int64_t kInt4Group = 64;  // weights per int4 scale (along `in`)
+
+  bool is_int4() const { return weight.scalar_type() == torch::kByte; }
+  int64_t in_features() const { return is_int4() ? int4_in : weight.size(1); }
   int64_t out_features() const { return weight.size(0); }
   bool has_lora() const { return lora_a.defined(); }
   // The base weight as fp32 [out, in] (dequantized / converted when stored otherwise).
   torch::Tensor DenseWeight() const;
   // x: [..., in] fp32. With `dropout_gen` set and dropout > 0, LoRA dropout is
-  // applied (training); otherwise none.
+  // applied (training); otherwise none. A base weight stored in another dtype
+  // is converted for the product and again in backward: the fp32 copy is never
+  // kept for autograd (QLoRA-style, per layer, on the fly).
   torch::Tensor forward(const torch::Tensor& x, torch::Generator* dropout_gen = nullptr) const;
 };
+
+// Group-wise symmetric 4-bit quantization of a fp32 [out, in] weight (see
+// LoraLinear::weight): scale = max|w| of the group / 7, code = round(w / scale) + 8,
+// so every weight is within scale / 2 of its dequantized value.
+void QuantizeInt4(const torch::Tensor& w, LoraLinear* l);
+
+// y = x W^T with W stored in `weight`'s dtype (see LoraLinear): dequantized in
+// forward and again in backward instead of being saved. No gradient for W.
+torch::Tensor FrozenMatmul(const torch::Tensor& x, const torch::Tensor& weight,
+                           const torch::Tensor& weight_scale, int64_t int4_in);
+torch::Tensor DequantizeWeight(const torch::Tensor& weight, const torch::Tensor& weight_scale,
+                               int64_t int4_in);
 
 // The scale a config implies (alpha/r or alpha/sqrt(r)).
 double LoraScale(const LoraConfig& config);
@@ -70,6 +91,10 @@ absl::Status SetLora(Model& model, const LoraConfig& config, const common::Tenso
 common::TensorMap ExportLora(const Model& model);
 // Trainable tensors (A and B of every adapted module), in a fixed order.
 std::vector<torch::Tensor> LoraParameters(const Model& model);
+// FedProx's proximal term mu/2 * sum_i ||params[i] - anchors[i]||^2 (a scalar
+// that autograd differentiates to mu * (params[i] - anchors[i])). Shapes must match.
+torch::Tensor ProximalTerm(const std::vector<torch::Tensor>& params,
+                           const std::vector<torch::Tensor>& anchors, double mu);
 // Removes the adapter.
 void ClearLora(Model& model);
 // Folds the adapter into the base weights (W += scale * B A) and removes it.

@@ -1,8 +1,11 @@
 #include "edge-agent/model.h"
 
+#include <sys/mman.h>
 #include <sys/stat.h>
+#include <unistd.h>
 
 #include <cmath>
+#include <optional>
 #include <set>
 #include <utility>
 
@@ -11,6 +14,7 @@
 #include "common/crypto/crypto.h"
 #include "common/status/status.h"
 #include "nlohmann/json.hpp"
+#include "torch/csrc/autograd/custom_function.h"
 
 namespace fedlora::edge {
 namespace {
@@ -133,8 +137,27 @@ class WeightSource {
       t = torch::from_blob(data, shape, torch::TensorOptions().dtype(src));
       if (!aligned) t = t.clone();
     }
-    if (src != store) t = t.to(store);
+    if (src != store) {
+      t = t.to(store);
+      Release(name);
+    }
     return t;
+  }
+
+  // Drops the resident pages of `name`'s bytes in the mapping once a converted
+  // copy exists, so the fp32 checkpoint and its conversion are not both
+  // resident. Only whole pages inside the tensor are dropped; the mapping is
+  // read-only and private, so a later access would just re-read the file.
+  void Release(const std::string& name) {
+    auto it = views_.find(name);
+    if (it == views_.end()) return;
+    const common::TensorView& v = *it->second.view;
+    const uintptr_t page = static_cast<uintptr_t>(sysconf(_SC_PAGESIZE));
+    const uintptr_t begin = (reinterpret_cast<uintptr_t>(v.data) + page - 1) / page * page;
+    const uintptr_t end = (reinterpret_cast<uintptr_t>(v.data) + v.nbytes) / page * page;
+    if (end > begin) {
+      (void)madvise(reinterpret_cast<void*>(begin), end - begin, MADV_DONTNEED);
+    }
   }
 
  private:
@@ -181,7 +204,7 @@ torch::Tensor InvFreq(const ModelConfig& c) {
 absl::StatusOr<std::unique_ptr<Model>> Model::Load(const std::string& model_dir,
                                                    const ModelLoadOptions& options) {
   torch::ScalarType store;
-  bool int8 = false;
+  bool int8 = false, int4 = false;
   if (options.base_dtype == "fp32") {
     store = torch::kFloat;
   } else if (options.base_dtype == "bf16") {
@@ -191,10 +214,13 @@ absl::StatusOr<std::unique_ptr<Model>> Model::Load(const std::string& model_dir,
   } else if (options.base_dtype == "int8") {
     store = torch::kBFloat16;  // embeddings and lm_head
     int8 = true;
+  } else if (options.base_dtype == "int4") {
+    store = torch::kBFloat16;  // embeddings and lm_head
+    int4 = true;
   } else {
-    return absl::InvalidArgumentError(
-        absl::StrCat("base_dtype: expected \"fp32\", \"bf16\", \"fp16\" or \"int8\", found \"",
-                     options.base_dtype, "\""));
+    return absl::InvalidArgumentError(absl::StrCat(
+        "base_dtype: expected \"fp32\", \"bf16\", \"fp16\", \"int8\" or \"int4\", found \"",
+        options.base_dtype, "\""));
   }
   ASSIGN_OR_RETURN(ModelConfig config, LoadModelConfig(model_dir));
   std::unique_ptr<Model> m(new Model());
@@ -226,6 +252,11 @@ absl::StatusOr<std::unique_ptr<Model>> Model::Load(const std::string& model_dir,
         torch::Tensor scale = w.abs().amax(1).clamp_min(1e-30) / 127.0;
         l->weight = (w / scale.unsqueeze(1)).round().clamp(-127, 127).to(torch::kChar);
         l->weight_scale = scale.to(torch::kFloat).contiguous();
+        src.Release(name + ".weight");
+      } else if (int4) {
+        ASSIGN_OR_RETURN(torch::Tensor w, src.Get(name + ".weight", {out, in}));
+        QuantizeInt4(w, l);
+        src.Release(name + ".weight");
       } else {
         ASSIGN_OR_RETURN(l->weight, src.Get(name + ".weight", {out, in}, store));
       }
@@ -267,17 +298,95 @@ absl::StatusOr<std::unique_ptr<Model>> Model::Load(const std::string& model_dir,
   return m;
 }
 
-torch::Tensor LoraLinear::DenseWeight() const {
-  if (weight.scalar_type() == torch::kFloat) return weight;
-  if (weight.scalar_type() == torch::kChar) {
-    return weight.to(torch::kFloat) * weight_scale.unsqueeze(1);
+void QuantizeInt4(const torch::Tensor& w, LoraLinear* l) {
+  torch::NoGradGuard no_grad;
+  const int64_t out = w.size(0), in = w.size(1), g = LoraLinear::kInt4Group;
+  const int64_t groups = (in + g - 1) / g;
+  torch::Tensor padded = w.to(torch::kFloat);
+  if (groups * g != in) {
+    padded = torch::nn::functional::pad(padded, torch::nn::functional::PadFuncOptions({0, groups * g - in}));
   }
-  return weight.to(torch::kFloat);
+  padded = padded.reshape({out, groups, g});
+  torch::Tensor scale = padded.abs().amax(-1, /*keepdim=*/true).clamp_min(1e-30) / 7.0;
+  torch::Tensor codes = (padded / scale).round().clamp(-8, 7).add(8).to(torch::kByte);
+  codes = codes.reshape({out, groups * g / 2, 2});
+  // Codes are <= 15, so hi * 16 + lo fits a byte.
+  l->weight = (codes.select(2, 0) + codes.select(2, 1) * 16).contiguous();
+  l->weight_scale = scale.reshape({out, groups}).contiguous();
+  l->int4_in = in;
+}
+
+torch::Tensor DequantizeWeight(const torch::Tensor& weight, const torch::Tensor& weight_scale,
+                               int64_t int4_in) {
+  switch (weight.scalar_type()) {
+    case torch::kFloat:
+      return weight;
+    case torch::kChar:
+      return weight.to(torch::kFloat) * weight_scale.unsqueeze(1);
+    case torch::kByte: {
+      const int64_t out = weight.size(0), packed = weight.size(1);
+      const int64_t groups = weight_scale.size(1);
+      torch::Tensor w = torch::empty({out, packed, 2}, torch::kFloat);
+      w.select(2, 0).copy_(weight.bitwise_and(15));
+      w.select(2, 1).copy_(weight.bitwise_right_shift(4));
+      torch::Tensor s = weight_scale.unsqueeze(-1);
+      w = w.view({out, groups, -1}).mul_(s).sub_(s * 8.0).view({out, packed * 2});
+      return packed * 2 == int4_in ? w : w.slice(1, 0, int4_in);
+    }
+    default:
+      return weight.to(torch::kFloat);
+  }
+}
+
+namespace {
+
+// y = x W^T for a frozen W kept in a compact dtype: autograd would otherwise
+// hold the converted fp32 W of every layer until backward.
+class FrozenMatmulFn : public torch::autograd::Function<FrozenMatmulFn> {
+ public:
+  static torch::Tensor forward(torch::autograd::AutogradContext* ctx, const torch::Tensor& x,
+                               const torch::Tensor& weight, const torch::Tensor& weight_scale,
+                               int64_t int4_in) {
+    ctx->save_for_backward({weight, weight_scale});
+    ctx->saved_data["int4_in"] = int4_in;
+    ctx->saved_data["x_dtype"] = static_cast<int64_t>(x.scalar_type());
+    torch::Tensor w = DequantizeWeight(weight, weight_scale, int4_in);
+    return torch::matmul(x, w.t());
+  }
+
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grads) {
+    const auto saved = ctx->get_saved_variables();
+    const torch::Tensor& g = grads[0];
+    torch::Tensor w =
+        DequantizeWeight(saved[0], saved[1], ctx->saved_data["int4_in"].toInt());
+    if (w.scalar_type() != g.scalar_type()) w = w.to(g.scalar_type());
+    torch::Tensor gx = torch::matmul(g, w);
+    const auto x_dtype = static_cast<torch::ScalarType>(ctx->saved_data["x_dtype"].toInt());
+    if (gx.scalar_type() != x_dtype) gx = gx.to(x_dtype);
+    return {gx, torch::Tensor(), torch::Tensor(), torch::Tensor()};
+  }
+};
+
+}  // namespace
+
+torch::Tensor FrozenMatmul(const torch::Tensor& x, const torch::Tensor& weight,
+                           const torch::Tensor& weight_scale, int64_t int4_in) {
+  if (weight.scalar_type() == torch::kFloat) return torch::matmul(x, weight.t());
+  if (torch::GradMode::is_enabled() && x.requires_grad()) {
+    // Function::apply needs defined tensors; bf16 / fp16 weights have no scale.
+    return FrozenMatmulFn::apply(
+        x, weight, weight_scale.defined() ? weight_scale : torch::empty({0}), int4_in);
+  }
+  return torch::matmul(x, DequantizeWeight(weight, weight_scale, int4_in).t());
+}
+
+torch::Tensor LoraLinear::DenseWeight() const {
+  return DequantizeWeight(weight, weight_scale, int4_in);
 }
 
 torch::Tensor LoraLinear::forward(const torch::Tensor& x, torch::Generator* dropout_gen) const {
-  const torch::Tensor w = DenseWeight();
-  torch::Tensor y = torch::matmul(x, w.t());
+  torch::Tensor y = FrozenMatmul(x, weight, weight_scale, int4_in);
   if (bias.defined()) y = y + bias;
   if (lora_a.defined()) {
     torch::Tensor xin = x;
@@ -369,15 +478,107 @@ torch::Tensor Model::Mlp(const DecoderLayer& L, const torch::Tensor& h,
   return L.down_proj.forward(torch::silu(gate) * up, gen);
 }
 
+torch::Tensor Model::Layer(size_t i, const torch::Tensor& x, const torch::Tensor& cos,
+                           const torch::Tensor& sin, KvCache* cache, int64_t past,
+                           torch::Generator* gen) const {
+  const DecoderLayer& L = layers_[i];
+  torch::Tensor h =
+      x + Attention(L, static_cast<int>(i), Rms(x, L.input_norm), cos, sin, cache, past, gen);
+  return h + Mlp(L, Rms(h, L.post_norm), gen);
+}
+
+std::vector<torch::Tensor> Model::LayerLoraTensors(size_t i) const {
+  const DecoderLayer& L = layers_[i];
+  std::vector<torch::Tensor> out;
+  for (const LoraLinear* l : {&L.q_proj, &L.k_proj, &L.v_proj, &L.qkv_proj, &L.o_proj,
+                              &L.gate_proj, &L.up_proj, &L.gate_up_proj, &L.down_proj}) {
+    if (!l->has_lora()) continue;
+    out.push_back(l->lora_a);
+    out.push_back(l->lora_b);
+  }
+  return out;
+}
+
+namespace {
+
+// One decoder layer whose forward keeps only its input: backward runs the
+// layer again with grad enabled (and the same dropout draws, from a copy of
+// the generator taken before the forward) and backpropagates through that.
+// The LoRA tensors of the layer are inputs so that autograd routes their
+// gradients here.
+class CheckpointedLayerFn : public torch::autograd::Function<CheckpointedLayerFn> {
+ public:
+  static torch::Tensor forward(torch::autograd::AutogradContext* ctx, const torch::Tensor& x,
+                               at::TensorList lora, const Model* model, int64_t index,
+                               const torch::Tensor& cos, const torch::Tensor& sin,
+                               torch::Generator* gen) {
+    ctx->save_for_backward({x});
+    ctx->saved_data["model"] = static_cast<int64_t>(reinterpret_cast<intptr_t>(model));
+    ctx->saved_data["index"] = index;
+    ctx->saved_data["cos"] = cos;
+    ctx->saved_data["sin"] = sin;
+    ctx->saved_data["n_lora"] = static_cast<int64_t>(lora.size());
+    if (gen != nullptr) ctx->saved_data["gen"] = gen->clone();
+    torch::NoGradGuard no_grad;
+    return model->Layer(static_cast<size_t>(index), x, cos, sin, nullptr, 0, gen);
+  }
+
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grads) {
+    const torch::Tensor x = ctx->get_saved_variables()[0];
+    const auto* model =
+        reinterpret_cast<const Model*>(static_cast<intptr_t>(ctx->saved_data["model"].toInt()));
+    const auto index = static_cast<size_t>(ctx->saved_data["index"].toInt());
+    std::optional<torch::Generator> gen;
+    if (ctx->saved_data.count("gen")) gen = ctx->saved_data["gen"].toGenerator().clone();
+    const std::vector<torch::Tensor> lora = model->LayerLoraTensors(index);
+    TORCH_CHECK(static_cast<int64_t>(lora.size()) == ctx->saved_data["n_lora"].toInt(),
+                "gradient checkpointing: the adapter changed between forward and backward");
+    torch::Tensor xin = x.detach().requires_grad_(x.requires_grad());
+    torch::Tensor y;
+    {
+      torch::AutoGradMode grad_mode(true);
+      y = model->Layer(index, xin, ctx->saved_data["cos"].toTensor(),
+                       ctx->saved_data["sin"].toTensor(), nullptr, 0, gen ? &*gen : nullptr);
+    }
+    std::vector<torch::Tensor> wrt;
+    std::vector<size_t> where;  // position of each wrt entry in the returned list
+    if (xin.requires_grad()) {
+      wrt.push_back(xin);
+      where.push_back(0);
+    }
+    for (size_t j = 0; j < lora.size(); ++j) {
+      if (!lora[j].requires_grad()) continue;
+      wrt.push_back(lora[j]);
+      where.push_back(1 + j);
+    }
+    // x, the LoRA tensors, then model, index, cos, sin, gen (no gradients).
+    torch::autograd::variable_list out(1 + lora.size() + 5);
+    if (wrt.empty()) return out;
+    torch::autograd::variable_list g =
+        torch::autograd::grad({y}, wrt, {grads[0]}, /*retain_graph=*/false,
+                              /*create_graph=*/false, /*allow_unused=*/true);
+    for (size_t k = 0; k < wrt.size(); ++k) out[where[k]] = g[k];
+    return out;
+  }
+};
+
+}  // namespace
+
+torch::Tensor Model::CheckpointedLayer(size_t i, const torch::Tensor& x, const torch::Tensor& cos,
+                                       const torch::Tensor& sin, torch::Generator* gen) const {
+  const std::vector<torch::Tensor> lora = LayerLoraTensors(i);
+  return CheckpointedLayerFn::apply(x, at::TensorList(lora), this, static_cast<int64_t>(i), cos,
+                                    sin, gen);
+}
+
 torch::Tensor Model::Forward(const torch::Tensor& ids, KvCache* cache,
                              torch::Generator* dropout_gen, bool last_only) const {
   return Logits(ForwardHidden(ids, cache, dropout_gen, last_only));
 }
 
 torch::Tensor Model::Logits(const torch::Tensor& hidden) const {
-  const torch::Tensor head =
-      lm_head_.scalar_type() == torch::kFloat ? lm_head_ : lm_head_.to(torch::kFloat);
-  return torch::matmul(hidden, head.t());
+  return FrozenMatmul(hidden, lm_head_, torch::Tensor(), 0);
 }
 
 torch::Tensor Model::ForwardHidden(const torch::Tensor& ids, KvCache* cache,
@@ -408,11 +609,11 @@ torch::Tensor Model::ForwardHidden(const torch::Tensor& ids, KvCache* cache,
   torch::Tensor cos = emb.cos(), sin = emb.sin();
 
   torch::Tensor x = Embed(ids);
+  const bool checkpoint =
+      gradient_checkpointing_ && cache == nullptr && torch::GradMode::is_enabled();
   for (size_t i = 0; i < layers_.size(); ++i) {
-    const DecoderLayer& L = layers_[i];
-    x = x +
-        Attention(L, static_cast<int>(i), Rms(x, L.input_norm), cos, sin, cache, past, dropout_gen);
-    x = x + Mlp(L, Rms(x, L.post_norm), dropout_gen);
+    x = checkpoint ? CheckpointedLayer(i, x, cos, sin, dropout_gen)
+                   : Layer(i, x, cos, sin, cache, past, dropout_gen);
   }
   if (cache != nullptr) cache->length = past + T;
   if (last_only) x = x.slice(1, T - 1);

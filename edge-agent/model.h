@@ -53,7 +53,12 @@ struct ModelLoadOptions {
   // them to fp32 per use. "int8" stores the linear weights of the decoder
   // layers as int8 with a per-output-row absmax scale (a quarter of the
   // memory; QLoRA-style dequantization per layer on the fly) and the
-  // embeddings / lm_head in bf16. Norms and biases always stay fp32.
+  // embeddings / lm_head in bf16. "int4" stores them group-wise 4-bit
+  // (LoraLinear::kInt4Group weights per fp32 scale, about 0.56 bytes per
+  // weight; see QuantizeInt4) with the embeddings / lm_head in bf16. Norms and
+  // biases always stay fp32. Compact weights are dequantized per layer on the
+  // fly in forward and again in backward (never kept in fp32), and the
+  // converted tensors' pages of the fp32 checkpoint mapping are released.
   std::string base_dtype = "fp32";
 };
 
@@ -96,6 +101,19 @@ class Model {
   // Short module names this architecture offers ("q_proj", ... or "qkv_proj", ...).
   std::vector<std::string> ModuleNames() const;
 
+  // Gradient checkpointing: while on, a forward with grad enabled and no KV
+  // cache keeps only each decoder layer's input and recomputes the layer in
+  // backward (same results, same dropout draws; less memory, more compute).
+  void set_gradient_checkpointing(bool on) { gradient_checkpointing_ = on; }
+  bool gradient_checkpointing() const { return gradient_checkpointing_; }
+
+  // Decoder layer `i` applied to x [B, T, H] (used by the checkpointing wrapper).
+  torch::Tensor Layer(size_t i, const torch::Tensor& x, const torch::Tensor& cos,
+                      const torch::Tensor& sin, KvCache* cache, int64_t past,
+                      torch::Generator* gen) const;
+  // The LoRA tensors (A, B per adapted module) of layer `i`, in a fixed order.
+  std::vector<torch::Tensor> LayerLoraTensors(size_t i) const;
+
   // Base parameters (excluding LoRA), counting tied embeddings once.
   int64_t NumParameters() const;
   // Checkpoint dtype name ("F32", "BF16", ...) -> number of tensors.
@@ -113,6 +131,8 @@ class Model {
                           const torch::Tensor& cos, const torch::Tensor& sin, KvCache* cache,
                           int64_t past, torch::Generator* gen) const;
   torch::Tensor Mlp(const DecoderLayer& layer, const torch::Tensor& h, torch::Generator* gen) const;
+  torch::Tensor CheckpointedLayer(size_t i, const torch::Tensor& x, const torch::Tensor& cos,
+                                  const torch::Tensor& sin, torch::Generator* gen) const;
 
   ModelConfig config_;
   std::string model_dir_;
@@ -124,6 +144,7 @@ class Model {
   std::vector<DecoderLayer> layers_;
   std::map<std::string, int> dtypes_;
   int64_t checkpoint_bytes_ = 0;
+  bool gradient_checkpointing_ = false;
 };
 
 }  // namespace fedlora::edge

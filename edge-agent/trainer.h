@@ -9,6 +9,7 @@
 // A LocalTrainer is not safe for concurrent use; one thread drives it.
 
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <string>
 #include <vector>
@@ -35,6 +36,8 @@ struct Example {
   std::string response;  // target text
 };
 
+struct TrainProgress;
+
 struct TrainOptions {
   int steps = 20;
   float learning_rate = 1e-3f;
@@ -44,6 +47,44 @@ struct TrainOptions {
   float max_grad_norm = 1.0f;
   int warmup_steps = 0;
   uint64_t seed = 0;
+  // FedProx: adds prox_mu/2 * ||w - w_start||^2 over the LoRA tensors, w_start = the
+  // adapter at the start of this call (the round's base version). 0 disables.
+  float prox_mu = 0.0f;
+  // FFA-LoRA: the A matrices stay frozen (only B is trained and sent back).
+  bool freeze_lora_a = false;
+  // Gradient accumulation: each optimizer step sums the gradients of this many
+  // micro-batches of batch_size examples (effective batch batch_size *
+  // grad_accum_steps). The loss is the token-weighted mean over all of them, so
+  // k micro-batches of b give the gradient of one batch of k*b.
+  int grad_accum_steps = 1;
+  // Recompute each decoder layer's activations in backward instead of keeping
+  // them (less memory, about one more forward of compute).
+  bool gradient_checkpointing = false;
+  // Progress: every progress_every optimizer steps (and after the last one)
+  // on_progress is called, or, when it is empty, one line goes to stderr.
+  // 0 disables. on_progress returning false stops training: Train then returns
+  // Cancelled and restores the adapter (a checkpoint, if enabled, is written first).
+  int progress_every = 0;
+  std::function<bool(const TrainProgress&)> on_progress;
+  // Checkpoint / resume of an interrupted run: with checkpoint_path set, the
+  // adapter, the AdamW state, the step, the data order and the RNG states are
+  // written there atomically every checkpoint_every steps (0 = only when
+  // stopped by on_progress). A Train call whose checkpoint file belongs to the
+  // same run (same data, options and starting adapter) continues from it and
+  // reaches the same final adapter as an uninterrupted run; a file from another
+  // run is ignored and overwritten. The file is removed when training completes.
+  std::string checkpoint_path;
+  int checkpoint_every = 0;
+};
+
+struct TrainProgress {
+  int step = 0;             // optimizer steps done (1-based)
+  int total_steps = 0;
+  double loss = 0;          // loss of this step
+  double mean_loss = 0;     // mean over the steps so far
+  uint64_t tokens = 0;      // tokens processed so far
+  double tokens_per_s = 0;  // since this call started (or resumed)
+  double eta_seconds = 0;   // at the current rate
 };
 
 struct TrainResult {

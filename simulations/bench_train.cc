@@ -142,8 +142,9 @@ absl::Status CheckOptions(const TrainBenchOptions& o) {
   if (o.batch < 1) return bad("batch", ">= 1", o.batch);
   if (o.threads < 1) return bad("threads", ">= 1", o.threads);
   if (o.steps < 1) return bad("steps", ">= 1", o.steps);
-  if (o.base_dtype != "fp32" && o.base_dtype != "bf16" && o.base_dtype != "int8") {
-    return bad("base-dtype", "fp32, bf16 or int8", absl::StrCat("\"", o.base_dtype, "\""));
+  if (o.base_dtype != "fp32" && o.base_dtype != "bf16" && o.base_dtype != "int8" &&
+      o.base_dtype != "int4") {
+    return bad("base-dtype", "fp32, bf16, int8 or int4", absl::StrCat("\"", o.base_dtype, "\""));
   }
   return absl::OkStatus();
 }
@@ -170,6 +171,7 @@ absl::StatusOr<TrainBenchResult> RunImpl(const TrainBenchOptions& o, const Train
   ASSIGN_OR_RETURN(std::unique_ptr<edge::Model> model, edge::Model::Load(guard.path, lopts));
   edge::LoraConfig lora;  // r=8, alpha=16, q,k,v,o,gate,up,down, no dropout
   RETURN_IF_ERROR(edge::InitLora(*model, lora));
+  model->set_gradient_checkpointing(o.grad_checkpoint);
   std::vector<torch::Tensor> params = edge::LoraParameters(*model);
 
   TrainBenchResult result;
@@ -255,6 +257,7 @@ std::string TrainBenchJson(const TrainBenchResult& r) {
   j["threads"] = r.options.threads;
   j["base_dtype"] = r.options.base_dtype;
   j["bf16"] = r.options.bf16;
+  j["grad_checkpoint"] = r.options.grad_checkpoint;
   j["steps"] = r.options.steps;
   j["tokens_per_s"] = round1(r.tokens_per_s);
   j["peak_rss_mb"] = round1(r.peak_rss_mb);

@@ -19,7 +19,8 @@
 // includes the resident mmapped checkpoint pages).
 // Bad options (unknown preset or dtype, non-positive sizes) are
 // InvalidArgument naming the field; bf16 autocast (options.bf16) runs the
-// forward under CPU autocast to bfloat16.
+// forward under CPU autocast to bfloat16; grad_checkpoint turns on the
+// model's gradient checkpointing (edge::Model::set_gradient_checkpointing).
 
 #include <cstdint>
 #include <string>
@@ -42,8 +43,9 @@ struct TrainBenchOptions {
   int batch = 4;
   int threads = 2;
   int steps = 5;
-  std::string base_dtype = "fp32";  // fp32 | bf16 | int8
+  std::string base_dtype = "fp32";  // fp32 | bf16 | int8 | int4
   bool bf16 = false;                // autocast the forward to bf16
+  bool grad_checkpoint = false;     // edge::Model gradient checkpointing
   std::string tmp_root = "";        // where the temp checkpoint goes; "" = $TMPDIR or /tmp
 };
 
@@ -60,7 +62,7 @@ struct TrainBenchResult {
 absl::StatusOr<TrainBenchResult> RunTrainBench(const TrainBenchOptions& options);
 
 // One JSON line (no trailing newline): {"bench":"train","preset":..,"seq":..,
-// "batch":..,"threads":..,"base_dtype":..,"bf16":..,"steps":..,"tokens_per_s":..,
+// "batch":..,"threads":..,"base_dtype":..,"bf16":..,"grad_checkpoint":..,"steps":..,"tokens_per_s":..,
 // "peak_rss_mb":..,"step_ms_mean":..,"last_loss":..,"trainable_params":..,"frozen_params":..}
 std::string TrainBenchJson(const TrainBenchResult& result);
 

@@ -7,15 +7,22 @@
 #include <chrono>
 #include <cmath>
 #include <ctime>
+#include <nlohmann/json.hpp>
+#include <pwd.h>
+#include <unistd.h>
 #include <string>
 #include <vector>
 
 #include "absl/status/status.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
+#include "common/crypto/at_rest.h"
 #include "common/crypto/pki.h"
+#include "common/crypto/sign.h"
 #include "common/net/tls.h"
+#include "coordinator/audit.h"
 #include "coordinator/export_version.h"
+#include "coordinator/state_store.h"
 #include "fedlora/v1/fedlora.grpc.pb.h"
 
 namespace fedlora::coordinator {
@@ -32,6 +39,75 @@ std::string FormatTime(uint64_t unix_ms) {
 }
 
 std::string Num(double v) { return std::isfinite(v) ? absl::StrFormat("%.4f", v) : "-"; }
+
+// Audit actor of commands run on the coordinator host: "local:<user>".
+std::string LocalActor() {
+  struct passwd* pw = ::getpwuid(::getuid());
+  if (pw != nullptr && pw->pw_name != nullptr) return std::string("local:") + pw->pw_name;
+  return absl::StrCat("local:uid", ::getuid());
+}
+
+std::string RecordLine(const AuditRecord& r) {
+  return absl::StrFormat("%6d %s %-24s %-18s %s", r.seq, FormatTime(r.time_unix_ms), r.actor,
+                         r.action, r.details_json);
+}
+
+int AuditVerify(const std::string& data_dir, bool json, std::ostream& out, std::ostream& err) {
+  auto store = StateStore::OpenReadOnly(data_dir);
+  if (!store.ok()) {
+    err << "fedlora-admin audit verify: " << store.status().ToString() << "\n";
+    return 1;
+  }
+  auto report = VerifyAuditChain((*store)->raw_store());
+  if (!report.ok()) {
+    err << "fedlora-admin audit verify: " << report.status().ToString() << "\n";
+    return 1;
+  }
+  if (json) {
+    nlohmann::json j{{"ok", report->ok},
+                     {"records", report->records},
+                     {"head_seq", report->head_seq},
+                     {"head_hash", report->head_hash},
+                     {"first_bad_seq", report->first_bad_seq},
+                     {"error", report->error}};
+    out << j.dump() << "\n";
+  } else if (report->ok) {
+    out << "audit log intact: " << report->records << " records, head seq " << report->head_seq
+        << " hash " << report->head_hash << "\n";
+  } else {
+    out << "audit log BROKEN at seq " << report->first_bad_seq << ": " << report->error << "\n";
+  }
+  return report->ok ? 0 : 1;
+}
+
+int AuditList(const std::string& data_dir, uint64_t from, size_t limit, bool json,
+              std::ostream& out, std::ostream& err) {
+  auto store = StateStore::OpenReadOnly(data_dir);
+  if (!store.ok()) {
+    err << "fedlora-admin audit list: " << store.status().ToString() << "\n";
+    return 1;
+  }
+  auto records = ListAuditRecords((*store)->raw_store(), from, limit);
+  if (!records.ok()) {
+    err << "fedlora-admin audit list: " << records.status().ToString() << "\n";
+    return 1;
+  }
+  for (const AuditRecord& r : *records) {
+    if (json) {
+      nlohmann::json j{{"seq", r.seq},
+                       {"time_unix_ms", r.time_unix_ms},
+                       {"actor", r.actor},
+                       {"action", r.action},
+                       {"details", nlohmann::json::parse(r.details_json, nullptr, false)},
+                       {"prev_hash", r.prev_hash},
+                       {"hash", r.hash}};
+      out << j.dump() << "\n";
+    } else {
+      out << RecordLine(r) << "\n";
+    }
+  }
+  return 0;
+}
 
 void PrintStatus(const fedlora::v1::StatusResponse& s, std::ostream& out) {
   size_t online = 0;
@@ -82,8 +158,9 @@ int RunAdminCli(int argc, const char* const* argv, std::ostream& out, std::ostre
   pki->require_subcommand(1);
   CLI::App* init = pki->add_subcommand(
       "init",
-      "Create a CA, the coordinator's server certificate and an admin certificate in DIR "
-      "(ca.pem ca.key coordinator.pem coordinator.key admin.pem admin.key)");
+      "Create a CA, the coordinator's server certificate, an admin certificate and the "
+      "coordinator's adapter signing key in DIR (ca.pem ca.key coordinator.pem coordinator.key "
+      "admin.pem admin.key coordinator-signing.key coordinator-signing.pub)");
   std::string init_dir;
   std::vector<std::string> sans;
   int init_days = 365;
@@ -107,6 +184,42 @@ int RunAdminCli(int argc, const char* const* argv, std::ostream& out, std::ostre
   issue->add_option("--validity-days", issue_days, "Certificate validity")
       ->capture_default_str()
       ->check(CLI::PositiveNumber);
+
+  CLI::App* keys = app.add_subcommand("keys", "Create the at-rest and signing keys");
+  keys->require_subcommand(1);
+  CLI::App* create_at_rest = keys->add_subcommand(
+      "create-at-rest",
+      "Write a new at-rest encryption key (32 random bytes as hex, mode 0600) for the "
+      "coordinator's --at-rest-key; refuses to overwrite");
+  std::string at_rest_file;
+  create_at_rest->add_option("FILE", at_rest_file, "Key file to create")->required();
+  CLI::App* create_signing = keys->add_subcommand(
+      "create-signing",
+      "Write a new Ed25519 adapter signing key pair DIR/coordinator-signing.key (0600) and "
+      "DIR/coordinator-signing.pub; refuses to overwrite");
+  std::string signing_dir;
+  create_signing->add_option("DIR", signing_dir, "Directory (e.g. the PKI directory)")
+      ->required();
+
+  CLI::App* audit = app.add_subcommand(
+      "audit", "The coordinator's hash-chained audit log (coordinator host, read-only)");
+  audit->require_subcommand(1);
+  CLI::App* audit_verify = audit->add_subcommand(
+      "verify", "Check the hash chain; exit 1 and name the first bad seq when it is broken");
+  std::string audit_dir;
+  bool audit_json = false;
+  audit_verify->add_option("--data-dir", audit_dir, "The coordinator's data directory")
+      ->required();
+  audit_verify->add_flag("--json", audit_json, "Print the report as JSON");
+  CLI::App* audit_list = audit->add_subcommand("list", "Print audit records in seq order");
+  uint64_t audit_from = 1;
+  size_t audit_limit = 0;
+  audit_list->add_option("--data-dir", audit_dir, "The coordinator's data directory")
+      ->required();
+  audit_list->add_option("--from", audit_from, "First seq to print")->capture_default_str();
+  audit_list->add_option("--limit", audit_limit, "Most records to print (0 = all)")
+      ->capture_default_str();
+  audit_list->add_flag("--json", audit_json, "One JSON object per line");
 
   CLI::App* status =
       app.add_subcommand("status",
@@ -137,6 +250,9 @@ int RunAdminCli(int argc, const char* const* argv, std::ostream& out, std::ostre
                   "(default f32); peft is always f32")
       ->check(CLI::IsMember({"f32", "f16", "q8_0", "q4_0"}));
   exp->add_option("--out", exp_out, "Output: a directory (peft) or a .gguf file")->required();
+  std::string exp_at_rest;
+  exp->add_option("--at-rest-key", exp_at_rest,
+                  "The data dir's at-rest key file, when it is encrypted");
 
   try {
     app.parse(argc, argv);
@@ -155,9 +271,44 @@ int RunAdminCli(int argc, const char* const* argv, std::ostream& out, std::ostre
       err << "fedlora-admin pki init: " << s.ToString() << "\n";
       return 1;
     }
+    s = common::WriteNewSigningKeyPair(init_dir + "/coordinator-signing.key",
+                                       init_dir + "/coordinator-signing.pub");
+    if (!s.ok()) {
+      err << "fedlora-admin pki init: signing key: " << s.ToString() << "\n";
+      return 1;
+    }
     out << "created PKI in " << init_dir
-        << " (ca.pem ca.key coordinator.pem coordinator.key admin.pem admin.key)\n";
+        << " (ca.pem ca.key coordinator.pem coordinator.key admin.pem admin.key "
+           "coordinator-signing.key coordinator-signing.pub)\n";
     return 0;
+  }
+  if (create_at_rest->parsed()) {
+    absl::Status s = common::WriteNewAtRestKeyFile(at_rest_file);
+    if (!s.ok()) {
+      err << "fedlora-admin keys create-at-rest: " << s.ToString() << "\n";
+      return 1;
+    }
+    auto cipher = common::AtRestCipher::LoadFile(at_rest_file);
+    out << "wrote at-rest key " << at_rest_file << " (key id "
+        << (cipher.ok() ? cipher->key_id() : "?") << "); keep a copy off this host\n";
+    return 0;
+  }
+  if (create_signing->parsed()) {
+    const std::string priv = signing_dir + "/coordinator-signing.key";
+    const std::string pub = signing_dir + "/coordinator-signing.pub";
+    absl::Status s = common::WriteNewSigningKeyPair(priv, pub);
+    if (!s.ok()) {
+      err << "fedlora-admin keys create-signing: " << s.ToString() << "\n";
+      return 1;
+    }
+    auto key = common::VerifyKey::LoadFile(pub);
+    out << "wrote " << priv << " and " << pub << " (key id " << (key.ok() ? key->key_id() : "?")
+        << ")\n";
+    return 0;
+  }
+  if (audit_verify->parsed()) return AuditVerify(audit_dir, audit_json, out, err);
+  if (audit_list->parsed()) {
+    return AuditList(audit_dir, audit_from, audit_limit, audit_json, out, err);
   }
   if (issue->parsed()) {
     common::CertRole cert_role = role == "agent"   ? common::CertRole::kAgent
@@ -227,10 +378,54 @@ int RunAdminCli(int argc, const char* const* argv, std::ostream& out, std::ostre
           << " needs --base-model DIR (the HF base model directory)\n";
       return 2;
     }
-    auto result = ExportVersionFromDataDir(exp_data_dir, options);
+    StateStoreOptions store_options;
+    store_options.actor = LocalActor();
+    store_options.encrypt_existing = false;  // an export never changes how data is stored
+    if (!exp_at_rest.empty()) {
+      auto cipher = common::AtRestCipher::LoadFile(exp_at_rest);
+      if (!cipher.ok()) {
+        err << "fedlora-admin models export: " << cipher.status().ToString() << "\n";
+        return 1;
+      }
+      store_options.at_rest = std::move(*cipher);
+    }
+    // Read-only first: it refuses a missing or foreign directory (a writable open
+    // would create one) and a wrong key. Then writable when the coordinator is not
+    // running, so that the export is audited.
+    auto store = StateStore::OpenReadOnly(exp_data_dir, store_options);
+    bool audited = false;
+    if (store.ok()) {
+      store->reset();
+      store = StateStore::Open(exp_data_dir, store_options);
+      audited = store.ok();
+      if (absl::IsUnavailable(store.status())) {
+        store = StateStore::OpenReadOnly(exp_data_dir, store_options);
+      }
+    }
+    if (!store.ok()) {
+      err << "fedlora-admin models export: " << store.status().ToString() << "\n";
+      return 1;
+    }
+    auto result = ExportVersion(**store, options);
     if (!result.ok()) {
       err << "fedlora-admin models export: " << result.status().ToString() << "\n";
       return 1;
+    }
+    if (audited) {
+      nlohmann::json details{{"version", result->version_id},
+                             {"format", exp_format},
+                             {"quant", exp_quant},
+                             {"out", result->out}};
+      absl::Status s = (*store)->AppendAudit(store_options.actor, "model.exported",
+                                             details.dump());
+      if (!s.ok()) {
+        err << "fedlora-admin models export: exported, but the audit record failed: "
+            << s.ToString() << "\n";
+        return 1;
+      }
+    } else {
+      err << "fedlora-admin models export: note: the coordinator holds " << exp_data_dir
+          << "; the export was not recorded in the audit log\n";
     }
     out << "exported " << result->version_id << " as " << exp_format << " ("
         << result->tensor_count << " tensors, r=" << result->config.r

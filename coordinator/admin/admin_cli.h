@@ -10,6 +10,17 @@
 //     (works while the coordinator runs) and exports a published version
 //     (VERSION "latest" / "current" = the current one); see coordinator/export_version.h.
 //     --base-model is required for the GGUF formats.
+//     With --at-rest-key the data dir's encrypted blobs are read with that key.
+//     When the coordinator is not running the export is recorded in the audit log
+//     (actor "local:<user>"); while it runs (the data dir is locked) the export
+//     proceeds read-only and says that it was not recorded.
+//   fedlora-admin keys create-at-rest FILE        32 random bytes (hex), mode 0600
+//   fedlora-admin keys create-signing DIR         DIR/coordinator-signing.key (0600) + .pub
+//   fedlora-admin audit verify --data-dir DIR [--json]
+//     Read-only: checks the hash chain; exit 0 intact, 1 broken (first bad seq named).
+//   fedlora-admin audit list --data-dir DIR [--from SEQ] [--limit N] [--json]
+// `pki init` also writes the coordinator's adapter signing key pair
+// (coordinator-signing.key / coordinator-signing.pub) beside the certificates.
 //
 // RunAdminCli parses argv, runs the command and returns the process exit code
 // (0 ok, 1 the command failed, 2 bad usage). Output goes to `out`, errors to `err`.

@@ -109,5 +109,58 @@ TEST(ConfigTest, ConfigFileThenFlagsWin) {
   EXPECT_EQ(ParseCoordinatorFlags(3, missing.data()).status().code(), absl::StatusCode::kNotFound);
 }
 
+TEST(ConfigTest, AggregationSectionAndFlags) {
+  CoordinatorConfig cfg;
+  EXPECT_EQ(cfg.aggregation.strategy, Strategy::kFedAvg);  // the default
+  ASSERT_TRUE(LoadYamlString("rounds: 2\naggregation:\n  strategy: fedyogi\n  server_lr: 0.03\n"
+                             "  beta1: 0.8\n  beta2: 0.995\n  tau: 0.0001\n  prox_mu: 0.2\n",
+                             "a.yaml", &cfg)
+                  .ok());
+  EXPECT_EQ(cfg.aggregation.strategy, Strategy::kFedYogi);
+  EXPECT_DOUBLE_EQ(cfg.aggregation.server_lr, 0.03);
+  EXPECT_DOUBLE_EQ(cfg.aggregation.beta1, 0.8);
+  EXPECT_DOUBLE_EQ(cfg.aggregation.beta2, 0.995);
+  EXPECT_DOUBLE_EQ(cfg.aggregation.tau, 1e-4);
+  EXPECT_DOUBLE_EQ(cfg.aggregation.prox_mu, 0.2);
+
+  absl::Status s = LoadYamlString("aggregation:\n  strategy: fedsgd\n", "a.yaml", &cfg);
+  EXPECT_THAT(std::string(s.message()),
+              HasSubstr("a.yaml:2: config key 'aggregation.strategy': unknown aggregation "
+                        "strategy 'fedsgd'"));
+  s = LoadYamlString("aggregation:\n  strategy: fedavg\n  lr: 1\n", "a.yaml", &cfg);
+  EXPECT_THAT(std::string(s.message()), HasSubstr("a.yaml:3: unknown config key 'aggregation.lr'"));
+  s = LoadYamlString("aggregation:\n  tau: small\n", "a.yaml", &cfg);
+  EXPECT_THAT(std::string(s.message()), HasSubstr("a.yaml:2: config key 'aggregation.tau'"));
+  EXPECT_FALSE(LoadYamlString("aggregation: fedavg\n", "a.yaml", &cfg).ok());
+
+  const std::string hash(64, 'a');
+  std::vector<const char*> argv = {"fedlora-coordinator", "--tls-ca", "ca.pem", "--tls-cert",
+                                   "c.pem", "--tls-key", "c.key", "--base-model-hash",
+                                   hash.c_str(), "--strategy", "ffa-lora", "--prox-mu", "0.5",
+                                   "--server-lr", "0.1", "--beta1", "0.5", "--beta2", "0.9",
+                                   "--tau", "0.01"};
+  auto parsed = ParseCoordinatorFlags(static_cast<int>(argv.size()), argv.data());
+  ASSERT_TRUE(parsed.ok()) << parsed.status();
+  EXPECT_EQ(parsed->aggregation.strategy, Strategy::kFfaLora);
+  EXPECT_DOUBLE_EQ(parsed->aggregation.prox_mu, 0.5);
+  EXPECT_DOUBLE_EQ(parsed->aggregation.server_lr, 0.1);
+  EXPECT_DOUBLE_EQ(parsed->aggregation.beta1, 0.5);
+  EXPECT_DOUBLE_EQ(parsed->aggregation.beta2, 0.9);
+  EXPECT_DOUBLE_EQ(parsed->aggregation.tau, 0.01);
+  argv[10] = "median";
+  EXPECT_THAT(std::string(ParseCoordinatorFlags(static_cast<int>(argv.size()), argv.data())
+                              .status()
+                              .message()),
+              HasSubstr("unknown aggregation strategy 'median'"));
+  argv[10] = "fedadam";
+  argv[18] = "1.5";  // --beta2
+  EXPECT_THAT(std::string(ParseCoordinatorFlags(static_cast<int>(argv.size()), argv.data())
+                              .status()
+                              .message()),
+              HasSubstr("aggregation.beta2"));
+  EXPECT_THAT(CoordinatorHelp(), HasSubstr("--strategy"));
+  EXPECT_THAT(CoordinatorHelp(), HasSubstr("--server-lr"));
+}
+
 }  // namespace
 }  // namespace fedlora::coordinator

@@ -9,6 +9,11 @@
 #include <nlohmann/json.hpp>
 #include <sstream>
 
+#include "absl/strings/str_format.h"
+#include "common/quant/quant.h"
+#include "coordinator/aggregator.h"
+#include "coordinator/lora_product.h"
+#include "coordinator/strategy.h"
 #include "tests/coordinator/coordinator_test_util.h"
 
 namespace fedlora::coordinator {
@@ -321,6 +326,202 @@ TEST_F(RoundManagerTest, StopAnswersUnavailable) {
   std::promise<absl::Status> done;
   manager_->CheckUpdateHeader("a", v1::UpdateHeader(), [&](absl::Status s) { done.set_value(s); });
   EXPECT_EQ(done.get_future().get().code(), absl::StatusCode::kUnavailable);
+}
+
+// ------------------------------------------------------------------ Strategies
+
+// Runs one round with updates from a (10 examples) and b (30) and waits for its version.
+#define RUN_ROUND(round, base, ua, ub, la, lb)                                          \
+  do {                                                                                  \
+    ASSERT_TRUE(WaitFor([&]() {                                                         \
+      return la->Count(Kind::kRoundTask) >= 1 &&                                        \
+             la->Last(Kind::kRoundTask).round_task().round_id() == (round);             \
+    }));                                                                                \
+    ASSERT_TRUE(Submit("a", (round), 10, (ua), (base)).ok());                           \
+    ASSERT_TRUE(Submit("b", (round), 30, (ub), (base)).ok());                           \
+    ASSERT_TRUE(WaitFor([&]() {                                                         \
+      return lb->Count(Kind::kVersionNotice) >= 1 &&                                    \
+             lb->Last(Kind::kVersionNotice).version_notice().version_id() ==            \
+                 VersionId(round);                                                      \
+    }));                                                                                \
+  } while (0)
+
+common::TensorMap DecodedVersion(StateStore* store, const std::string& id,
+                                 common::Metadata* metadata = nullptr) {
+  auto v = store->GetVersion(id);
+  EXPECT_TRUE(v.ok() && v->has_value());
+  auto blob = store->GetBlob((*v)->sha256);
+  EXPECT_TRUE(blob.ok());
+  auto tensors = common::DecodeAdapterBlob(*blob, metadata);
+  EXPECT_TRUE(tensors.ok());
+  return *tensors;
+}
+
+common::TensorMap Mean(const common::TensorMap& x, double wx, const common::TensorMap& y,
+                       double wy) {
+  FedAvgAggregator agg;
+  EXPECT_TRUE(agg.Add(x, wx).ok());
+  EXPECT_TRUE(agg.Add(y, wy).ok());
+  return *agg.Finish();
+}
+
+TEST_F(RoundManagerTest, DefaultStrategyIsFedAvgEverywhere) {
+  config_.rounds = 1;
+  StartManager();
+  auto a = Connect("a");
+  auto b = Connect("b");
+  const v1::RoundTask task = a->Last(Kind::kRoundTask).round_task();
+  EXPECT_EQ(task.aggregation(), "fedavg");
+  EXPECT_EQ(task.prox_mu(), 0.0f);
+  EXPECT_FALSE(task.freeze_lora_a());
+  const common::TensorMap ua = MakeLoraUpdate(4, 1, 8, 8, 1), ub = MakeLoraUpdate(4, 1, 8, 8, 2);
+  RUN_ROUND(1u, "", ua, ub, a, b);
+  auto version = **store_->GetVersion("v000001");
+  EXPECT_EQ(version.strategy, "fedavg");
+  EXPECT_FALSE(version.discarded_energy.has_value());
+  EXPECT_TRUE(version.server_state_sha256.empty());
+  common::Metadata md;
+  const common::TensorMap got = DecodedVersion(store_.get(), "v000001", &md);
+  EXPECT_EQ(md.at("fedlora.aggregation"), "fedavg");
+  EXPECT_EQ(md.count("fedlora.discarded_energy"), 0u);
+  // The published blob is the q8_0 encoding of the plain weighted mean.
+  const common::TensorMap want =
+      *common::DecodeAdapterBlob(common::EncodeAdapterBlob(Mean(ua, 10, ub, 30), common::Quant::kQ8_0));
+  for (const auto& [name, t] : want) EXPECT_EQ(got.at(name).data, t.data) << name;
+  Eval(a, "v000001", 2.0);
+  Eval(b, "v000001", 2.0);
+  EXPECT_THAT(out_.str(), HasSubstr(" version=v000001 strategy=fedavg\n"));
+}
+
+TEST_F(RoundManagerTest, FedProxSendsMuAndAnOpenRoundKeepsItsStrategyAcrossRestart) {
+  config_.aggregation.strategy = Strategy::kFedProx;
+  config_.aggregation.prox_mu = 0.25;
+  StartManager();
+  auto a = Connect("a");
+  Connect("b");
+  v1::RoundTask task = a->Last(Kind::kRoundTask).round_task();
+  EXPECT_EQ(task.aggregation(), "fedprox");
+  EXPECT_EQ(task.prox_mu(), 0.25f);
+  EXPECT_FALSE(task.freeze_lora_a());
+  EXPECT_EQ((*store_->GetRound(1))->prox_mu, 0.25);
+  StopManager();
+  store_.reset();
+  config_.aggregation.strategy = Strategy::kFfaLora;
+  StartManager();
+  auto a2 = Connect("a");
+  task = a2->Last(Kind::kRoundTask).round_task();  // the open round's task, as first sent
+  EXPECT_EQ(task.aggregation(), "fedprox");
+  EXPECT_EQ(task.prox_mu(), 0.25f);
+}
+
+TEST_F(RoundManagerTest, FedAdamMomentsPersistWithTheVersionAcrossRestarts) {
+  config_.aggregation.strategy = Strategy::kFedAdam;
+  config_.aggregation.server_lr = 0.05;
+  StartManager();
+  auto a = Connect("a");
+  auto b = Connect("b");
+  // Round 1 (fresh LoRA): the mean is published; the moments start empty.
+  const common::TensorMap u1 = MakeLoraUpdate(4, 1, 8, 8, 1), u2 = MakeLoraUpdate(4, 1, 8, 8, 2);
+  RUN_ROUND(1u, "", u1, u2, a, b);
+  auto v1rec = **store_->GetVersion("v000001");
+  EXPECT_EQ(v1rec.strategy, "fedadam");
+  ASSERT_FALSE(v1rec.server_state_sha256.empty());
+  ServerOptimizerState state =
+      *DecodeServerState(*store_->GetBlob(v1rec.server_state_sha256), "v1 state");
+  EXPECT_EQ(state.steps, 0u);
+
+  StrategyParams params = config_.aggregation;
+  common::TensorMap x = DecodedVersion(store_.get(), "v000001");
+  for (uint64_t round = 2; round <= 3; ++round) {
+    // Restart on a reopened store each time: the moments must come back from it.
+    StopManager();
+    store_.reset();
+    StartManager();
+    a = Connect("a");
+    b = Connect("b");
+    const std::string base = VersionId(round - 1);
+    const common::TensorMap ua = MakeLoraUpdate(4, 1, 8, 8, 10 * round, 0.3f);
+    const common::TensorMap ub = MakeLoraUpdate(4, 1, 8, 8, 10 * round + 1, 0.3f);
+    RUN_ROUND(round, base, ua, ub, a, b);
+    // Reference: one server Adam step from the decoded parent with the stored moments.
+    const common::TensorMap want = *AdaptiveServerStep(params, x, Mean(ua, 10, ub, 30), &state);
+    EXPECT_EQ(state.steps, round - 1);
+    auto rec = **store_->GetVersion(VersionId(round));
+    EXPECT_EQ(rec.strategy, "fedadam");
+    EXPECT_EQ(rec.parent_version, base);
+    ServerOptimizerState stored =
+        *DecodeServerState(*store_->GetBlob(rec.server_state_sha256), "state");
+    EXPECT_EQ(stored.steps, round - 1);
+    for (const auto& [name, t] : state.m) EXPECT_EQ(stored.m.at(name).data, t.data) << name;
+    for (const auto& [name, t] : state.v) EXPECT_EQ(stored.v.at(name).data, t.data) << name;
+    const common::TensorMap got = DecodedVersion(store_.get(), VersionId(round));
+    const common::TensorMap want_q =
+        *common::DecodeAdapterBlob(common::EncodeAdapterBlob(want, common::Quant::kQ8_0));
+    for (const auto& [name, t] : want_q) EXPECT_EQ(got.at(name).data, t.data) << name;
+    x = got;
+  }
+  EXPECT_EQ(state.steps, 2u);
+}
+
+TEST_F(RoundManagerTest, FfaLoraPublishesTheFrozenAAndAbortsOnAMovedA) {
+  config_.aggregation.strategy = Strategy::kFfaLora;
+  StartManager();
+  auto a = Connect("a");
+  auto b = Connect("b");
+  EXPECT_TRUE(a->Last(Kind::kRoundTask).round_task().freeze_lora_a());
+  EXPECT_EQ(a->Last(Kind::kRoundTask).round_task().aggregation(), "ffa-lora");
+  const common::TensorMap init = MakeLoraUpdate(4, 1, 8, 8, 1);
+  auto with_a = [](common::TensorMap u, const common::TensorMap& from) {
+    for (auto& [name, t] : u) {
+      if (name.find(".lora_A.") != std::string::npos) t = from.at(name);
+    }
+    return u;
+  };
+  RUN_ROUND(1u, "", with_a(MakeLoraUpdate(4, 1, 8, 8, 2), init),
+            with_a(MakeLoraUpdate(4, 1, 8, 8, 3), init), a, b);
+  const common::TensorMap v1 = DecodedVersion(store_.get(), "v000001");
+  // Round 2: b trained A although it is frozen: the round aborts naming b and A.
+  ASSERT_TRUE(WaitFor([&]() { return a->Count(Kind::kRoundTask) == 2; }));
+  common::TensorMap moved = with_a(MakeLoraUpdate(4, 1, 8, 8, 5), v1);
+  moved.begin()->second.data[0] += 0.01f;  // the first tensor is layer 0 q_proj lora_A
+  ASSERT_TRUE(Submit("a", 2, 10, with_a(MakeLoraUpdate(4, 1, 8, 8, 4), v1), "v000001").ok());
+  ASSERT_TRUE(Submit("b", 2, 30, moved, "v000001").ok());
+  ASSERT_TRUE(WaitFor([&]() {
+    auto r = store_->GetRound(2);
+    return r.ok() && r->has_value() && (*r)->phase == RoundPhase::kAborted;
+  }));
+  EXPECT_THAT((*store_->GetRound(2))->abort_reason,
+              HasSubstr("FFA-LoRA: agent 'b' changed the frozen tensor "
+                        "'base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight'"));
+  EXPECT_EQ(*store_->CurrentVersion(), "v000001");
+}
+
+TEST_F(RoundManagerTest, LoraProductReportsDiscardedEnergyInVersionAndRoundLine) {
+  config_.aggregation.strategy = Strategy::kLoraProduct;
+  config_.lora_alpha = 8;
+  config_.rounds = 1;
+  StartManager();
+  auto a = Connect("a");
+  auto b = Connect("b");
+  const common::TensorMap ua = MakeLoraUpdate(4, 1, 8, 8, 1), ub = MakeLoraUpdate(4, 1, 8, 8, 2);
+  RUN_ROUND(1u, "", ua, ub, a, b);
+  ProductAggregator plain(8.0 / 4, 4);
+  ASSERT_TRUE(plain.Add(ua, 10).ok());
+  ASSERT_TRUE(plain.Add(ub, 30).ok());
+  const ProductResult want = *plain.Finish();
+  ASSERT_GT(want.discarded_energy_fraction, 0);  // two rank-4 products: rank 8 > 4
+  auto rec = **store_->GetVersion("v000001");
+  EXPECT_EQ(rec.strategy, "lora-product");
+  ASSERT_TRUE(rec.discarded_energy.has_value());
+  EXPECT_DOUBLE_EQ(*rec.discarded_energy, want.discarded_energy_fraction);
+  EXPECT_DOUBLE_EQ(*(*store_->GetRound(1))->discarded_energy, want.discarded_energy_fraction);
+  common::Metadata md;
+  DecodedVersion(store_.get(), "v000001", &md);
+  EXPECT_EQ(md.at("fedlora.aggregation"), "lora-product");
+  Eval(a, "v000001", 2.0);
+  Eval(b, "v000001", 2.0);
+  EXPECT_THAT(out_.str(), HasSubstr(absl::StrFormat(" strategy=lora-product discarded_energy=%.6g\n",
+                                                    want.discarded_energy_fraction)));
 }
 
 }  // namespace

@@ -32,7 +32,7 @@ TEST(StateStoreTest, FreshStoreWritesSchemaAndReopens) {
   {
     auto store = StateStore::Open(dir.path());
     ASSERT_TRUE(store.ok()) << store.status();
-    EXPECT_EQ(*(*store)->raw()->Get("meta", "schema_version"), "1");
+    EXPECT_EQ(*(*store)->raw()->Get("meta", "schema_version"), std::to_string(kSchemaVersion));
     auto key = (*store)->LoadOrCreateSealKey();
     ASSERT_TRUE(key.ok());
     seal_public = key->public_key;
@@ -57,11 +57,15 @@ TEST(StateStoreTest, RefusesNewerSchema) {
   {
     auto store = StateStore::Open(dir.path());
     ASSERT_TRUE(store.ok());
-    ASSERT_TRUE((*store)->raw()->Put("meta", "schema_version", "2", true).ok());
+    ASSERT_TRUE((*store)
+                    ->raw()
+                    ->Put("meta", "schema_version", std::to_string(kSchemaVersion + 1), true)
+                    .ok());
   }
   auto store = StateStore::Open(dir.path());
   EXPECT_EQ(store.status().code(), absl::StatusCode::kFailedPrecondition);
-  EXPECT_THAT(std::string(store.status().message()), HasSubstr("schema_version is 2"));
+  EXPECT_THAT(std::string(store.status().message()),
+              HasSubstr("schema_version is " + std::to_string(kSchemaVersion + 1)));
 }
 
 TEST(StateStoreTest, CorruptSchemaAndRecordAreDataLoss) {

@@ -19,6 +19,7 @@
 
 #include "common/crypto/crypto.h"
 #include "common/crypto/pki.h"
+#include "common/crypto/sign.h"
 #include "common/net/tls.h"
 #include "common/quant/quant.h"
 #include "common/tensor/tensor.h"
@@ -154,6 +155,7 @@ struct Submission {
 struct FakeBlob {
   std::string bytes;
   std::string advertised_sha;  // blob_sha256 put in every chunk
+  std::string signature;       // AdapterChunk.signature ("" = none)
 };
 
 class FakeCoordinator final : public v1::Coordinator::Service {
@@ -176,9 +178,10 @@ class FakeCoordinator final : public v1::Coordinator::Service {
     shutting_down_ = true;
     cv_.notify_all();
   }
-  void AddBlob(const std::string& version, std::string bytes, std::string advertised_sha) {
+  void AddBlob(const std::string& version, std::string bytes, std::string advertised_sha,
+               std::string signature = "") {
     std::lock_guard<std::mutex> lock(mu_);
-    blobs_[version] = {std::move(bytes), std::move(advertised_sha)};
+    blobs_[version] = {std::move(bytes), std::move(advertised_sha), std::move(signature)};
   }
   void set_hello_reject(grpc::StatusCode code) { hello_reject_ = code; }
   void set_fetch_chunk(size_t n) { fetch_chunk_ = n; }
@@ -303,6 +306,7 @@ class FakeCoordinator final : public v1::Coordinator::Service {
       chunk.set_chunk_sha256(common::Sha256Hex(chunk.data()));
       chunk.set_total_size(blob.bytes.size());
       chunk.set_blob_sha256(blob.advertised_sha);
+      chunk.set_signature(blob.signature);
       if (first_call && index == corrupt_first_fetch_chunk_) {
         (*chunk.mutable_data())[0] ^= 0x5A;
       }
@@ -787,6 +791,159 @@ TEST_F(AgentTest, StopEndsRunPromptly) {
   agent_thread_.join();
   EXPECT_LT(std::chrono::steady_clock::now() - start, 3s);
   EXPECT_TRUE(run_status_.ok()) << run_status_;
+}
+
+// ---------------------------------------------------------------- signed adapters
+
+// The coordinator's signing key in the PKI directory, where the agent finds the
+// public half by default (beside ca.pem).
+class SignedAgentTest : public AgentTest {
+ protected:
+  void SetUp() override {
+    AgentTest::SetUp();
+    ASSERT_TRUE(common::WriteNewSigningKeyPair(dir_ + "/coordinator-signing.key",
+                                               dir_ + "/coordinator-signing.pub")
+                    .ok());
+    auto key = common::SigningKey::LoadFile(dir_ + "/coordinator-signing.key");
+    ASSERT_TRUE(key.ok()) << key.status();
+    key_ = std::make_unique<common::SigningKey>(std::move(*key));
+  }
+
+  std::string Statement(const common::SigningKey& key, const std::string& version, uint64_t round,
+                        const std::string& blob, const std::string& base_hash = kModelHash) {
+    common::AdapterStatement st;
+    st.version_id = version;
+    st.round_id = round;
+    st.blob_sha256 = common::Sha256Hex(blob);
+    st.base_model_hash = base_hash;
+    st.quant = "f32";
+    auto encoded = common::SignAdapterStatement(key, st);
+    EXPECT_TRUE(encoded.ok()) << encoded.status();
+    return encoded.ok() ? *encoded : std::string();
+  }
+
+  // Serves `blob` as `version` (advertising its real hash) and sends a notice
+  // carrying `signature`.
+  void Announce(const std::string& version, uint64_t round, const std::string& blob,
+                const std::string& signature) {
+    fake_->AddBlob(version, blob, common::Sha256Hex(blob));
+    v1::CoordinatorMessage m = Notice(version, round, common::Sha256Hex(blob), blob.size());
+    m.mutable_version_notice()->set_signature(signature);
+    fake_->Push(std::move(m));
+  }
+
+  std::unique_ptr<common::SigningKey> key_;
+};
+
+TEST_F(SignedAgentTest, SignedVersionsApplyFromNoticeAndFromFetchedChunks) {
+  StartServer();
+  StartAgent(Options());
+  ASSERT_TRUE(WaitWelcomed());
+  common::TensorMap v1_tensors = MakeAdapter(1.5f, 200);
+  std::string blob = common::EncodeAdapterBlob(v1_tensors, common::Quant::kNone);
+  Announce("v000001", 1, blob, Statement(*key_, "v000001", 1, blob));
+  ASSERT_TRUE(WaitFor([&] { return agent_->stats().evals_reported == 1; }));
+  EXPECT_EQ(agent_->stats().current_version, "v000001");
+
+  // A round based on a version the agent never got a notice for: the statement
+  // comes with the fetched chunks.
+  common::TensorMap v2_tensors = MakeAdapter(-2.5f, 200);
+  std::string blob2 = common::EncodeAdapterBlob(v2_tensors, common::Quant::kNone);
+  fake_->AddBlob("v000002", blob2, common::Sha256Hex(blob2),
+                 Statement(*key_, "v000002", 2, blob2));
+  fake_->Push(Task(3, "v000002"));
+  ASSERT_TRUE(WaitFor([&] { return agent_->stats().rounds_submitted == 1; }));
+  auto sets = trainer_->set_tensors();
+  ASSERT_EQ(sets.size(), 2u);
+  ExpectSameTensors(sets[0], v1_tensors);
+  ExpectSameTensors(sets[1], v2_tensors);
+  EXPECT_EQ(agent_->stats().adapters_refused, 0u);
+}
+
+TEST_F(SignedAgentTest, TamperedUnsignedOrMislabeledVersionsAreRefusedAndTheLastGoodIsKept) {
+  StartServer();
+  StartAgent(Options());
+  ASSERT_TRUE(WaitWelcomed());
+  common::TensorMap good = MakeAdapter(0.5f, 200);
+  std::string good_blob = common::EncodeAdapterBlob(good, common::Quant::kNone);
+  Announce("v000001", 1, good_blob, Statement(*key_, "v000001", 1, good_blob));
+  ASSERT_TRUE(WaitFor([&] { return agent_->stats().evals_reported == 1; }));
+
+  // v2: the blob was swapped in transit (hashes recomputed, signature of the original).
+  std::string original = common::EncodeAdapterBlob(MakeAdapter(2.0f, 200), common::Quant::kNone);
+  std::string swapped = common::EncodeAdapterBlob(MakeAdapter(66.0f, 200), common::Quant::kNone);
+  Announce("v000002", 2, swapped, Statement(*key_, "v000002", 2, original));
+  // v3: a bit of the signature flipped.
+  std::string blob3 = common::EncodeAdapterBlob(MakeAdapter(3.0f, 200), common::Quant::kNone);
+  std::string sig3 = Statement(*key_, "v000003", 3, blob3);
+  const size_t at = sig3.find("signature=") + 20;
+  sig3[at] = sig3[at] == '0' ? '1' : '0';
+  Announce("v000003", 3, blob3, sig3);
+  // v4: signed by another key.
+  auto other = common::SigningKey::Generate();
+  ASSERT_TRUE(other.ok());
+  std::string blob4 = common::EncodeAdapterBlob(MakeAdapter(4.0f, 200), common::Quant::kNone);
+  Announce("v000004", 4, blob4, Statement(*other, "v000004", 4, blob4));
+  // v5: not signed at all.
+  std::string blob5 = common::EncodeAdapterBlob(MakeAdapter(5.0f, 200), common::Quant::kNone);
+  Announce("v000005", 5, blob5, "");
+  // v6: a valid statement of v000001 replayed for another version.
+  Announce("v000006", 6, good_blob, Statement(*key_, "v000001", 1, good_blob));
+  // v7: signed for another base model.
+  std::string blob7 = common::EncodeAdapterBlob(MakeAdapter(7.0f, 200), common::Quant::kNone);
+  Announce("v000007", 7, blob7, Statement(*key_, "v000007", 7, blob7, std::string(64, 'a')));
+  // v8: signed correctly, but the blob's own metadata names another round.
+  std::string blob8 = common::EncodeAdapterBlob(MakeAdapter(8.0f, 200), common::Quant::kNone,
+                                                {{"fedlora.round", "99"}});
+  Announce("v000008", 8, blob8, Statement(*key_, "v000008", 8, blob8));
+  ASSERT_TRUE(WaitFor([&] { return agent_->stats().adapters_refused == 7; }))
+      << agent_->stats().adapters_refused << " " << agent_->stats().last_error;
+
+  AgentStats stats = agent_->stats();
+  EXPECT_EQ(stats.current_version, "v000001");  // the last good version is kept
+  EXPECT_EQ(stats.evals_reported, 1u);          // nothing reported for the refused ones
+  EXPECT_THAT(stats.last_error, HasSubstr("v000008"));
+  EXPECT_THAT(stats.last_error, HasSubstr("keeping v000001"));
+  auto sets = trainer_->set_tensors();
+  ASSERT_EQ(sets.size(), 1u);  // no refused blob reached the trainer
+  ExpectSameTensors(sets[0], good);
+  auto reports = fake_->eval_reports();
+  ASSERT_EQ(reports.size(), 1u);
+  EXPECT_EQ(reports[0].version_id(), "v000001");
+  // After a reconnect the agent still says it holds v000001.
+  fake_->DropSession();
+  ASSERT_TRUE(WaitFor([&] { return fake_->hellos().size() >= 2; }));
+  EXPECT_EQ(fake_->hellos()[1].current_version(), "v000001");
+  // A round based on a refused version fails without submitting anything.
+  fake_->Push(Task(9, "v000003"));
+  ASSERT_TRUE(WaitFor([&] { return agent_->stats().rounds_failed == 1; }));
+  EXPECT_TRUE(fake_->submissions().empty());
+  EXPECT_THAT(agent_->stats().last_error, HasSubstr("v000003 is not signed"));
+}
+
+TEST_F(SignedAgentTest, ExplicitWrongKeyRefusesAndABadKeyFileFailsCreate) {
+  auto other = common::SigningKey::Generate();
+  ASSERT_TRUE(other.ok());
+  auto pem = other->PublicPem();
+  ASSERT_TRUE(pem.ok());
+  ASSERT_TRUE(common::WriteFileAtomic(dir_ + "/other.pub", *pem).ok());
+  StartServer();
+  AgentOptions o = Options();
+  o.signing_public_key = dir_ + "/other.pub";
+  StartAgent(std::move(o));
+  ASSERT_TRUE(WaitWelcomed());
+  std::string blob = common::EncodeAdapterBlob(MakeAdapter(1.0f, 200), common::Quant::kNone);
+  Announce("v000001", 1, blob, Statement(*key_, "v000001", 1, blob));
+  ASSERT_TRUE(WaitFor([&] { return agent_->stats().adapters_refused == 1; }));
+  EXPECT_EQ(agent_->stats().current_version, "");
+  EXPECT_THAT(agent_->stats().last_error, HasSubstr(key_->key_id()));
+  EXPECT_TRUE(trainer_->set_tensors().empty());
+
+  AgentOptions bad = Options();
+  bad.signing_public_key = dir_ + "/ca.pem";  // a certificate, not an Ed25519 public key
+  auto agent = Agent::Create(std::move(bad), trainer_.get());
+  EXPECT_EQ(agent.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(agent.status().message(), HasSubstr("ca.pem"));
 }
 
 }  // namespace

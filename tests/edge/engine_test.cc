@@ -208,6 +208,21 @@ TEST(EngineLoadTest, Int8BaseTrains) {
   EXPECT_LT(after->loss, before->loss - 0.5);
 }
 
+TEST(EngineLoadTest, Int4BaseTrains) {
+  EngineOptions opts;
+  opts.threads = 1;
+  opts.base_dtype = "int4";
+  auto t = LoadTrainer(FixtureDir("qwen2"), opts);
+  ASSERT_TRUE(t.ok()) << t.status();
+  ASSERT_TRUE((*t)->InitAdapter(SmallLora()).ok());
+  auto before = (*t)->Evaluate(TinyData(), 64);
+  ASSERT_TRUE(before.ok());
+  ASSERT_TRUE((*t)->Train(TinyData(), FastTrain()).ok());
+  auto after = (*t)->Evaluate(TinyData(), 64);
+  ASSERT_TRUE(after.ok());
+  EXPECT_LT(after->loss, before->loss - 0.5);
+}
+
 TEST(EngineLoadTest, HashAndErrors) {
   auto t = Load("qwen2");
   ASSERT_NE(t, nullptr);

@@ -55,6 +55,19 @@ TEST(BenchTrainTest, Int8BaseRuns) {
   EXPECT_EQ(result->options.base_dtype, "int8");
 }
 
+TEST(BenchTrainTest, Int4BaseWithGradCheckpointRuns) {
+  TrainBenchOptions o = SmallRun();
+  o.base_dtype = "int4";
+  o.grad_checkpoint = true;
+  o.steps = 1;
+  auto result = RunTrainBench(o);
+  ASSERT_TRUE(result.ok()) << result.status();
+  EXPECT_NEAR(result->last_loss, std::log(4096.0), 1.0);
+  const nlohmann::json j = nlohmann::json::parse(TrainBenchJson(*result));
+  EXPECT_EQ(j.at("base_dtype"), "int4");
+  EXPECT_EQ(j.at("grad_checkpoint"), true);
+}
+
 TEST(BenchTrainTest, Bf16AutocastRuns) {
   TrainBenchOptions o = SmallRun();
   o.bf16 = true;
