@@ -97,6 +97,22 @@ const std::vector<Field>& Fields() {
                 &C::shutdown_grace_ms),
       MakeField("worker_threads", "Threads for decryption, parsing and aggregation",
                 &C::worker_threads),
+      MakeField("secure_aggregation",
+                "Secure aggregation: auto (rounds of >= 3 agents) | on | off", &C::secure_aggregation),
+      MakeField("secagg_neighbours", "SecAgg+ neighbourhood size k (0 = default for the cohort)",
+                &C::secagg_neighbours),
+      MakeField("secagg_threshold", "Shamir threshold t (0 = majority of each neighbourhood)",
+                &C::secagg_threshold),
+      MakeField("secagg_clip_range", "Fixed-point range R: adapter values clipped to [-R, R]",
+                &C::secagg_clip_range),
+      MakeField("secagg_phase_timeout_s", "Seconds for each secure-aggregation phase",
+                &C::secagg_phase_timeout_s),
+      MakeField("dp_clip_norm", "DP: agents clip their update to this L2 norm (0 = no DP)",
+                &C::dp_clip_norm),
+      MakeField("dp_noise_multiplier", "DP: Gaussian noise multiplier sigma", &C::dp_noise_multiplier),
+      MakeField("dp_epsilon_budget", "DP: refuse rounds past this epsilon (0 = no limit)",
+                &C::dp_epsilon_budget),
+      MakeField("dp_delta", "DP: delta of the reported (epsilon, delta)", &C::dp_delta),
       MakeField("log_format", "Log format on stderr: text | json", &C::log_format),
       MakeField("log_level", "Log level: debug | info | warn | error", &C::log_level),
   };
@@ -252,7 +268,51 @@ absl::Status CoordinatorConfig::Validate() const {
   if (absl::Status s = ValidateStrategyParams(aggregation); !s.ok()) {
     return absl::InvalidArgumentError(absl::StrCat("config field ", s.message()));
   }
+  if (secure_aggregation != "auto" && secure_aggregation != "on" && secure_aggregation != "off") {
+    return bad("secure_aggregation", "auto, on or off", "'" + secure_aggregation + "'");
+  }
+  if (!(secagg_clip_range > 0) || !std::isfinite(secagg_clip_range)) {
+    return bad("secagg_clip_range", "a positive number", absl::StrCat(secagg_clip_range));
+  }
+  if (secagg_phase_timeout_s < 1) return bad("secagg_phase_timeout_s", ">= 1", "0");
+  const bool per_agent_strategy = aggregation.strategy == Strategy::kLoraProduct ||
+                                  aggregation.strategy == Strategy::kFfaLora;
+  if (secure_aggregation == "on" && per_agent_strategy) {
+    return bad("secure_aggregation",
+               "auto or off with strategy lora-product or ffa-lora (they need each agent's "
+               "factors; secure aggregation reveals only their sum)",
+               "'" + secure_aggregation + "'");
+  }
+  if (!(dp_clip_norm >= 0) || !std::isfinite(dp_clip_norm)) {
+    return bad("dp_clip_norm", "a number >= 0", absl::StrCat(dp_clip_norm));
+  }
+  if (dp_clip_norm > 0) {
+    if (secure_aggregation == "off" || per_agent_strategy) {
+      return bad("dp_clip_norm",
+                 "0 when secure_aggregation is off (agents add noise shares only in secure "
+                 "rounds)",
+                 absl::StrCat(dp_clip_norm));
+    }
+    if (!(dp_noise_multiplier > 0) || !std::isfinite(dp_noise_multiplier)) {
+      return bad("dp_noise_multiplier", "a positive number", absl::StrCat(dp_noise_multiplier));
+    }
+    if (!(dp_delta > 0 && dp_delta < 1)) {
+      return bad("dp_delta", "a number in (0, 1)", absl::StrCat(dp_delta));
+    }
+    if (!(dp_epsilon_budget >= 0) || !std::isfinite(dp_epsilon_budget)) {
+      return bad("dp_epsilon_budget", "a number >= 0", absl::StrCat(dp_epsilon_budget));
+    }
+  }
   return absl::OkStatus();
+}
+
+bool CoordinatorConfig::SecureAggregationFor(size_t participants) const {
+  if (secure_aggregation == "off") return false;
+  if (aggregation.strategy == Strategy::kLoraProduct ||
+      aggregation.strategy == Strategy::kFfaLora) {
+    return false;  // per-agent strategies (Validate refuses "on" with them)
+  }
+  return participants >= 3;
 }
 
 absl::Status LoadYamlString(const std::string& yaml, const std::string& source,

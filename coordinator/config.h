@@ -73,6 +73,24 @@ struct CoordinatorConfig {
   // How updates become the next version (coordinator/strategy.h).
   StrategyParams aggregation;
 
+  // Secure aggregation (docs/privacy.md): "auto" = on for rounds of >= 3 agents,
+  // "on" = every round (>= 3 agents, else the round waits), "off" = sealed updates.
+  std::string secure_aggregation = "auto";
+  uint32_t secagg_neighbours = 0;        // k; 0 = SecAgg+ default for the cohort size
+  uint32_t secagg_threshold = 0;         // t; 0 = a majority of each neighbourhood
+  double secagg_clip_range = 1.0;        // fixed point: adapter values clipped to [-R, R]
+  uint32_t secagg_phase_timeout_s = 60;  // each key / masked-input / unmask phase
+  // Client-level differential privacy (secure-aggregation rounds only): agents clip
+  // their update to dp_clip_norm (0 = no DP) and add Gaussian noise shares with
+  // this multiplier; rounds that would raise epsilon past dp_epsilon_budget (at
+  // dp_delta) are not started (0 = no limit, epsilon is still reported).
+  double dp_clip_norm = 0;
+  double dp_noise_multiplier = 1.0;
+  double dp_epsilon_budget = 0;
+  double dp_delta = 1e-5;
+  // True when a round of `participants` agents uses secure aggregation.
+  bool SecureAggregationFor(size_t participants) const;
+
   absl::Status Validate() const;
 };
 

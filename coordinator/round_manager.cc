@@ -6,6 +6,7 @@
 #include <cmath>
 #include <cstdio>
 #include <future>
+#include <limits>
 #include <nlohmann/json.hpp>
 #include <random>
 
@@ -113,7 +114,8 @@ absl::Status RoundManager::Start() {
   for (RoundRecord& r : rounds) {
     last_round_id_ = std::max(last_round_id_, r.round_id);
     const uint64_t id = r.round_id;
-    if (r.phase == RoundPhase::kTrain || r.phase == RoundPhase::kAggregate) {
+    if (r.phase == RoundPhase::kTrain || r.phase == RoundPhase::kSecAgg ||
+        r.phase == RoundPhase::kAggregate) {
       if (open_round_.has_value()) {
         // Only one round is ever open; an older open one cannot be resumed.
         RoundRecord& older = rounds_[*open_round_];
@@ -125,6 +127,26 @@ absl::Status RoundManager::Start() {
       open_round_ = id;
     }
     rounds_[id] = std::move(r);
+  }
+  if (config_.dp_clip_norm > 0) {
+    // The accountant as last charged (kept with the round that charged it, aborted or not).
+    std::string state;
+    for (const auto& [id, r] : rounds_) {
+      if (!r.dp_accountant_state.empty()) state = r.dp_accountant_state;
+    }
+    DpBudgetOptions options;
+    options.epsilon_budget = config_.dp_epsilon_budget > 0 ? config_.dp_epsilon_budget
+                                                           : std::numeric_limits<double>::max();
+    options.delta = config_.dp_delta;
+    ASSIGN_OR_RETURN(DpBudget budget, DpBudget::Create(options, state));
+    dp_budget_.emplace(std::move(budget));
+  }
+  if (open_round_.has_value() && rounds_[*open_round_].secure_aggregation &&
+      rounds_[*open_round_].phase != RoundPhase::kTrain) {
+    // The protocol's keys and the masked sum were in memory only.
+    AbortOpenRound(
+        "the coordinator restarted during secure aggregation (keys and masked sum were in "
+        "memory only); the next round retries");
   }
   if (open_round_.has_value()) {
     const RoundRecord& r = rounds_[*open_round_];
@@ -226,19 +248,24 @@ void RoundManager::TickLocked() {
     const RoundRecord& r = rounds_[*open_round_];
     if (r.phase == RoundPhase::kTrain) {
       if (r.updates.size() >= r.participants.size()) {
-        StartAggregate();
+        EndTrainPhase();
       } else if (now >= r.deadline_unix_ms) {
         if (r.updates.size() >= config_.min_participants) {
           Log(LogLevel::kInfo, "round deadline passed; aggregating the updates received",
               {{"round", std::to_string(r.round_id)},
                {"updates", std::to_string(r.updates.size())},
                {"participants", std::to_string(r.participants.size())}});
-          StartAggregate();
+          EndTrainPhase();
         } else {
           AbortOpenRound(absl::StrCat("deadline passed with ", r.updates.size(),
                                       " updates; min_participants is ", config_.min_participants));
         }
       }
+    } else if (r.phase == RoundPhase::kSecAgg && secagg_ != nullptr &&
+               secagg_->step() != SecAggRound::Step::kFinal && now >= secagg_deadline_ms_) {
+      Log(LogLevel::kInfo, "secure-aggregation phase deadline passed; closing it",
+          {{"round", std::to_string(r.round_id)}});
+      AdvanceSecAgg();
     }
   }
   for (auto& [id, r] : rounds_) {
@@ -268,6 +295,7 @@ void RoundManager::MaybeOpenRound() {
     if (select_wait_since_ms_ == 0) select_wait_since_ms_ = now;
     if (now < select_wait_since_ms_ + config_.select_wait_ms) return;
   }
+  if (config_.secure_aggregation == "on" && online.size() < 3) return;  // wait for 3
   select_wait_since_ms_ = 0;
   if (online.size() > config_.max_participants) {
     std::mt19937_64 rng(std::random_device{}());
@@ -294,6 +322,19 @@ void RoundManager::MaybeOpenRound() {
   r.prox_mu = config_.aggregation.strategy == Strategy::kFedProx ? config_.aggregation.prox_mu : 0;
   r.freeze_lora_a = config_.aggregation.strategy == Strategy::kFfaLora;
   r.shapes = current_version_.empty() ? ShapeMap{} : current_shapes_;
+  r.secure_aggregation = config_.SecureAggregationFor(r.participants.size());
+  if (r.secure_aggregation && config_.dp_clip_norm > 0) {
+    r.dp_clip_norm = config_.dp_clip_norm;
+    r.dp_noise_multiplier = config_.dp_noise_multiplier;
+    if (absl::Status s = CheckDpBudget(r); !s.ok()) {
+      if (dp_refusal_logged_ != s.ToString()) {
+        dp_refusal_logged_ = s.ToString();
+        Log(LogLevel::kWarn, "not starting a round: the differential-privacy budget",
+            {{"round", std::to_string(r.round_id)}, {"error", s.ToString()}});
+      }
+      return;
+    }
+  }
   absl::Status s = store_->StartRound(r);  // audited
   if (!s.ok()) {
     Log(LogLevel::kError, "cannot open a round: the store write failed",
@@ -331,6 +372,11 @@ void RoundManager::SendTask(const RoundRecord& r, const std::string& agent_id) {
   task->set_aggregation(r.strategy);
   task->set_prox_mu(static_cast<float>(r.prox_mu));
   task->set_freeze_lora_a(r.freeze_lora_a);
+  if (r.secure_aggregation) {
+    task->mutable_secagg()->set_enabled(true);
+    task->mutable_secagg()->set_dp_clip_norm(r.dp_clip_norm);
+    task->mutable_secagg()->set_dp_noise_multiplier(r.dp_noise_multiplier);
+  }
   it->second.link->Send(msg);
 }
 
@@ -439,6 +485,11 @@ void RoundManager::OnDisconnect(std::shared_ptr<AgentLink> link) {
     online_.erase(it);
     metrics_.SetGauge(kMetricAgents, kHelpAgents, static_cast<double>(online_.size()));
     Log(LogLevel::kInfo, "agent offline", {{"agent", cn}});
+    if (secagg_ != nullptr && secagg_->step() != SecAggRound::Step::kFinal) {
+      // Messages sent while it is away are lost: it has dropped out of the protocol.
+      secagg_->Drop(cn);
+      if (secagg_->PhaseComplete()) AdvanceSecAgg();
+    }
     auto record = store_->GetAgent(cn);
     if (record.ok() && record->has_value()) {
       AgentRecord a = **record;
@@ -465,6 +516,38 @@ absl::Status RoundManager::PrecheckLocked(const std::string& peer_cn,
     return absl::PermissionDeniedError(absl::StrCat("UpdateHeader.agent_id '", header.agent_id(),
                                                     "' differs from the client certificate CN '",
                                                     peer_cn, "'"));
+  }
+  if (header.masked()) {
+    if (!open_round_.has_value() || *open_round_ != header.round_id() || secagg_ == nullptr ||
+        secagg_->round_id() != header.round_id()) {
+      return absl::FailedPreconditionError(absl::StrCat(
+          "round ", header.round_id(), " is not collecting masked inputs (open round: ",
+          open_round_.has_value() ? std::to_string(*open_round_) : std::string("none"), ")"));
+    }
+    RETURN_IF_ERROR(secagg_->CheckMaskedInputFrom(peer_cn));
+    const RoundRecord& r = rounds_.at(*open_round_);
+    if (header.base_model_hash() != base_model_hash_ || header.base_version() != r.base_version) {
+      return absl::FailedPreconditionError(absl::StrCat(
+          "masked input of agent '", peer_cn, "': base model hash / version '",
+          header.base_version(), "' differ from the round's '", r.base_version, "'"));
+    }
+    if (header.total_size() != secagg_->masked_input_bytes()) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "masked input of agent '", peer_cn, "': UpdateHeader.total_size ", header.total_size(),
+          ", expected ", secagg_->masked_input_bytes(), " bytes for this round's layout"));
+    }
+    if (!IsHex64(header.payload_sha256())) {
+      return absl::InvalidArgumentError(
+          "UpdateHeader.payload_sha256: expected 64 lowercase hex characters");
+    }
+    return absl::OkStatus();
+  }
+  if (open_round_.has_value() && *open_round_ == header.round_id() &&
+      rounds_.at(*open_round_).secure_aggregation) {
+    return absl::FailedPreconditionError(absl::StrCat(
+        "round ", header.round_id(),
+        " uses secure aggregation: send SecAggReady after training and a masked input, not "
+        "a sealed update"));
   }
   if (!open_round_.has_value() || *open_round_ != header.round_id() ||
       rounds_.at(*open_round_).phase != RoundPhase::kTrain) {
@@ -559,6 +642,7 @@ void RoundManager::SubmitUpdate(IncomingUpdate update, StatusCallback done) {
                                                        ", header payload_sha256 is ",
                                                        h.payload_sha256()));
       }
+      if (h.masked()) return common::TensorMap{};  // folded on the manager thread
       const std::string aad =
           UpdateAad(h.round_id(), h.agent_id(), h.base_model_hash(), h.base_version());
       auto plain = common::OpenSealed(seal_key_, shared->payload, aad);
@@ -590,6 +674,10 @@ void RoundManager::SubmitUpdate(IncomingUpdate update, StatusCallback done) {
     }
     if (!tensors.ok()) {
       done(tensors.status());
+      return;
+    }
+    if (shared->header.masked()) {
+      Post([this, shared, done]() { done(CommitMaskedInput(std::move(*shared))); });
       return;
     }
     auto tensor_ptr = std::make_shared<common::TensorMap>(std::move(*tensors));
@@ -654,6 +742,269 @@ void RoundManager::CommitUpdate(IncomingUpdate update, common::TensorMap tensors
   if (round.updates.size() >= round.participants.size()) StartAggregate();
 }
 
+// ------------------------------------------------------------------ Secure aggregation
+
+void RoundManager::OnSecAggReady(std::shared_ptr<AgentLink> link, v1::SecAggReady ready) {
+  Post([this, link = std::move(link), ready = std::move(ready)]() {
+    const std::string& cn = link->peer_cn();
+    auto online = online_.find(cn);
+    if (online == online_.end() || online->second.link != link || stopping_) return;
+    online->second.last_seen_unix_ms = clock_->NowUnixMs();
+    auto refuse = [&](absl::Status status) {
+      CountRejection(absl::Status(status.code(), absl::StrCat("SecAggReady of agent '", cn,
+                                                              "': ", status.message())));
+    };
+    if (!open_round_.has_value() || *open_round_ != ready.round_id()) {
+      return refuse(absl::FailedPreconditionError(
+          absl::StrCat("round ", ready.round_id(), " is not the open round")));
+    }
+    RoundRecord& round = rounds_[*open_round_];
+    if (!round.secure_aggregation || round.phase != RoundPhase::kTrain) {
+      return refuse(absl::FailedPreconditionError(absl::StrCat(
+          "round ", round.round_id, " is not a secure-aggregation round in TRAIN")));
+    }
+    if (!round.IsParticipant(cn)) {
+      return refuse(absl::PermissionDeniedError(
+          absl::StrCat("not a participant of round ", round.round_id)));
+    }
+    if (round.updates.count(cn)) {
+      return refuse(absl::AlreadyExistsError("already reported for this round"));
+    }
+    if (clock_->NowUnixMs() >= round.deadline_unix_ms) {
+      return refuse(absl::FailedPreconditionError(
+          absl::StrCat("round ", round.round_id, " deadline has passed")));
+    }
+    const v1::TrainMetrics& m = ready.metrics();
+    if (ready.num_examples() == 0 || !std::isfinite(m.train_loss()) ||
+        !std::isfinite(m.eval_loss_before()) || !std::isfinite(m.train_seconds())) {
+      return refuse(absl::InvalidArgumentError(
+          "num_examples must be > 0 and the metrics finite"));
+    }
+    ShapeMap layout = LayoutFromProto(ready.layout());
+    if (!round.shapes.empty()) {
+      if (layout != round.shapes) {
+        return refuse(absl::InvalidArgumentError(
+            "the adapter layout differs from the round's (names or shapes)"));
+      }
+    } else {
+      absl::StatusOr<uint64_t> size = LayoutSize(layout);
+      if (!size.ok()) return refuse(size.status());
+      common::TensorMap probe;  // shapes only: the structure check reads no values
+      for (const auto& [name, dims] : layout) probe[name].shape = dims;
+      if (absl::Status s = CheckLoraStructure(probe, round.lora_rank, round.lora_target_modules);
+          !s.ok()) {
+        return refuse(s);
+      }
+    }
+    RoundRecord next = round;
+    UpdateSummary& summary = next.updates[cn];
+    summary.num_examples = ready.num_examples();
+    summary.train_loss = m.train_loss();
+    summary.eval_loss_before = m.eval_loss_before();
+    summary.train_tokens = m.train_tokens();
+    summary.train_seconds = m.train_seconds();
+    if (next.shapes.empty()) next.shapes = layout;
+    if (absl::Status s = store_->PutRound(next); !s.ok()) {
+      Log(LogLevel::kError, "cannot record a SecAggReady", {{"agent", cn}, {"error", s.ToString()}});
+      return;
+    }
+    round = std::move(next);
+    Log(LogLevel::kInfo, "agent trained (secure aggregation)",
+        {{"round", std::to_string(round.round_id)},
+         {"agent", cn},
+         {"ready", absl::StrCat(round.updates.size(), "/", round.participants.size())}});
+    if (round.updates.size() >= round.participants.size()) EndTrainPhase();
+  });
+}
+
+void RoundManager::OnSecAggMessage(std::shared_ptr<AgentLink> link, v1::SecAggMessage message) {
+  Post([this, link = std::move(link), message = std::move(message)]() {
+    const std::string& cn = link->peer_cn();
+    auto online = online_.find(cn);
+    if (online == online_.end() || online->second.link != link || stopping_) return;
+    online->second.last_seen_unix_ms = clock_->NowUnixMs();
+    absl::Status s;
+    if (secagg_ == nullptr || secagg_->round_id() != message.round_id()) {
+      s = absl::FailedPreconditionError(
+          absl::StrCat("no secure aggregation is running for round ", message.round_id()));
+    } else {
+      s = secagg_->Handle(cn, message.data());
+    }
+    if (!s.ok()) {
+      CountRejection(absl::Status(
+          s.code(), absl::StrCat("secure-aggregation message of agent '", cn, "': ", s.message())));
+      return;
+    }
+    if (secagg_->PhaseComplete()) AdvanceSecAgg();
+  });
+}
+
+absl::Status RoundManager::CheckDpBudget(const RoundRecord& round) const {
+  if (!dp_budget_.has_value() || config_.dp_epsilon_budget <= 0) return absl::OkStatus();
+  ASSIGN_OR_RETURN(std::vector<AgentRecord> agents, store_->ListAgents());
+  const uint64_t n = round.participants.size();
+  ASSIGN_OR_RETURN(double q, SamplingRate(n, std::max<uint64_t>(n, agents.size())));
+  return dp_budget_->CheckRound(q, round.dp_noise_multiplier, 1);
+}
+
+void RoundManager::EndTrainPhase() {
+  if (!open_round_.has_value()) return;
+  if (rounds_[*open_round_].secure_aggregation) {
+    StartSecAgg();
+  } else {
+    StartAggregate();
+  }
+}
+
+void RoundManager::StartSecAgg() {
+  if (stopping_ || !open_round_.has_value()) return;
+  RoundRecord& round = rounds_[*open_round_];
+  if (round.phase != RoundPhase::kTrain) return;
+  std::vector<std::string> cohort;
+  for (const auto& [agent, summary] : round.updates) {
+    if (online_.count(agent)) cohort.push_back(agent);
+  }
+  const size_t needed = std::max<size_t>(config_.min_participants, 2);
+  if (cohort.size() < needed) {
+    AbortOpenRound(absl::StrCat("secure aggregation: ", cohort.size(),
+                                " trained agents are online; the round needs ", needed));
+    return;
+  }
+  SecAggRoundOptions options;
+  options.neighbours = config_.secagg_neighbours;
+  options.threshold = config_.secagg_threshold;
+  options.clip_range = config_.secagg_clip_range;
+  options.min_contributors = std::max<uint32_t>(config_.min_participants, 1);
+  options.unmask_threads = static_cast<int>(config_.worker_threads);
+  auto created = SecAggRound::Create(round.round_id, cohort, round.shapes, options);
+  if (!created.ok()) {
+    AbortOpenRound(absl::StrCat("secure aggregation setup failed: ", created.status().message()));
+    return;
+  }
+  RoundRecord next = round;
+  next.phase = RoundPhase::kSecAgg;
+  if (absl::Status s = store_->PutRound(next); !s.ok()) {
+    Log(LogLevel::kError, "cannot start secure aggregation: the store write failed",
+        {{"round", std::to_string(round.round_id)}, {"error", s.ToString()}});
+    return;  // retried at the next tick
+  }
+  round = std::move(next);
+  const uint64_t now = clock_->NowUnixMs();
+  metrics_.Observe(kMetricPhase, kHelpPhase,
+                   static_cast<double>(now - std::min(now, round.created_unix_ms)) / 1000.0,
+                   {{"phase", "train"}});
+  secagg_ = std::shared_ptr<SecAggRound>(std::move(*created));
+  secagg_deadline_ms_ = now + static_cast<uint64_t>(config_.secagg_phase_timeout_s) * 1000;
+  Log(LogLevel::kInfo, "secure aggregation started",
+      {{"round", std::to_string(round.round_id)},
+       {"cohort", std::to_string(cohort.size())},
+       {"threshold", std::to_string(secagg_->threshold())},
+       {"bytes_per_masked_input", std::to_string(secagg_->masked_input_bytes())}});
+  for (const std::string& agent : cohort) online_[agent].link->Send(secagg_->SetupFor(agent));
+}
+
+void RoundManager::AdvanceSecAgg() {
+  if (stopping_ || secagg_ == nullptr || !open_round_.has_value()) return;
+  RoundRecord& round = rounds_[*open_round_];
+  const SecAggRound::Step before = secagg_->step();
+  if (before == SecAggRound::Step::kFinal) return;
+  if (before == SecAggRound::Step::kMasked) {
+    RoundRecord next = round;
+    next.secagg_contributors = secagg_->masked_senders();
+    next.updates.clear();  // keep the metrics of the agents whose input is in the sum
+    for (const std::string& a : next.secagg_contributors) next.updates[a] = round.updates[a];
+    if (dp_budget_.has_value() && round.dp_clip_norm > 0 &&
+        secagg_->masked_senders().size() >= std::max<size_t>(config_.min_participants, 1)) {
+      // The noisy sum is about to be revealed: charge the budget first (synced).
+      auto agents = store_->ListAgents();
+      const uint64_t n = round.participants.size();
+      absl::StatusOr<double> q =
+          agents.ok() ? SamplingRate(n, std::max<uint64_t>(n, agents->size())) : agents.status();
+      absl::StatusOr<double> eps =
+          q.ok() ? dp_budget_->Commit(*q, round.dp_noise_multiplier, 1) : q.status();
+      if (!eps.ok()) {
+        AbortOpenRound(absl::StrCat("differential privacy accounting failed: ",
+                                    eps.status().message()));
+        return;
+      }
+      next.dp_epsilon = *eps;
+      next.dp_accountant_state = dp_budget_->StateJson();
+    }
+    if (absl::Status s = store_->PutRound(next); !s.ok()) {
+      AbortOpenRound(absl::StrCat("cannot record the masked inputs received: ", s.message()));
+      return;
+    }
+    round = std::move(next);
+  }
+  auto messages = secagg_->ClosePhase();
+  if (!messages.ok()) {
+    AbortOpenRound(absl::StrCat("secure aggregation: ", messages.status().message()));
+    return;
+  }
+  const uint64_t now = clock_->NowUnixMs();
+  secagg_deadline_ms_ = now + static_cast<uint64_t>(config_.secagg_phase_timeout_s) * 1000;
+  for (auto& [agent, message] : *messages) {
+    auto it = online_.find(agent);
+    if (it != online_.end()) {
+      it->second.link->Send(message);
+    } else {
+      secagg_->Drop(agent);
+    }
+  }
+  if (secagg_->step() != SecAggRound::Step::kFinal) {
+    if (secagg_->PhaseComplete()) AdvanceSecAgg();
+    return;
+  }
+  // Unmask on a worker; nothing else touches the protocol state meanwhile.
+  RoundRecord next = round;
+  next.phase = RoundPhase::kAggregate;
+  if (absl::Status s = store_->PutRound(next); !s.ok()) {
+    AbortOpenRound(absl::StrCat("cannot start aggregation: ", s.message()));
+    return;
+  }
+  round = std::move(next);
+  aggregate_started_unix_ms_ = now;
+  Log(LogLevel::kInfo, "unmasking the sum",
+      {{"round", std::to_string(round.round_id)},
+       {"contributors", std::to_string(round.secagg_contributors.size())}});
+  boost::asio::post(*workers_, [this, sa = secagg_, copy = round]() mutable {
+    absl::StatusOr<SecAggRound::Result> result;
+    try {
+      result = sa->Finalize();
+    } catch (const std::exception& e) {
+      result = absl::InternalError(absl::StrCat("unmasking threw: ", e.what()));
+    }
+    if (!result.ok()) {
+      Post([this, id = copy.round_id, status = result.status()]() {
+        FinishAggregation(id, status);
+      });
+      return;
+    }
+    copy.secagg_contributors = result->contributors;
+    auto mean = std::make_shared<common::TensorMap>(std::move(result->mean));
+    RunAggregation(std::move(copy), std::move(mean));
+  });
+}
+
+absl::Status RoundManager::CommitMaskedInput(IncomingUpdate update) {
+  if (stopping_) return absl::UnavailableError("the coordinator is shutting down");
+  RETURN_IF_ERROR(PrecheckLocked(update.peer_cn, update.header));
+  const std::string& agent = update.peer_cn;
+  RETURN_IF_ERROR(secagg_->HandleMaskedInput(agent, update.payload));
+  RoundRecord& round = rounds_[*open_round_];
+  round.updates[agent].bytes = update.payload.size();
+  dirty_rounds_.insert(round.round_id);
+  metrics_.AddCounter(kMetricAccepted, kHelpAccepted, 1);
+  Log(LogLevel::kInfo, "masked input accepted",
+      {{"round", std::to_string(round.round_id)},
+       {"agent", agent},
+       {"bytes", std::to_string(update.payload.size())},
+       {"masked_inputs", absl::StrCat(secagg_->masked_senders().size(), "/",
+                                      secagg_->cohort().size())}});
+  if (secagg_->PhaseComplete()) AdvanceSecAgg();
+  return absl::OkStatus();
+}
+
 // ------------------------------------------------------------------ Aggregate / publish
 
 void RoundManager::StartAggregate() {
@@ -682,7 +1033,8 @@ void RoundManager::StartAggregate() {
   boost::asio::post(*workers_, [this, copy = round]() { RunAggregation(copy); });
 }
 
-void RoundManager::RunAggregation(RoundRecord round) {
+void RoundManager::RunAggregation(RoundRecord round,
+                                  std::shared_ptr<common::TensorMap> secagg_mean) {
   auto aggregate = [&]() -> absl::StatusOr<Aggregated> {
     // The round's strategy was fixed when it opened; its server-side parameters
     // come from the current configuration.
@@ -715,6 +1067,20 @@ void RoundManager::RunAggregation(RoundRecord round) {
     ASSIGN_OR_RETURN(std::unique_ptr<RoundAggregator> aggregator, RoundAggregator::Create(input));
     Aggregated out;
     out.strategy = StrategyName(params.strategy);
+    if (round.secure_aggregation) {
+      // Secure aggregation: only the (unweighted) mean of the contributors exists.
+      if (secagg_mean == nullptr) {
+        return absl::FailedPreconditionError(
+            "the secure-aggregation mean of this round is gone (coordinator restarted)");
+      }
+      RETURN_IF_ERROR(aggregator->Add(*secagg_mean, 1.0, "secure-aggregation mean"));
+      secagg_mean.reset();
+      for (const std::string& a : round.secagg_contributors) {
+        auto it = round.updates.find(a);
+        if (it != round.updates.end()) out.num_examples += it->second.num_examples;
+        out.contributors.push_back(a);
+      }
+    } else {
     RETURN_IF_ERROR(store_->ForEachUpdate(round.round_id, [&](UpdateRecord u) -> absl::Status {
       const std::string where =
           absl::StrCat("stored update of agent '", u.agent_id, "' for round ", u.round_id);
@@ -733,6 +1099,7 @@ void RoundManager::RunAggregation(RoundRecord round) {
       out.contributors.push_back(u.agent_id);
       return absl::OkStatus();
     }));
+    }
     ASSIGN_OR_RETURN(AggregationResult result, aggregator->Finish());
     common::TensorMap& mean = result.adapter;
     out.shapes = ShapesOf(mean);
@@ -800,6 +1167,8 @@ void RoundManager::FinishAggregation(uint64_t round_id, absl::StatusOr<Aggregate
   version.strategy = result->strategy;
   version.discarded_energy = result->discarded_energy;
   version.server_state_sha256 = result->server_state_sha256;
+  version.secure_aggregation = done.secure_aggregation;
+  version.dp_epsilon = done.dp_epsilon;
   done.discarded_energy = result->discarded_energy;
   done.phase = RoundPhase::kDone;
   done.version_id = version.version_id;
@@ -862,6 +1231,7 @@ void RoundManager::AbortOpenRound(const std::string& reason) {
       {{"round", std::to_string(next.round_id)}, {"reason", reason}});
   rounds_[next.round_id] = std::move(next);
   open_round_.reset();
+  secagg_.reset();
   metrics_.AddCounter(kMetricAborted, kHelpAborted, 1);
 }
 
@@ -900,7 +1270,8 @@ void RoundManager::PrintRoundLine(const RoundRecord& r) {
       " train_loss=", Num(r.mean_train_loss()), " eval_loss ", Num(r.mean_eval_loss_before()),
       " -> ", Num(r.mean_eval_loss_after()), " bytes_up/agent=", r.bytes_up() / up_agents,
       " bytes_down/agent=", r.bytes_down / down_agents, " version=", r.version_id,
-      " strategy=", r.strategy,
+      " strategy=", r.strategy, r.secure_aggregation ? " secagg=on" : "",
+      r.dp_epsilon ? absl::StrFormat(" epsilon=%.4g", *r.dp_epsilon) : "",
       r.discarded_energy ? absl::StrFormat(" discarded_energy=%.6g", *r.discarded_energy) : "",
       "\n");
   if (out_ != nullptr) {
@@ -1056,6 +1427,8 @@ void RoundManager::GetStatus(std::function<void(v1::StatusResponse)> done) {
       info->set_bytes_down(r.bytes_down);
       info->set_aggregation(r.strategy);
       info->set_discarded_energy(r.discarded_energy.value_or(-1.0));
+      info->set_secure_aggregation(r.secure_aggregation);
+      info->set_dp_epsilon(r.dp_epsilon.value_or(-1.0));
     }
     response.set_updates_rejected(rejections_.load());
     done(std::move(response));

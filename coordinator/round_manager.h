@@ -49,7 +49,9 @@
 #include "common/tensor/tensor.h"
 #include "coordinator/clock.h"
 #include "coordinator/config.h"
+#include "coordinator/dp_budget.h"
 #include "coordinator/metrics.h"
+#include "coordinator/secagg_round.h"
 #include "coordinator/state_store.h"
 #include "fedlora/v1/fedlora.pb.h"
 
@@ -109,6 +111,11 @@ class RoundManager {
   void OnHeartbeat(std::shared_ptr<AgentLink> link, fedlora::v1::Heartbeat heartbeat);
   void OnEvalReport(std::shared_ptr<AgentLink> link, fedlora::v1::EvalReport report);
   void OnDisconnect(std::shared_ptr<AgentLink> link);
+  // Secure-aggregation rounds (docs/privacy.md): an agent's report after training,
+  // and its protocol messages. A refused message is counted and logged; it never
+  // ends the session (the agent is then treated as dropped by the protocol).
+  void OnSecAggReady(std::shared_ptr<AgentLink> link, fedlora::v1::SecAggReady ready);
+  void OnSecAggMessage(std::shared_ptr<AgentLink> link, fedlora::v1::SecAggMessage message);
 
   // --- Updates (Coordinator.SubmitUpdate)
   using StatusCallback = std::function<void(absl::Status)>;
@@ -165,8 +172,16 @@ class RoundManager {
   absl::Status PrecheckLocked(const std::string& peer_cn,
                               const fedlora::v1::UpdateHeader& header) const;
   void CommitUpdate(IncomingUpdate update, common::TensorMap tensors, StatusCallback done);
+  void EndTrainPhase();  // TRAIN is over: secure aggregation or plain aggregation
   void StartAggregate();
-  void RunAggregation(RoundRecord round);  // worker thread
+  // Worker thread. `secagg_mean`: the unmasked mean of a secure round (else the
+  // stored updates are read).
+  void RunAggregation(RoundRecord round, std::shared_ptr<common::TensorMap> secagg_mean = nullptr);
+  void StartSecAgg();
+  void AdvanceSecAgg();  // closes the current secure-aggregation phase
+  absl::Status CommitMaskedInput(IncomingUpdate update);
+  // Checks (at round open) and charges (before unmasking) the DP budget.
+  absl::Status CheckDpBudget(const RoundRecord& round) const;
   void FinishAggregation(uint64_t round_id, absl::StatusOr<Aggregated> result);
   void AbortOpenRound(const std::string& reason);
   void CompleteEval(RoundRecord& round);
@@ -205,6 +220,12 @@ class RoundManager {
   std::set<uint64_t> dirty_rounds_;  // bytes_down changed, persist at the next tick
   bool finished_ = false;
   std::function<void()> finished_callback_;
+
+  // The open secure-aggregation round's protocol state (memory only).
+  std::shared_ptr<SecAggRound> secagg_;  // shared with the worker that unmasks
+  uint64_t secagg_deadline_ms_ = 0;
+  std::optional<DpBudget> dp_budget_;  // when config_.dp_clip_norm > 0
+  std::string dp_refusal_logged_;      // last budget refusal logged (once each)
 
   std::mutex rejection_mu_;
   std::map<std::string, uint64_t> rejections_by_code_;

@@ -154,6 +154,14 @@ class SessionReactor final
           if (!saw_hello_) break;
           manager_->OnEvalReport(link_, in_.eval_report());
           return absl::OkStatus();
+        case v1::AgentMessage::kSecaggReady:
+          if (!saw_hello_) break;
+          manager_->OnSecAggReady(link_, in_.secagg_ready());
+          return absl::OkStatus();
+        case v1::AgentMessage::kSecagg:
+          if (!saw_hello_) break;
+          manager_->OnSecAggMessage(link_, in_.secagg());
+          return absl::OkStatus();
         case v1::AgentMessage::KIND_NOT_SET:
           return absl::InvalidArgumentError("Session: an AgentMessage with no kind set");
       }

@@ -118,6 +118,8 @@ json VersionToJson(const VersionRecord& v) {
               {"strategy", v.strategy},
               {"discarded_energy", v.discarded_energy ? json(*v.discarded_energy) : json(nullptr)},
               {"server_state_sha256", v.server_state_sha256},
+              {"secure_aggregation", v.secure_aggregation},
+              {"dp_epsilon", v.dp_epsilon ? json(*v.dp_epsilon) : json(nullptr)},
               {"base_model_hash", v.base_model_hash},
               {"signature", v.signature}};
 }
@@ -139,6 +141,10 @@ VersionRecord VersionFromJson(const json& j) {
     v.discarded_energy = j.at("discarded_energy").get<double>();
   }
   v.server_state_sha256 = j.value("server_state_sha256", std::string());
+  v.secure_aggregation = j.value("secure_aggregation", false);
+  if (j.contains("dp_epsilon") && !j.at("dp_epsilon").is_null()) {
+    v.dp_epsilon = j.at("dp_epsilon").get<double>();
+  }
   // Absent in records written before signing existed.
   v.base_model_hash = j.value("base_model_hash", std::string());
   v.signature = j.value("signature", std::string());
@@ -171,6 +177,8 @@ const char* RoundPhaseName(RoundPhase phase) {
   switch (phase) {
     case RoundPhase::kTrain:
       return "TRAIN";
+    case RoundPhase::kSecAgg:
+      return "SECAGG";
     case RoundPhase::kAggregate:
       return "AGGREGATE";
     case RoundPhase::kDone:
@@ -182,12 +190,12 @@ const char* RoundPhaseName(RoundPhase phase) {
 }
 
 absl::StatusOr<RoundPhase> ParseRoundPhase(const std::string& name) {
-  for (RoundPhase p :
-       {RoundPhase::kTrain, RoundPhase::kAggregate, RoundPhase::kDone, RoundPhase::kAborted}) {
+  for (RoundPhase p : {RoundPhase::kTrain, RoundPhase::kSecAgg, RoundPhase::kAggregate,
+                       RoundPhase::kDone, RoundPhase::kAborted}) {
     if (name == RoundPhaseName(p)) return p;
   }
-  return absl::InvalidArgumentError(
-      absl::StrCat("expected a round phase TRAIN|AGGREGATE|DONE|ABORTED, found '", name, "'"));
+  return absl::InvalidArgumentError(absl::StrCat(
+      "expected a round phase TRAIN|SECAGG|AGGREGATE|DONE|ABORTED, found '", name, "'"));
 }
 
 uint64_t RoundRecord::bytes_up() const {
@@ -270,7 +278,13 @@ std::string EncodeRound(const RoundRecord& r) {
          {"strategy", r.strategy},
          {"prox_mu", r.prox_mu},
          {"freeze_lora_a", r.freeze_lora_a},
-         {"discarded_energy", r.discarded_energy ? json(*r.discarded_energy) : json(nullptr)}};
+         {"discarded_energy", r.discarded_energy ? json(*r.discarded_energy) : json(nullptr)},
+         {"secure_aggregation", r.secure_aggregation},
+         {"secagg_contributors", r.secagg_contributors},
+         {"dp_clip_norm", r.dp_clip_norm},
+         {"dp_noise_multiplier", r.dp_noise_multiplier},
+         {"dp_accountant_state", r.dp_accountant_state},
+         {"dp_epsilon", r.dp_epsilon ? json(*r.dp_epsilon) : json(nullptr)}};
   return j.dump(-1, ' ', false, json::error_handler_t::replace);
 }
 
@@ -311,6 +325,16 @@ absl::StatusOr<RoundRecord> DecodeRound(const std::string& text, const std::stri
     r.freeze_lora_a = j.value("freeze_lora_a", false);
     if (j.contains("discarded_energy") && !j.at("discarded_energy").is_null()) {
       r.discarded_energy = j.at("discarded_energy").get<double>();
+    }
+    // Absent in records written before secure aggregation was wired in.
+    r.secure_aggregation = j.value("secure_aggregation", false);
+    r.secagg_contributors =
+        j.value("secagg_contributors", std::vector<std::string>{});
+    r.dp_clip_norm = j.value("dp_clip_norm", 0.0);
+    r.dp_noise_multiplier = j.value("dp_noise_multiplier", 0.0);
+    r.dp_accountant_state = j.value("dp_accountant_state", std::string());
+    if (j.contains("dp_epsilon") && !j.at("dp_epsilon").is_null()) {
+      r.dp_epsilon = j.at("dp_epsilon").get<double>();
     }
     return r;
   });

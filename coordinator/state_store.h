@@ -55,8 +55,11 @@ namespace fedlora::coordinator {
 
 inline constexpr int kSchemaVersion = 2;
 
-enum class RoundPhase { kTrain, kAggregate, kDone, kAborted };
-const char* RoundPhaseName(RoundPhase phase);  // "TRAIN", "AGGREGATE", "DONE", "ABORTED"
+// kSecAgg: a secure-aggregation round between training and aggregation (key
+// exchange, masked inputs, unmasking; the protocol state lives in memory only).
+enum class RoundPhase { kTrain, kSecAgg, kAggregate, kDone, kAborted };
+// "TRAIN", "SECAGG", "AGGREGATE", "DONE", "ABORTED"
+const char* RoundPhaseName(RoundPhase phase);
 absl::StatusOr<RoundPhase> ParseRoundPhase(const std::string& name);
 
 using ShapeMap = std::map<std::string, std::vector<int64_t>>;
@@ -113,6 +116,17 @@ struct RoundRecord {
   double prox_mu = 0;          // fedprox (RoundTask.prox_mu)
   bool freeze_lora_a = false;  // ffa-lora (RoundTask.freeze_lora_a)
   std::optional<double> discarded_energy;
+  // Secure aggregation (docs/privacy.md): `updates` then holds the agents that
+  // reported SecAggReady (their metrics; bytes = masked input size once received)
+  // and `secagg_contributors` the ones whose masked input is in the unmasked sum.
+  bool secure_aggregation = false;
+  std::vector<std::string> secagg_contributors;
+  // Client-level DP of the round (0 = none) and the accountant after charging it
+  // (DpBudget::StateJson, "" = not charged) with the cumulative epsilon.
+  double dp_clip_norm = 0;
+  double dp_noise_multiplier = 0;
+  std::string dp_accountant_state;
+  std::optional<double> dp_epsilon;
 
   uint64_t bytes_up() const;
   double mean_train_loss() const;        // NaN when no update
@@ -145,6 +159,8 @@ struct VersionRecord {
   std::string strategy = "fedavg";         // aggregation strategy that produced it
   std::optional<double> discarded_energy;  // lora-product: dropped sigma^2 / total
   std::string server_state_sha256;         // fedadam/fedyogi: blob of the moments ("" = none)
+  bool secure_aggregation = false;   // built from the masked sum only
+  std::optional<double> dp_epsilon;  // cumulative epsilon after its round (none = no DP)
   std::string base_model_hash;  // hex; "" in records written before signing existed
   std::string signature;        // encoded signed adapter statement ("" = unsigned)
 };

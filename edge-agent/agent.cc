@@ -461,10 +461,16 @@ absl::Status Agent::RunSession(bool* welcomed) {
       }
       switch (message.kind_case()) {
         case v1::CoordinatorMessage::kRoundTask:
-          HandleRoundTask(message.round_task());
+          HandleRoundTask(message.round_task(), s);
           break;
         case v1::CoordinatorMessage::kVersionNotice:
           HandleVersionNotice(message.version_notice(), s);
+          break;
+        case v1::CoordinatorMessage::kSecaggSetup:
+          HandleSecAggSetup(message.secagg_setup(), s);
+          break;
+        case v1::CoordinatorMessage::kSecagg:
+          HandleSecAggMessage(message.secagg(), s);
           break;
         case v1::CoordinatorMessage::kWelcome:
           Log("ignoring a second Welcome on the same session");
@@ -494,7 +500,7 @@ absl::Status Agent::RunSession(bool* welcomed) {
   return FromGrpc(status, "Session");
 }
 
-void Agent::HandleRoundTask(const v1::RoundTask& task) {
+void Agent::HandleRoundTask(const v1::RoundTask& task, Session* session) {
   const uint64_t round = task.round_id();
   Clock::time_point start = Clock::now();
   Log(absl::StrFormat("round %d: task (base version '%s', %d steps, lr %g, batch %d)", round,
@@ -507,6 +513,11 @@ void Agent::HandleRoundTask(const v1::RoundTask& task) {
   };
   if (options_.train.empty()) {
     return fail(absl::FailedPreconditionError("the training set is empty"));
+  }
+  if (secagg_ != nullptr && secagg_->round_id() == round) {
+    Log(absl::StrFormat("round %d: already trained; re-sending SecAggReady", round));
+    session->Write(secagg_->Ready());
+    return;
   }
   if (task.local_steps() == 0 || task.batch_size() == 0) {
     return fail(absl::InvalidArgumentError(
@@ -534,6 +545,13 @@ void Agent::HandleRoundTask(const v1::RoundTask& task) {
     if (!eval.ok()) return fail(eval.status());
     eval_before = eval->loss;
   }
+  // Secure aggregation with DP needs the starting adapter (the update is after - before).
+  common::TensorMap before;
+  if (task.secagg().enabled()) {
+    auto start = trainer_->GetAdapter();
+    if (!start.ok()) return fail(start.status());
+    before = std::move(*start);
+  }
 
   TrainOptions train_options;
   train_options.steps = static_cast<int>(task.local_steps());
@@ -548,6 +566,22 @@ void Agent::HandleRoundTask(const v1::RoundTask& task) {
 
   auto adapter = trainer_->GetAdapter();
   if (!adapter.ok()) return fail(adapter.status());
+  if (task.secagg().enabled()) {
+    v1::TrainMetrics metrics;
+    metrics.set_train_loss(train->mean_loss);
+    metrics.set_eval_loss_before(eval_before);
+    metrics.set_train_tokens(train->tokens);
+    metrics.set_train_seconds(train->seconds);
+    auto created = SecAggClientRound::Create(task, std::move(before), std::move(*adapter),
+                                             options_.train.size(), metrics);
+    if (!created.ok()) return fail(created.status());
+    secagg_ = std::move(*created);
+    session->Write(secagg_->Ready());
+    Log(absl::StrFormat("round %d: trained (loss %.4f, eval before %.4f); secure aggregation: "
+                        "waiting for the coordinator's setup",
+                        round, train->mean_loss, eval_before));
+    return;
+  }
   std::string plain = common::SerializeSafetensors(*adapter);
   std::string aad = UpdateAad(round, agent_id_, base_model_hash_, task.base_version());
   auto sealed = common::SealToPublicKey(seal_key, plain, aad);
@@ -569,6 +603,56 @@ void Agent::HandleRoundTask(const v1::RoundTask& task) {
       "round %d: update accepted: train loss %.4f (last %.4f), eval loss before %.4f, "
       "%d bytes sealed, %.1f s",
       round, train->mean_loss, train->last_loss, eval_before, sealed->size(), seconds));
+}
+
+void Agent::HandleSecAggSetup(const v1::SecAggSetup& setup, Session* session) {
+  if (secagg_ == nullptr || secagg_->round_id() != setup.round_id()) {
+    NoteError(absl::StrFormat("round %d: SecAggSetup for a round this agent did not train for",
+                              setup.round_id()));
+    return;
+  }
+  auto message = secagg_->OnSetup(setup);
+  if (!message.ok()) {
+    NoteError(absl::StrFormat("round %d: secure-aggregation setup refused: %s", setup.round_id(),
+                              message.status().ToString()));
+    return;
+  }
+  Log(absl::StrFormat("round %d: secure aggregation: party %d of %d, threshold %d",
+                      setup.round_id(), setup.party_id(), setup.cohort_size(),
+                      setup.threshold()));
+  session->Write(*message);
+}
+
+void Agent::HandleSecAggMessage(const v1::SecAggMessage& message, Session* session) {
+  const uint64_t round = message.round_id();
+  if (secagg_ == nullptr || secagg_->round_id() != round) {
+    NoteError(absl::StrFormat("round %d: a secure-aggregation message for a round this agent "
+                              "is not in",
+                              round));
+    return;
+  }
+  auto out = secagg_->OnMessage(message);
+  if (!out.ok()) {
+    NoteError(absl::StrFormat("round %d: secure-aggregation message refused: %s", round,
+                              out.status().ToString()));
+    return;
+  }
+  if (out->message.has_value()) session->Write(*out->message);
+  if (!out->masked_input.empty()) {
+    TrainResult none;
+    absl::Status s = SubmitUpdate(secagg_->task(), out->masked_input, none, 0, /*masked=*/true);
+    std::lock_guard<std::mutex> lock(mu_);
+    if (s.ok()) {
+      ++stats_.rounds_submitted;
+      Log(absl::StrFormat("round %d: masked input accepted (%d bytes)", round,
+                          out->masked_input.size()));
+    } else {
+      ++stats_.rounds_failed;
+      stats_.last_error = absl::StrFormat("round %d: masked input refused: %s", round,
+                                          s.ToString());
+      Log(stats_.last_error);
+    }
+  }
 }
 
 void Agent::HandleVersionNotice(const v1::VersionNotice& notice, Session* session) {
@@ -829,10 +913,10 @@ absl::StatusOr<std::string> Agent::FetchBlob(const std::string& version,
 }
 
 absl::Status Agent::SubmitUpdate(const v1::RoundTask& task, const std::string& payload,
-                                 const TrainResult& train, double eval_before) {
+                                 const TrainResult& train, double eval_before, bool masked) {
   absl::Status status;
   for (int attempt = 1; attempt <= options_.submit_max_attempts; ++attempt) {
-    status = SubmitOnce(task, payload, train, eval_before);
+    status = SubmitOnce(task, payload, train, eval_before, masked);
     if (status.ok()) return status;
     if (attempt > 1 && status.code() == absl::StatusCode::kAlreadyExists) {
       Log(absl::StrFormat("round %d: the coordinator already holds this update (an earlier "
@@ -854,7 +938,7 @@ absl::Status Agent::SubmitUpdate(const v1::RoundTask& task, const std::string& p
 }
 
 absl::Status Agent::SubmitOnce(const v1::RoundTask& task, const std::string& payload,
-                               const TrainResult& train, double eval_before) {
+                               const TrainResult& train, double eval_before, bool masked) {
   grpc::ClientContext ctx;
   ctx.set_deadline(DeadlineIn(options_.rpc_timeout));
   RegisterCall(&ctx);
@@ -873,6 +957,7 @@ absl::Status Agent::SubmitOnce(const v1::RoundTask& task, const std::string& pay
       header->set_num_examples(options_.train.size());
       header->set_total_size(payload.size());
       header->set_payload_sha256(common::Sha256Hex(payload));
+      header->set_masked(masked);
       v1::TrainMetrics* metrics = header->mutable_metrics();
       metrics->set_train_loss(train.mean_loss);
       metrics->set_eval_loss_before(eval_before);

@@ -53,6 +53,7 @@
 #include "common/crypto/sign.h"
 #include "common/net/tls.h"
 #include "common/tensor/tensor.h"
+#include "edge-agent/secagg_client.h"
 #include "edge-agent/trainer.h"
 
 namespace grpc {
@@ -135,7 +136,10 @@ class Agent {
   // One session: Hello, Welcome, then messages until the stream ends or Stop().
   // Returns the stream's final status; `welcomed` says whether it got that far.
   absl::Status RunSession(bool* welcomed);
-  void HandleRoundTask(const v1::RoundTask& task);
+  void HandleRoundTask(const v1::RoundTask& task, Session* session);
+  // Secure-aggregation rounds (edge-agent/secagg_client.h).
+  void HandleSecAggSetup(const v1::SecAggSetup& setup, Session* session);
+  void HandleSecAggMessage(const v1::SecAggMessage& message, Session* session);
   void HandleVersionNotice(const v1::VersionNotice& notice, Session* session);
 
   // Puts the trainer's adapter at `version` ("" = fresh from `lora`).
@@ -154,10 +158,11 @@ class Agent {
                                                          const std::string& blob,
                                                          const std::string& signature,
                                                          uint64_t round_id) const;
+  // `masked`: the payload is a secure-aggregation masked input (UpdateHeader.masked).
   absl::Status SubmitUpdate(const v1::RoundTask& task, const std::string& payload,
-                            const TrainResult& train, double eval_before);
+                            const TrainResult& train, double eval_before, bool masked = false);
   absl::Status SubmitOnce(const v1::RoundTask& task, const std::string& payload,
-                          const TrainResult& train, double eval_before);
+                          const TrainResult& train, double eval_before, bool masked);
 
   // Sleeps `d` (backoff) while driving the channel's reconnection; returns
   // false as soon as Stop() was called.
@@ -182,6 +187,9 @@ class Agent {
   common::TensorMap cached_tensors_;
   common::Metadata cached_metadata_;
   uint64_t rng_state_ = 0;
+  // The secure-aggregation round this agent trained for and awaits messages of
+  // (kept across sessions; replaced by the next secure task).
+  std::unique_ptr<SecAggClientRound> secagg_;
 
   mutable std::mutex mu_;            // guards everything below
   std::condition_variable stop_cv_;

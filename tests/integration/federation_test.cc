@@ -6,6 +6,8 @@
 #include <gtest/gtest.h>
 
 #include <chrono>
+#include <filesystem>
+#include <fstream>
 #include <cmath>
 #include <sstream>
 #include <string>
@@ -13,6 +15,7 @@
 #include <vector>
 
 #include "common/crypto/crypto.h"
+#include "common/storage/store.h"
 #include "common/quant/quant.h"
 #include "coordinator/state_store.h"
 #include "nlohmann/json.hpp"
@@ -65,15 +68,16 @@ class FederationTest : public ::testing::Test {
 
   Process StartCoordinator(int port, int rounds, int min_participants,
                            const std::string& log_suffix = "") {
-    return Process::Start(
-        {BinPath("fedlora-coordinator"), "--listen-address", "127.0.0.1:" + std::to_string(port),
+    std::vector<std::string> argv = {BinPath("fedlora-coordinator"), "--listen-address", "127.0.0.1:" + std::to_string(port),
          "--data-dir", dir_ + "/coordinator", "--tls-ca", dir_ + "/pki/ca.pem", "--tls-cert",
          dir_ + "/pki/coordinator.pem", "--tls-key", dir_ + "/pki/coordinator.key",
          "--base-model-dir", dir_ + "/model", "--min-participants",
          std::to_string(min_participants), "--rounds", std::to_string(rounds), "--local-steps",
          "6", "--learning-rate", "0.003", "--batch-size", "4", "--eval-grace-s", std::to_string(eval_grace_s_),
-         "--heartbeat-interval-ms", "1000"},
-        dir_ + "/coordinator" + log_suffix + ".out", dir_ + "/coordinator" + log_suffix + ".err");
+         "--heartbeat-interval-ms", "1000"};
+    argv.insert(argv.end(), extra_coordinator_args_.begin(), extra_coordinator_args_.end());
+    return Process::Start(argv, dir_ + "/coordinator" + log_suffix + ".out",
+                          dir_ + "/coordinator" + log_suffix + ".err");
   }
 
   Process StartAgent(int port, int site) {
@@ -147,6 +151,7 @@ class FederationTest : public ::testing::Test {
 
   std::string dir_;
   int max_offline_s_ = 5;
+  std::vector<std::string> extra_coordinator_args_;
   int eval_grace_s_ = 60;
 };
 
@@ -265,6 +270,105 @@ TEST_F(FederationTest, CoordinatorKilledDuringCollectResumesTheRound) {
 TEST_F(FederationTest, CoordinatorKilledAfterPublishKeepsTheVersion) {
   ASSERT_NO_FATAL_FAILURE(CrashAndRestartWhenLogged("version published"));
   ExpectOneCleanVersion();
+}
+
+}  // namespace
+}  // namespace fedlora::testing
+
+namespace fedlora::testing {
+namespace {
+
+// Bytes of every regular file under `dir`, concatenated (RocksDB SSTs, WAL, logs).
+std::string ReadAllFiles(const std::string& dir) {
+  std::string all;
+  for (const auto& entry : std::filesystem::recursive_directory_iterator(dir)) {
+    if (entry.is_regular_file()) all += ReadTextFile(entry.path().string());
+  }
+  return all;
+}
+
+// Three agents: secure aggregation is on by default, here with client-level DP.
+// The coordinator publishes a version built from the masked sum only: its store
+// holds no individual update (the updates column family stays empty and the only
+// blob is the published version), the version records secure aggregation and the
+// epsilon spent, and canary strings planted in every site's training data appear
+// nowhere in the coordinator's data directory.
+TEST_F(FederationTest, SecureAggregationWithDpStoresNoIndividualUpdate) {
+  ASSERT_NO_FATAL_FAILURE(MakeFleet(3));
+  std::vector<std::string> canaries;
+  for (int i = 0; i < 3; ++i) {
+    const std::string canary = "CANARY-zq" + std::to_string(7301 * (i + 3)) + "-site";
+    canaries.push_back(canary);
+    std::ofstream out(dir_ + "/data/site-" + std::to_string(i) + "/train.jsonl", std::ios::app);
+    for (int k = 0; k < 8; ++k) {
+      out << R"({"instruction":"Extract the fields.","input":"Patient note )" << canary
+          << R"( follow-up.","output":"id=)" << canary << R"("})" << "\n";
+    }
+  }
+  extra_coordinator_args_ = {"--dp-clip-norm", "5.0", "--dp-noise-multiplier", "0.3",
+                             "--dp-delta", "1e-5"};
+  int port = PickFreePort();
+  Process coordinator = StartCoordinator(port, /*rounds=*/1, /*min_participants=*/3);
+  Process agent0 = StartAgent(port, 0);
+  Process agent1 = StartAgent(port, 1);
+  Process agent2 = StartAgent(port, 2);
+  auto code = coordinator.Wait(seconds(400));
+  ASSERT_TRUE(code.has_value()) << "coordinator did not finish the round" << Logs();
+  ASSERT_EQ(*code, 0) << Logs();
+  const std::string log = ReadTextFile(dir_ + "/coordinator.err");
+  EXPECT_THAT(log, HasSubstr("secure aggregation started"));
+  EXPECT_THAT(log, HasSubstr("unmasking the sum"));
+  EXPECT_THAT(ReadTextFile(dir_ + "/coordinator.out"), HasSubstr("secagg=on"));
+
+  {
+    auto store = coordinator::StateStore::Open(dir_ + "/coordinator");
+    ASSERT_TRUE(store.ok()) << store.status();
+    auto version = (*store)->GetVersion("v000001");
+    ASSERT_TRUE(version.ok() && version->has_value()) << Logs();
+    const coordinator::VersionRecord& v = **version;
+    EXPECT_TRUE(v.secure_aggregation);
+    ASSERT_TRUE(v.dp_epsilon.has_value());
+    EXPECT_GT(*v.dp_epsilon, 0.0);
+    EXPECT_TRUE(std::isfinite(*v.dp_epsilon));
+    EXPECT_THAT(v.contributors, ::testing::UnorderedElementsAre("site-0", "site-1", "site-2"));
+    auto blob = (*store)->GetBlob(v.sha256);
+    ASSERT_TRUE(blob.ok());
+    auto tensors = common::DecodeAdapterBlob(*blob);
+    ASSERT_TRUE(tensors.ok()) << tensors.status();
+    EXPECT_EQ(tensors->size(), v.shapes.size());
+    auto round = (*store)->GetRound(1);
+    ASSERT_TRUE(round.ok() && round->has_value());
+    EXPECT_TRUE((*round)->secure_aggregation);
+    EXPECT_EQ((*round)->secagg_contributors.size(), 3u);
+    EXPECT_FALSE((*round)->dp_accountant_state.empty());
+    // No individual update: nothing in `updates`, one blob (the version) in `blobs`.
+    int updates = 0, blobs = 0;
+    ASSERT_TRUE((*store)
+                    ->raw()
+                    ->Scan("updates", "",
+                           [&](std::string_view, std::string_view) {
+                             ++updates;
+                             return true;
+                           })
+                    .ok());
+    ASSERT_TRUE((*store)
+                    ->raw()
+                    ->Scan("blobs", "",
+                           [&](std::string_view, std::string_view) {
+                             ++blobs;
+                             return true;
+                           })
+                    .ok());
+    EXPECT_EQ(updates, 0);
+    EXPECT_EQ(blobs, 1);
+  }
+  const std::string bytes = ReadAllFiles(dir_ + "/coordinator") + log;
+  for (const std::string& canary : canaries) {
+    EXPECT_EQ(bytes.find(canary), std::string::npos) << canary << " leaked to the coordinator";
+  }
+  EXPECT_EQ(agent0.Wait(seconds(60)).value_or(-1), 0) << Logs();
+  EXPECT_EQ(agent1.Wait(seconds(60)).value_or(-1), 0) << Logs();
+  EXPECT_EQ(agent2.Wait(seconds(60)).value_or(-1), 0) << Logs();
 }
 
 }  // namespace
