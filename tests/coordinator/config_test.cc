@@ -164,3 +164,45 @@ TEST(ConfigTest, AggregationSectionAndFlags) {
 
 }  // namespace
 }  // namespace fedlora::coordinator
+
+namespace fedlora::coordinator {
+namespace {
+
+TEST(ConfigTest, SecureAggregationAndDpRules) {
+  CoordinatorConfig cfg;
+  cfg.tls_ca = cfg.tls_cert = cfg.tls_key = "x";
+  cfg.base_model_hash = std::string(64, 'a');
+  ASSERT_TRUE(LoadYamlString("secure_aggregation: on\nsecagg_clip_range: 2.5\n"
+                             "dp_clip_norm: 1.5\ndp_noise_multiplier: 0.8\n",
+                             "s.yaml", &cfg)
+                  .ok());
+  EXPECT_TRUE(cfg.Validate().ok()) << cfg.Validate();
+  EXPECT_EQ(cfg.secure_aggregation, "on");
+  EXPECT_DOUBLE_EQ(cfg.secagg_clip_range, 2.5);
+  EXPECT_TRUE(cfg.SecureAggregationFor(3));
+  EXPECT_FALSE(cfg.SecureAggregationFor(2));
+  cfg.secure_aggregation = "maybe";
+  EXPECT_THAT(std::string(cfg.Validate().message()), HasSubstr("secure_aggregation"));
+  cfg.secure_aggregation = "off";  // DP noise is added in shares: it needs the masks
+  EXPECT_THAT(std::string(cfg.Validate().message()), HasSubstr("dp_clip_norm"));
+  cfg.dp_clip_norm = 0;
+  EXPECT_TRUE(cfg.Validate().ok());
+  EXPECT_FALSE(cfg.SecureAggregationFor(10));
+  cfg.secure_aggregation = "on";
+  cfg.aggregation.strategy = Strategy::kLoraProduct;  // needs each agent's factors
+  EXPECT_THAT(std::string(cfg.Validate().message()), HasSubstr("lora-product"));
+  cfg.secure_aggregation = "auto";
+  EXPECT_TRUE(cfg.Validate().ok());
+  EXPECT_FALSE(cfg.SecureAggregationFor(10));  // auto turns it off for per-agent strategies
+  cfg.aggregation.strategy = Strategy::kFedAvg;
+  cfg.secagg_clip_range = 0;
+  EXPECT_THAT(std::string(cfg.Validate().message()), HasSubstr("secagg_clip_range"));
+  cfg.secagg_clip_range = 1;
+  cfg.dp_clip_norm = 1;
+  cfg.dp_delta = 1.5;
+  EXPECT_THAT(std::string(cfg.Validate().message()), HasSubstr("dp_delta"));
+  EXPECT_THAT(CoordinatorHelp(), HasSubstr("--dp-epsilon-budget"));
+}
+
+}  // namespace
+}  // namespace fedlora::coordinator

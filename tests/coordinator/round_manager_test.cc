@@ -11,9 +11,13 @@
 
 #include "absl/strings/str_format.h"
 #include "common/quant/quant.h"
+#include "common/secagg/fixed_point.h"
+#include "common/secagg/messages.h"
+#include "common/secagg/protocol.h"
 #include "coordinator/aggregator.h"
 #include "coordinator/lora_product.h"
 #include "coordinator/strategy.h"
+#include "coordinator/update_validator.h"
 #include "tests/coordinator/coordinator_test_util.h"
 
 namespace fedlora::coordinator {
@@ -522,6 +526,267 @@ TEST_F(RoundManagerTest, LoraProductReportsDiscardedEnergyInVersionAndRoundLine)
   Eval(b, "v000001", 2.0);
   EXPECT_THAT(out_.str(), HasSubstr(absl::StrFormat(" strategy=lora-product discarded_energy=%.6g\n",
                                                     want.discarded_energy_fraction)));
+}
+
+// ------------------------------------------------------------------ Secure aggregation
+
+namespace sa = common::secagg;
+
+// An agent that speaks the secure-aggregation protocol over a FakeLink.
+struct SecAggAgent {
+  std::string id;
+  std::shared_ptr<FakeLink> link;
+  common::TensorMap adapter;
+  std::optional<sa::Client> client;
+  v1::SecAggSetup setup;
+  size_t seen = 0;  // messages of `link` already handled
+};
+
+class SecureRoundTest : public RoundManagerTest {
+ protected:
+  void SetUp() override {
+    RoundManagerTest::SetUp();
+    config_.min_participants = 3;
+    config_.secagg_phase_timeout_s = 30;
+  }
+
+  std::vector<SecAggAgent> ConnectAll(int n) {
+    std::vector<SecAggAgent> agents;
+    for (int i = 0; i < n; ++i) {
+      SecAggAgent a;
+      a.id = std::string(1, static_cast<char>('a' + i));
+      a.adapter = MakeLoraUpdate(4, 1, 8, 8, 50 + i, 0.2f);
+      agents.push_back(std::move(a));
+    }
+    for (SecAggAgent& a : agents) a.link = Connect(a.id);
+    return agents;
+  }
+
+  void Ready(SecAggAgent& a, uint64_t round = 1) {
+    v1::SecAggReady ready;
+    ready.set_round_id(round);
+    LayoutToProto(ShapesOf(a.adapter), ready.mutable_layout());
+    ready.set_num_examples(10);
+    ready.mutable_metrics()->set_train_loss(2.0);
+    ready.mutable_metrics()->set_eval_loss_before(3.0);
+    manager_->OnSecAggReady(a.link, ready);
+    manager_->Sync();
+  }
+
+  void Send(SecAggAgent& a, const std::string& bytes) {
+    v1::SecAggMessage m;
+    m.set_round_id(1);
+    m.set_data(bytes);
+    manager_->OnSecAggMessage(a.link, m);
+    manager_->Sync();
+  }
+
+  absl::Status SubmitMasked(SecAggAgent& a, const std::string& payload) {
+    IncomingUpdate in;
+    in.peer_cn = a.id;
+    in.payload = payload;
+    in.header = MakeHeader(1, a.id, "", 10, payload);
+    in.header.set_masked(true);
+    std::promise<absl::Status> done;
+    auto future = done.get_future();
+    manager_->CheckUpdateHeader(a.id, in.header, [&](absl::Status s) {
+      if (!s.ok()) {
+        done.set_value(s);
+        return;
+      }
+      manager_->SubmitUpdate(std::move(in), [&](absl::Status s2) { done.set_value(s2); });
+    });
+    return future.get();
+  }
+
+  // Handles every new message each live agent got; returns how many it handled.
+  int Step(std::vector<SecAggAgent>& agents, const std::set<std::string>& silent) {
+    int handled = 0;
+    for (SecAggAgent& a : agents) {
+      std::vector<v1::CoordinatorMessage> msgs = a.link->messages();
+      for (; a.seen < msgs.size(); ++a.seen) {
+        const v1::CoordinatorMessage& m = msgs[a.seen];
+        if (silent.count(a.id)) continue;
+        if (m.has_secagg_setup()) {
+          ++handled;
+          a.setup = m.secagg_setup();
+          sa::SecAggConfig c;
+          c.round_id = a.setup.round_id();
+          c.round_seed = a.setup.round_seed();
+          c.cohort.assign(a.setup.cohort().begin(), a.setup.cohort().end());
+          c.neighbours = static_cast<int>(a.setup.neighbours());
+          c.threshold = static_cast<int>(a.setup.threshold());
+          c.vector_length = a.setup.vector_length();
+          auto client = sa::Client::Create(c, a.setup.party_id());
+          EXPECT_TRUE(client.ok()) << client.status();
+          a.client.emplace(std::move(*client));
+          Send(a, *a.client->AdvertiseKeys());
+        } else if (m.has_secagg()) {
+          ++handled;
+          auto header = sa::MessageHeader::Parse(m.secagg().data());
+          EXPECT_TRUE(header.ok());
+          if (header->type == sa::MessageType::kKeyDirectory) {
+            Send(a, *a.client->ShareKeys(m.secagg().data()));
+          } else if (header->type == sa::MessageType::kShareDelivery) {
+            auto codec = sa::FixedPointCodec::Create(
+                {a.setup.clip_range(), a.setup.scale(), static_cast<int>(a.setup.max_agents())});
+            std::vector<float> flat;
+            for (const auto& [name, t] : a.adapter) flat.insert(flat.end(), t.data.begin(), t.data.end());
+            auto masked = a.client->MaskedInput(m.secagg().data(), *codec->Encode(flat));
+            EXPECT_TRUE(masked.ok());
+            EXPECT_TRUE(SubmitMasked(a, *masked).ok());
+          } else if (header->type == sa::MessageType::kUnmaskRequest) {
+            Send(a, *a.client->Unmask(m.secagg().data()));
+          }
+        }
+      }
+    }
+    return handled;
+  }
+
+  void Drive(std::vector<SecAggAgent>& agents, const std::set<std::string>& silent = {}) {
+    for (int i = 0; i < 20 && Step(agents, silent) > 0; ++i) {
+    }
+  }
+};
+
+TEST_F(SecureRoundTest, PublishesTheMeanOfTheMaskedInputsAndStoresNoUpdate) {
+  StartManager();
+  auto agents = ConnectAll(3);
+  const v1::RoundTask task = agents[0].link->Last(Kind::kRoundTask).round_task();
+  ASSERT_TRUE(task.secagg().enabled());
+  // A sealed update is refused in a secure round.
+  absl::Status sealed = Submit("a", 1, 10, agents[0].adapter);
+  EXPECT_EQ(sealed.code(), absl::StatusCode::kFailedPrecondition);
+  EXPECT_THAT(sealed.message(), HasSubstr("secure aggregation"));
+  for (SecAggAgent& a : agents) Ready(a);
+  Ready(agents[0]);  // a duplicate report is refused and counted
+  EXPECT_EQ(manager_->rejections(), 1u);
+  auto round = store_->GetRound(1);
+  ASSERT_TRUE(round.ok() && round->has_value());
+  EXPECT_EQ((*round)->phase, RoundPhase::kSecAgg);
+  Drive(agents);
+  ASSERT_TRUE(WaitFor([&]() {
+    manager_->Sync();
+    auto current = store_->CurrentVersion();
+    return current.ok() && *current == "v000001";
+  }));
+  auto version = store_->GetVersion("v000001");
+  ASSERT_TRUE(version.ok() && version->has_value());
+  EXPECT_TRUE((*version)->secure_aggregation);
+  EXPECT_FALSE((*version)->dp_epsilon.has_value());
+  EXPECT_THAT((*version)->contributors, ::testing::ElementsAre("a", "b", "c"));
+  EXPECT_EQ((*version)->num_examples, 30u);
+  auto blob = store_->GetBlob((*version)->sha256);
+  ASSERT_TRUE(blob.ok());
+  auto published = common::DecodeAdapterBlob(*blob);
+  ASSERT_TRUE(published.ok());
+  common::TensorMap mean = testing::NaiveWeightedMean(
+      {agents[0].adapter, agents[1].adapter, agents[2].adapter}, {1, 1, 1});
+  for (const auto& [name, t] : mean) {
+    for (size_t i = 0; i < t.data.size(); ++i) {
+      EXPECT_NEAR(published->at(name).data[i], t.data[i], 0.2 / 127 + 1e-6) << name;  // q8_0
+    }
+  }
+  auto pending = store_->CountUpdates(1);
+  ASSERT_TRUE(pending.ok());
+  EXPECT_EQ(*pending, 0u);
+  for (SecAggAgent& a : agents) Eval(a.link, "v000001", 2.5);
+  EXPECT_THAT(out_.str(), ::testing::HasSubstr(" secagg=on"));
+}
+
+TEST_F(SecureRoundTest, AgentLeavingDuringKeyExchangeIsDroppedAndTheRestPublish) {
+  config_.min_participants = 2;
+  config_.secure_aggregation = "on";
+  StartManager();
+  auto agents = ConnectAll(2);
+  EXPECT_EQ(agents[0].link->Count(Kind::kRoundTask), 0u);  // "on" waits for 3 agents
+  SecAggAgent c;
+  c.id = "c";
+  c.adapter = MakeLoraUpdate(4, 1, 8, 8, 52, 0.2f);
+  c.link = Connect("c");
+  agents.push_back(std::move(c));
+  for (SecAggAgent& a : agents) Ready(a);
+  Step(agents, {});  // setup -> AdvertiseKeys from all three
+  manager_->OnDisconnect(agents[2].link);  // c leaves before sharing keys
+  manager_->Sync();
+  Drive(agents, {"c"});
+  ASSERT_TRUE(WaitFor([&]() {
+    manager_->Sync();
+    auto current = store_->CurrentVersion();
+    return current.ok() && *current == "v000001";
+  }));
+  auto version = store_->GetVersion("v000001");
+  ASSERT_TRUE(version.ok() && version->has_value());
+  EXPECT_THAT((*version)->contributors, ::testing::ElementsAre("a", "b"));
+}
+
+TEST_F(SecureRoundTest, TooFewMaskedInputsAbortAtTheDeadline) {
+  StartManager();
+  auto agents = ConnectAll(3);
+  for (SecAggAgent& a : agents) Ready(a);
+  Drive(agents, {"b", "c"});  // only a answers
+  clock_.Advance(31000);
+  manager_->Tick();
+  auto round = store_->GetRound(1);
+  ASSERT_TRUE(round.ok() && round->has_value());
+  EXPECT_EQ((*round)->phase, RoundPhase::kAborted);
+  EXPECT_THAT((*round)->abort_reason, HasSubstr("secure aggregation"));
+  auto current = store_->CurrentVersion();
+  ASSERT_TRUE(current.ok());
+  EXPECT_EQ(*current, "");
+}
+
+TEST_F(SecureRoundTest, RestartDuringSecAggAbortsAndRetries) {
+  StartManager();
+  auto agents = ConnectAll(3);
+  for (SecAggAgent& a : agents) Ready(a);
+  StopManager();
+  StartManager();  // the keys were in memory: the round cannot continue
+  auto round = store_->GetRound(1);
+  ASSERT_TRUE(round.ok() && round->has_value());
+  EXPECT_EQ((*round)->phase, RoundPhase::kAborted);
+  EXPECT_THAT((*round)->abort_reason, HasSubstr("restarted during secure aggregation"));
+  for (SecAggAgent& a : agents) a.link = Connect(a.id);
+  auto next = store_->GetRound(2);
+  ASSERT_TRUE(next.ok() && next->has_value());
+  EXPECT_EQ((*next)->phase, RoundPhase::kTrain);
+}
+
+TEST_F(SecureRoundTest, DpBudgetRefusesARoundAndEpsilonIsRecorded) {
+  config_.dp_clip_norm = 1.0;
+  config_.dp_noise_multiplier = 1.0;
+  config_.dp_epsilon_budget = 0.5;  // one round with q = 1, sigma = 1 costs more
+  StartManager();
+  auto agents = ConnectAll(3);
+  EXPECT_EQ(agents[0].link->Count(Kind::kRoundTask), 0u);
+  auto none = store_->GetRound(1);
+  ASSERT_TRUE(none.ok());
+  EXPECT_FALSE(none->has_value());
+  StopManager();
+
+  config_.dp_epsilon_budget = 0;  // no limit: the round runs and reports epsilon
+  StartManager();
+  for (SecAggAgent& a : agents) {
+    a.link = Connect(a.id);
+    a.seen = a.link->messages().size();
+  }
+  const v1::RoundTask task = agents[0].link->Last(Kind::kRoundTask).round_task();
+  EXPECT_DOUBLE_EQ(task.secagg().dp_clip_norm(), 1.0);
+  for (SecAggAgent& a : agents) Ready(a);
+  Drive(agents);
+  ASSERT_TRUE(WaitFor([&]() {
+    manager_->Sync();
+    auto current = store_->CurrentVersion();
+    return current.ok() && *current == "v000001";
+  }));
+  auto version = store_->GetVersion("v000001");
+  ASSERT_TRUE(version.ok() && version->has_value());
+  ASSERT_TRUE((*version)->dp_epsilon.has_value());
+  EXPECT_GT(*(*version)->dp_epsilon, 0.5);
+  auto round = store_->GetRound(1);
+  ASSERT_TRUE(round.ok() && round->has_value());
+  EXPECT_FALSE((*round)->dp_accountant_state.empty());
 }
 
 }  // namespace
