@@ -125,15 +125,19 @@ void PrintStatus(const fedlora::v1::StatusResponse& s, std::ostream& out) {
                            FormatTime(a.last_seen_unix_ms()));
   }
   if (s.rounds_size() > 0) {
-    out << absl::StrFormat("%-6s %-10s %6s %7s %-8s %10s %11s %10s %12s %12s\n", "round", "phase",
-                           "agents", "updates", "version", "train_loss", "eval_before",
-                           "eval_after", "bytes_up", "bytes_down");
+    out << absl::StrFormat("%-6s %-10s %6s %7s %-8s %10s %11s %10s %12s %12s %-12s %6s %8s\n",
+                           "round", "phase", "agents", "updates", "version", "train_loss",
+                           "eval_before", "eval_after", "bytes_up", "bytes_down", "strategy",
+                           "secagg", "epsilon");
     for (const auto& r : s.rounds()) {
-      out << absl::StrFormat("%-6d %-10s %6d %7d %-8s %10s %11s %10s %12d %12d\n", r.round_id(),
-                             r.phase(), r.participants(), r.updates_received(),
+      out << absl::StrFormat("%-6d %-10s %6d %7d %-8s %10s %11s %10s %12d %12d %-12s %6s %8s\n",
+                             r.round_id(), r.phase(), r.participants(), r.updates_received(),
                              r.version_id().empty() ? "-" : r.version_id(),
                              Num(r.mean_train_loss()), Num(r.eval_loss_before()),
-                             Num(r.eval_loss_after()), r.bytes_up(), r.bytes_down());
+                             Num(r.eval_loss_after()), r.bytes_up(), r.bytes_down(),
+                             r.aggregation().empty() ? "-" : r.aggregation(),
+                             r.secure_aggregation() ? "on" : "off",
+                             r.dp_epsilon() < 0 ? "-" : absl::StrFormat("%.4g", r.dp_epsilon()));
     }
   }
 }
