@@ -272,6 +272,20 @@ TEST_F(FederationTest, CoordinatorKilledAfterPublishKeepsTheVersion) {
   ExpectOneCleanVersion();
 }
 
+// kill -9 as soon as the round is opened (SELECT written, tasks on their way): the
+// restarted coordinator resends the same round's task; one round, one version.
+TEST_F(FederationTest, CoordinatorKilledRightAfterSelectResumesTheSameRound) {
+  ASSERT_NO_FATAL_FAILURE(CrashAndRestartWhenLogged("round opened"));
+  ExpectOneCleanVersion();
+}
+
+// kill -9 once the round entered AGGREGATE (synced before aggregation starts): the
+// restart aggregates the stored updates again, each counted once.
+TEST_F(FederationTest, CoordinatorKilledDuringAggregateRedoesIt) {
+  ASSERT_NO_FATAL_FAILURE(CrashAndRestartWhenLogged("aggregating"));
+  ExpectOneCleanVersion();
+}
+
 }  // namespace
 }  // namespace fedlora::testing
 
