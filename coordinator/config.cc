@@ -113,6 +113,16 @@ const std::vector<Field>& Fields() {
       MakeField("dp_epsilon_budget", "DP: refuse rounds past this epsilon (0 = no limit)",
                 &C::dp_epsilon_budget),
       MakeField("dp_delta", "DP: delta of the reported (epsilon, delta)", &C::dp_delta),
+      MakeField("robust_rule",
+                "Robust aggregation of sealed updates: none | mean | trimmed-mean | median",
+                &C::robust_rule),
+      MakeField("robust_trim_fraction", "trimmed-mean: fraction dropped at each end",
+                &C::robust_trim_fraction),
+      MakeField("robust_norm_bound",
+                "Norm bound before the robust rule: none | absolute | median-multiple",
+                &C::robust_norm_bound),
+      MakeField("robust_norm_bound_value", "The bound B, or the multiple of the median norm",
+                &C::robust_norm_bound_value),
       MakeField("log_format", "Log format on stderr: text | json", &C::log_format),
       MakeField("log_level", "Log level: debug | info | warn | error", &C::log_level),
   };
@@ -283,6 +293,23 @@ absl::Status CoordinatorConfig::Validate() const {
                "factors; secure aggregation reveals only their sum)",
                "'" + secure_aggregation + "'");
   }
+  if (robust_rule != "none") {
+    auto robust = RobustOptionsFromConfig(*this);
+    if (!robust.ok()) return absl::InvalidArgumentError(absl::StrCat("config field ", robust.status().message()));
+    if (secure_aggregation == "on") {
+      return bad("secure_aggregation",
+                 "auto or off with a robust_rule (robust rules compare individual updates)",
+                 "'on'");
+    }
+    if (per_agent_strategy) {
+      return bad("robust_rule", "none with strategy ffa-lora or lora-product",
+                 "'" + robust_rule + "'");
+    }
+    if (dp_clip_norm > 0) {
+      return bad("dp_clip_norm", "0 with a robust_rule (DP needs secure aggregation)",
+                 absl::StrCat(dp_clip_norm));
+    }
+  }
   if (!(dp_clip_norm >= 0) || !std::isfinite(dp_clip_norm)) {
     return bad("dp_clip_norm", "a number >= 0", absl::StrCat(dp_clip_norm));
   }
@@ -306,8 +333,39 @@ absl::Status CoordinatorConfig::Validate() const {
   return absl::OkStatus();
 }
 
+absl::StatusOr<RobustOptions> RobustOptionsFromConfig(const CoordinatorConfig& config) {
+  RobustOptions o;
+  if (config.robust_rule == "mean") {
+    o.rule = RobustRule::kMean;
+  } else if (config.robust_rule == "trimmed-mean") {
+    o.rule = RobustRule::kTrimmedMean;
+  } else if (config.robust_rule == "median") {
+    o.rule = RobustRule::kMedian;
+  } else {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "robust_rule: expected none, mean, trimmed-mean or median, found '", config.robust_rule,
+        "'"));
+  }
+  if (config.robust_norm_bound == "none") {
+    o.norm_bound = NormBound::kNone;
+  } else if (config.robust_norm_bound == "absolute") {
+    o.norm_bound = NormBound::kAbsolute;
+  } else if (config.robust_norm_bound == "median-multiple") {
+    o.norm_bound = NormBound::kMedianMultiple;
+  } else {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "robust_norm_bound: expected none, absolute or median-multiple, found '",
+        config.robust_norm_bound, "'"));
+  }
+  o.trim_fraction = config.robust_trim_fraction;
+  o.norm_bound_value = config.robust_norm_bound_value;
+  RETURN_IF_ERROR(ValidateRobustOptions(o));
+  return o;
+}
+
 bool CoordinatorConfig::SecureAggregationFor(size_t participants) const {
   if (secure_aggregation == "off") return false;
+  if (robust_rule != "none") return false;  // robust rules need each update
   if (aggregation.strategy == Strategy::kLoraProduct ||
       aggregation.strategy == Strategy::kFfaLora) {
     return false;  // per-agent strategies (Validate refuses "on" with them)

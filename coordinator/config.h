@@ -16,6 +16,7 @@
 
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
+#include "coordinator/robust_aggregator.h"
 #include "coordinator/strategy.h"
 
 namespace CLI {
@@ -88,11 +89,24 @@ struct CoordinatorConfig {
   double dp_noise_multiplier = 1.0;
   double dp_epsilon_budget = 0;
   double dp_delta = 1e-5;
+  // Robust aggregation (coordinator/robust_aggregator.h) of sealed updates: "none" (the
+  // strategy's weighted mean), "mean" (norm bounding only), "trimmed-mean" or "median".
+  // It needs each update, so it implies no secure aggregation ("auto" then turns
+  // it off; "on" with it is refused) and no DP; its result goes through the strategy's
+  // server step like the mean would (fedavg, fedprox, fedadam, fedyogi only).
+  std::string robust_rule = "none";
+  double robust_trim_fraction = 0.1;               // beta of trimmed-mean, in [0, 0.5)
+  std::string robust_norm_bound = "median-multiple";  // none | absolute | median-multiple
+  double robust_norm_bound_value = 2.0;            // B, or the multiple of the median norm
   // True when a round of `participants` agents uses secure aggregation.
   bool SecureAggregationFor(size_t participants) const;
 
   absl::Status Validate() const;
 };
+
+// The robust aggregation options of a config whose robust_rule is not "none";
+// InvalidArgument naming the field.
+absl::StatusOr<RobustOptions> RobustOptionsFromConfig(const CoordinatorConfig& config);
 
 // Applies a YAML file on top of `config`.
 absl::Status LoadYamlFile(const std::string& path, CoordinatorConfig* config);

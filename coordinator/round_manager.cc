@@ -1081,6 +1081,14 @@ void RoundManager::RunAggregation(RoundRecord round,
         out.contributors.push_back(a);
       }
     } else {
+    // Robust rules (config robust_rule) replace the weighted mean of the updates; the
+    // strategy's server step then applies to their result as it would to the mean.
+    std::optional<RobustAggregator> robust;
+    if (config_.robust_rule != "none") {
+      ASSIGN_OR_RETURN(RobustOptions options, RobustOptionsFromConfig(config_));
+      ASSIGN_OR_RETURN(RobustAggregator created, RobustAggregator::Create(options));
+      robust.emplace(std::move(created));
+    }
     RETURN_IF_ERROR(store_->ForEachUpdate(round.round_id, [&](UpdateRecord u) -> absl::Status {
       const std::string where =
           absl::StrCat("stored update of agent '", u.agent_id, "' for round ", u.round_id);
@@ -1093,12 +1101,28 @@ void RoundManager::RunAggregation(RoundRecord round,
       ASSIGN_OR_RETURN(auto file, common::SafetensorsFile::FromBytes(std::move(plain), where));
       ASSIGN_OR_RETURN(common::TensorMap tensors, file->ToTensorMap());
       file.reset();
-      RETURN_IF_ERROR(
-          aggregator->Add(tensors, static_cast<double>(u.summary.num_examples), u.agent_id));
+      if (robust.has_value()) {
+        RETURN_IF_ERROR(robust->Add(tensors, static_cast<double>(u.summary.num_examples)));
+      } else {
+        RETURN_IF_ERROR(
+            aggregator->Add(tensors, static_cast<double>(u.summary.num_examples), u.agent_id));
+      }
       out.num_examples += u.summary.num_examples;
       out.contributors.push_back(u.agent_id);
       return absl::OkStatus();
     }));
+    if (robust.has_value()) {
+      out.strategy = absl::StrCat(out.strategy, "+", config_.robust_rule);
+      ASSIGN_OR_RETURN(RobustResult r, robust->FinishWithStats());
+      Log(LogLevel::kInfo, "robust aggregation",
+          {{"round", std::to_string(round.round_id)},
+           {"rule", config_.robust_rule},
+           {"updates", std::to_string(r.stats.count)},
+           {"median_norm", absl::StrFormat("%.6g", r.stats.median_norm)},
+           {"bound", absl::StrFormat("%.6g", r.stats.bound)},
+           {"clipped", std::to_string(r.stats.clipped)}});
+      RETURN_IF_ERROR(aggregator->Add(r.aggregate, 1.0, "robust aggregate"));
+    }
     }
     ASSIGN_OR_RETURN(AggregationResult result, aggregator->Finish());
     common::TensorMap& mean = result.adapter;

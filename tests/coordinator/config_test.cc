@@ -204,5 +204,30 @@ TEST(ConfigTest, SecureAggregationAndDpRules) {
   EXPECT_THAT(CoordinatorHelp(), HasSubstr("--dp-epsilon-budget"));
 }
 
+TEST(ConfigTest, RobustRuleRules) {
+  CoordinatorConfig cfg;
+  cfg.tls_ca = cfg.tls_cert = cfg.tls_key = "x";
+  cfg.base_model_hash = std::string(64, 'a');
+  cfg.robust_rule = "trimmed-mean";
+  cfg.robust_trim_fraction = 0.2;
+  ASSERT_TRUE(cfg.Validate().ok()) << cfg.Validate();
+  EXPECT_FALSE(cfg.SecureAggregationFor(10));  // robust rules need each update
+  auto options = RobustOptionsFromConfig(cfg);
+  ASSERT_TRUE(options.ok());
+  EXPECT_EQ(options->rule, RobustRule::kTrimmedMean);
+  EXPECT_EQ(options->norm_bound, NormBound::kMedianMultiple);
+  cfg.robust_trim_fraction = 0.5;
+  EXPECT_THAT(std::string(cfg.Validate().message()), HasSubstr("trim"));
+  cfg.robust_trim_fraction = 0.1;
+  cfg.robust_rule = "mode";
+  EXPECT_THAT(std::string(cfg.Validate().message()), HasSubstr("robust_rule"));
+  cfg.robust_rule = "median";
+  cfg.secure_aggregation = "on";
+  EXPECT_THAT(std::string(cfg.Validate().message()), HasSubstr("robust_rule"));
+  cfg.secure_aggregation = "auto";
+  cfg.robust_norm_bound = "tight";
+  EXPECT_THAT(std::string(cfg.Validate().message()), HasSubstr("robust_norm_bound"));
+}
+
 }  // namespace
 }  // namespace fedlora::coordinator

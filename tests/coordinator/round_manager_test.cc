@@ -791,3 +791,72 @@ TEST_F(SecureRoundTest, DpBudgetRefusesARoundAndEpsilonIsRecorded) {
 
 }  // namespace
 }  // namespace fedlora::coordinator
+
+namespace fedlora::coordinator {
+namespace {
+
+// Five agents, two of them poisoned (-40x the honest update). With robust_rule
+// median the published version stays next to the honest mean; with the plain
+// FedAvg of the same updates it lands far away. Robust rounds run without
+// secure aggregation (they need each update).
+class RobustRoundTest : public RoundManagerTest {
+ protected:
+  common::TensorMap RunPoisonedRound(const std::string& rule) {
+    config_.robust_rule = rule;
+    config_.min_participants = 5;
+    StartManager();
+    std::vector<std::shared_ptr<FakeLink>> links;
+    for (char c : std::string("abcde")) links.push_back(Connect(std::string(1, c)));
+    const v1::RoundTask task = links[0]->Last(Kind::kRoundTask).round_task();
+    EXPECT_FALSE(task.secagg().enabled());
+    honest_ = MakeLoraUpdate(4, 1, 8, 8, 7, 0.1f);
+    for (size_t i = 0; i < links.size(); ++i) {
+      common::TensorMap u = honest_;
+      for (auto& [name, t] : u) {
+        for (size_t k = 0; k < t.data.size(); ++k) {
+          t.data[k] = i < 2 ? -40.0f * t.data[k] : t.data[k] * (1.0f + 0.01f * static_cast<float>(i));
+        }
+      }
+      const std::string id(1, static_cast<char>('a' + i));
+      EXPECT_TRUE(Submit(id, 1, 10, u).ok());
+    }
+    EXPECT_TRUE(WaitFor([&]() {
+      manager_->Sync();
+      auto current = store_->CurrentVersion();
+      return current.ok() && *current == "v000001";
+    }));
+    common::Metadata md;
+    common::TensorMap got = DecodedVersion(store_.get(), "v000001", &md);
+    strategy_ = md.at("fedlora.aggregation");
+    return got;
+  }
+  // L2 distance to the honest update, relative to its norm.
+  double RelativeError(const common::TensorMap& got) const {
+    double d = 0, n = 0;
+    for (const auto& [name, t] : honest_) {
+      for (size_t k = 0; k < t.data.size(); ++k) {
+        d += std::pow(got.at(name).data[k] - t.data[k], 2);
+        n += std::pow(t.data[k], 2);
+      }
+    }
+    return std::sqrt(d / n);
+  }
+  common::TensorMap honest_;
+  std::string strategy_;
+};
+
+TEST_F(RobustRoundTest, MedianHoldsWherePlainFedAvgFails) {
+  const double robust = RelativeError(RunPoisonedRound("median"));
+  EXPECT_EQ(strategy_, "fedavg+median");
+  EXPECT_LT(robust, 0.1);
+}
+
+TEST_F(RobustRoundTest, PlainFedAvgIsPulledAwayByThePoison) {
+  config_.secure_aggregation = "off";
+  const double plain = RelativeError(RunPoisonedRound("none"));
+  EXPECT_EQ(strategy_, "fedavg");
+  EXPECT_GT(plain, 10.0);
+}
+
+}  // namespace
+}  // namespace fedlora::coordinator
