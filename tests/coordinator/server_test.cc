@@ -56,6 +56,7 @@ class FakeAgent {
   ~FakeAgent() {
     if (session_) session_ctx_.TryCancel();
   }
+  v1::Coordinator::Stub* stub() { return stub_.get(); }
 
   // Opens the Session and sends Hello; returns the first message (Welcome) or the
   // stream's final status.
@@ -513,6 +514,37 @@ TEST_F(ServerTest, RejectsModifiedPayloadAndWrongAad) {
   grpc::Status s2 = a1_->Submit(MakeHeader(1, "agent-1", "", 10, other), other);
   EXPECT_THAT(s2.error_message(), HasSubstr("does not open"));
   ExpectRejected(s2, grpc::StatusCode::INVALID_ARGUMENT, 1);
+}
+
+// The agent's connection breaks halfway through an upload: nothing is stored, the
+// round stays open, and the same agent's complete retry is accepted once.
+TEST_F(ServerTest, UploadCutMidwayStoresNothingAndTheRetryIsAccepted) {
+  StartRound();
+  const std::string p = SealedFor(MakeLoraUpdate(kRank, 2, 64, 64, 1), "agent-1");
+  ASSERT_GT(p.size(), 4096u * 4);
+  {
+    grpc::ClientContext ctx;
+    ctx.set_deadline(In(30));
+    v1::SubmitUpdateResponse response;
+    auto writer = a1_->stub()->SubmitUpdate(&ctx, &response);
+    for (int i = 0; i < 2; ++i) {
+      v1::UpdateChunk c;
+      if (i == 0) *c.mutable_header() = MakeHeader(1, "agent-1", "", 10, p);
+      c.set_offset(i * 4096);
+      c.set_data(p.substr(i * 4096, 4096));
+      c.set_chunk_sha256(common::Sha256Hex(c.data()));
+      ASSERT_TRUE(writer->Write(c));
+    }
+    ctx.TryCancel();  // the connection is gone
+    EXPECT_FALSE(writer->Finish().ok());
+  }
+  server_->manager()->Sync();
+  EXPECT_EQ(*server_->store()->CountUpdates(1), 0u);
+  ASSERT_TRUE(a1_->Submit(MakeHeader(1, "agent-1", "", 10, p), p).ok());
+  EXPECT_EQ(*server_->store()->CountUpdates(1), 1u);
+  ExpectRejected(a1_->Submit(MakeHeader(1, "agent-1", "", 10, p), p),
+                 grpc::StatusCode::ALREADY_EXISTS, Status().updates_rejected(),
+                 /*stored_updates=*/1);
 }
 
 TEST_F(ServerTest, RejectsDuplicateUpdate) {
