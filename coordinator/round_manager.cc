@@ -881,18 +881,8 @@ void RoundManager::StartSecAgg() {
     AbortOpenRound(absl::StrCat("secure aggregation setup failed: ", created.status().message()));
     return;
   }
-  RoundRecord next = round;
-  next.phase = RoundPhase::kSecAgg;
-  if (absl::Status s = store_->PutRound(next); !s.ok()) {
-    Log(LogLevel::kError, "cannot start secure aggregation: the store write failed",
-        {{"round", std::to_string(round.round_id)}, {"error", s.ToString()}});
-    return;  // retried at the next tick
-  }
-  round = std::move(next);
+  if (!LeaveTrainPhase(round, RoundPhase::kSecAgg)) return;  // retried at the next tick
   const uint64_t now = clock_->NowUnixMs();
-  metrics_.Observe(kMetricPhase, kHelpPhase,
-                   static_cast<double>(now - std::min(now, round.created_unix_ms)) / 1000.0,
-                   {{"phase", "train"}});
   secagg_ = std::shared_ptr<SecAggRound>(std::move(*created));
   secagg_deadline_ms_ = now + static_cast<uint64_t>(config_.secagg_phase_timeout_s) * 1000;
   Log(LogLevel::kInfo, "secure aggregation started",
@@ -1007,22 +997,29 @@ absl::Status RoundManager::CommitMaskedInput(IncomingUpdate update) {
 
 // ------------------------------------------------------------------ Aggregate / publish
 
+bool RoundManager::LeaveTrainPhase(RoundRecord& round, RoundPhase to) {
+  RoundRecord next = round;
+  next.phase = to;
+  if (absl::Status s = store_->PutRound(next); !s.ok()) {
+    Log(LogLevel::kError, "cannot end the TRAIN phase: the store write failed",
+        {{"round", std::to_string(round.round_id)},
+         {"to", RoundPhaseName(to)},
+         {"error", s.ToString()}});
+    return false;
+  }
+  round = std::move(next);
+  const uint64_t now = clock_->NowUnixMs();
+  metrics_.Observe(kMetricPhase, kHelpPhase,
+                   static_cast<double>(now - std::min(now, round.created_unix_ms)) / 1000.0,
+                   {{"phase", "train"}});
+  return true;
+}
+
 void RoundManager::StartAggregate() {
   if (stopping_ || !open_round_.has_value()) return;
   RoundRecord& round = rounds_[*open_round_];
   if (round.phase == RoundPhase::kTrain) {
-    RoundRecord next = round;
-    next.phase = RoundPhase::kAggregate;
-    if (absl::Status s = store_->PutRound(next); !s.ok()) {
-      Log(LogLevel::kError, "cannot start aggregation: the store write failed",
-          {{"round", std::to_string(round.round_id)}, {"error", s.ToString()}});
-      return;  // retried at the next tick
-    }
-    round = std::move(next);
-    const uint64_t now = clock_->NowUnixMs();
-    metrics_.Observe(kMetricPhase, kHelpPhase,
-                     static_cast<double>(now - std::min(now, round.created_unix_ms)) / 1000.0,
-                     {{"phase", "train"}});
+    if (!LeaveTrainPhase(round, RoundPhase::kAggregate)) return;  // retried at the next tick
   } else if (round.phase != RoundPhase::kAggregate) {
     return;
   }

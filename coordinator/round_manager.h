@@ -173,6 +173,9 @@ class RoundManager {
                               const fedlora::v1::UpdateHeader& header) const;
   void CommitUpdate(IncomingUpdate update, common::TensorMap tensors, StatusCallback done);
   void EndTrainPhase();  // TRAIN is over: secure aggregation or plain aggregation
+  // Writes `round` in phase `to` (synced) and records the train phase time; false
+  // (logged, `round` unchanged) when the store write failed.
+  bool LeaveTrainPhase(RoundRecord& round, RoundPhase to);
   void StartAggregate();
   // Worker thread. `secagg_mean`: the unmasked mean of a secure round (else the
   // stored updates are read).
