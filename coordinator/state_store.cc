@@ -846,7 +846,11 @@ absl::Status StateStore::SetCurrentVersion(const std::string& version_id,
 }
 
 absl::Status StateStore::CreateBackup(const std::string& dir, const std::string& actor) {
-  if (dir.empty()) return absl::InvalidArgumentError("backup: expected a directory, found \"\"");
+  if (dir.empty() || dir[0] != '/') {
+    // The path is resolved on the coordinator host, not where the admin runs the CLI.
+    return absl::InvalidArgumentError(
+        absl::StrCat("backup: expected an absolute directory path, found \"", dir, "\""));
+  }
   struct stat st {};
   if (::stat(dir.c_str(), &st) == 0) {
     return absl::AlreadyExistsError(

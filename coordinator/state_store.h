@@ -251,7 +251,8 @@ class StateStore {
   // A consistent on-line copy of the whole store (rocksdb::Checkpoint, hard links
   // where possible) in the new directory `dir`, then a synced "backup.created"
   // audit record by `actor` (the backup holds the chain up to the record before it).
-  // `dir` must not exist (AlreadyExists) and its parent must (NotFound); nothing
+  // `dir` must be absolute (InvalidArgument), must not exist (AlreadyExists) and
+  // its parent must (NotFound); nothing
   // is written to the store on error. Safe while the coordinator serves.
   absl::Status CreateBackup(const std::string& dir, const std::string& actor);
 

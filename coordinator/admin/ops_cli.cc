@@ -120,7 +120,8 @@ OpsCommands::OpsCommands(CLI::App* app) {
       "Consistent on-line RocksDB checkpoint into DIR on the coordinator host (a new "
       "directory); admin certificate, audited. Restore: stop the coordinator and start it "
       "with --data-dir on (a copy of) DIR");
-  backup_create_->add_option("DIR", backup_dir_, "New directory on the coordinator host")
+  backup_create_->add_option("DIR", backup_dir_,
+                             "New directory, an absolute path on the coordinator host")
       ->required();
 }
 

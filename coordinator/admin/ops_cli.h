@@ -9,7 +9,7 @@
 //   fedlora-admin versions rollback [--to VERSION]     Admin.RollbackVersion
 //   fedlora-admin versions promote VERSION             Admin.PromoteVersion
 //   fedlora-admin backup create DIR                    Admin.CreateBackup
-//     DIR is a new directory on the coordinator host. Restore: stop the
+//     DIR is a new directory, an absolute path on the coordinator host. Restore: stop the
 //     coordinator and start it with --data-dir on (a copy of) DIR.
 // The moves and the backup need an admin certificate and are audited with its CN.
 //

@@ -170,6 +170,8 @@ TEST_F(VersionsTest, BackupIsAConsistentAuditedCopyAndRefusesAnExistingDir) {
   EXPECT_THAT(store_->CreateBackup(dir_.Sub("no/such/parent"), "alice"),
               StatusIs(absl::StatusCode::kNotFound, HasSubstr("does not exist")));
   EXPECT_EQ(store_->CreateBackup("", "alice").code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(store_->CreateBackup("relative/backup", "alice"),
+              StatusIs(absl::StatusCode::kInvalidArgument, HasSubstr("absolute")));
   EXPECT_EQ(store_->audit().head_seq(), after);
   EXPECT_FALSE(std::filesystem::exists(dir_.Sub("no")));
 }
