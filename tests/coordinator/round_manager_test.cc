@@ -622,6 +622,55 @@ TEST_F(RoundManagerTest, RollbackWithoutParentIsRefused) {
   EXPECT_EQ((*store_->GetRound(2))->phase, RoundPhase::kTrain);  // the open round goes on
 }
 
+TEST_F(RoundManagerTest, BackupDuringAnOpenRoundRestoresWithItsStoredUpdates) {
+  StartManager();
+  auto a = Connect("a");
+  auto b = Connect("b");
+  const std::string seal = manager_->seal_public_key();
+  ASSERT_TRUE(Submit("a", 1, 10, MakeLoraUpdate(4, 1, 8, 8, 1)).ok());
+  const std::string backup = dir_.Sub("backup");
+  std::promise<absl::StatusOr<v1::CreateBackupResponse>> made;
+  manager_->CreateBackup(backup, "alice", [&](absl::StatusOr<v1::CreateBackupResponse> r) {
+    made.set_value(std::move(r));
+  });
+  auto response = made.get_future().get();
+  ASSERT_TRUE(response.ok()) << response.status();
+  EXPECT_EQ(response->dir(), backup);
+  EXPECT_EQ(response->current_version(), "");
+  EXPECT_GE(response->audit_records(), 1u);  // round.started
+  // The live coordinator goes on and publishes v000001; the backup does not see it.
+  ASSERT_TRUE(Submit("b", 1, 30, MakeLoraUpdate(4, 1, 8, 8, 2)).ok());
+  ASSERT_TRUE(WaitFor([&]() { return a->Count(Kind::kVersionNotice) == 1; }));
+  StopManager();
+  store_.reset();
+
+  // Restore: a coordinator on the backup resumes round 1 with a's stored update.
+  auto restored = StateStore::Open(backup);
+  ASSERT_TRUE(restored.ok()) << restored.status();
+  store_ = std::move(*restored);
+  EXPECT_EQ(*store_->CurrentVersion(), "");
+  EXPECT_EQ(*store_->CountUpdates(1), 1u);
+  StartManager();
+  EXPECT_EQ(manager_->seal_public_key(), seal);  // the sealing key came along
+  auto a2 = Connect("a");
+  auto b2 = Connect("b");
+  EXPECT_EQ(b2->Last(Kind::kRoundTask).round_task().round_id(), 1u);
+  EXPECT_EQ(Submit("a", 1, 10, MakeLoraUpdate(4, 1, 8, 8, 1)).code(),
+            absl::StatusCode::kAlreadyExists);
+  ASSERT_TRUE(Submit("b", 1, 30, MakeLoraUpdate(4, 1, 8, 8, 2)).ok());
+  ASSERT_TRUE(WaitFor([&]() { return b2->Count(Kind::kVersionNotice) == 1; }));
+  EXPECT_EQ((*store_->GetVersion("v000001"))->contributors, (std::vector<std::string>{"a", "b"}));
+  auto report = VerifyAuditChain(store_->raw_store());
+  ASSERT_TRUE(report.ok());
+  EXPECT_TRUE(report->ok) << report->error;
+  // An existing directory is refused.
+  std::promise<absl::StatusOr<v1::CreateBackupResponse>> again;
+  manager_->CreateBackup(backup, "alice", [&](absl::StatusOr<v1::CreateBackupResponse> r) {
+    again.set_value(std::move(r));
+  });
+  EXPECT_EQ(again.get_future().get().status().code(), absl::StatusCode::kAlreadyExists);
+}
+
 TEST_F(RoundManagerTest, PublishQ4ReportsTheReconstructionErrorOfTheAggregate) {
   config_.publish_quant = "q4_0";
   StartManager();
