@@ -125,6 +125,9 @@ const std::vector<Field>& Fields() {
                 &C::robust_norm_bound_value),
       MakeField("log_format", "Log format on stderr: text | json", &C::log_format),
       MakeField("log_level", "Log level: debug | info | warn | error", &C::log_level),
+      MakeField("publish_quant",
+                "Quantization of published adapters: q8_0 | q4_0 (error reported per version)",
+                &C::publish_quant),
   };
   return *fields;
 }
@@ -274,6 +277,9 @@ absl::Status CoordinatorConfig::Validate() const {
   }
   if (log_level != "debug" && log_level != "info" && log_level != "warn" && log_level != "error") {
     return bad("log_level", "debug, info, warn or error", "'" + log_level + "'");
+  }
+  if (publish_quant != "q8_0" && publish_quant != "q4_0") {
+    return bad("publish_quant", "q8_0 or q4_0", "'" + publish_quant + "'");
   }
   if (absl::Status s = ValidateStrategyParams(aggregation); !s.ok()) {
     return absl::InvalidArgumentError(absl::StrCat("config field ", s.message()));

@@ -71,6 +71,9 @@ struct CoordinatorConfig {
   std::string log_format = "text";    // "text" | "json"
   std::string log_level = "info";     // "debug" | "info" | "warn" | "error"
 
+  // Quantization of published adapter blobs: "q8_0" | "q4_0" (docs/operations.md).
+  std::string publish_quant = "q8_0";
+
   // How updates become the next version (coordinator/strategy.h).
   StrategyParams aggregation;
 

@@ -1144,7 +1144,9 @@ void RoundManager::RunAggregation(RoundRecord round,
     if (out.discarded_energy.has_value()) {
       metadata["fedlora.discarded_energy"] = absl::StrFormat("%.9g", *out.discarded_energy);
     }
-    out.blob = common::EncodeAdapterBlob(mean, common::Quant::kQ8_0, metadata);
+    ASSIGN_OR_RETURN(common::Quant quant, common::ParseQuant(config_.publish_quant));
+    out.quant = common::QuantName(quant);
+    out.blob = common::EncodeAdapterBlob(mean, quant, metadata, &out.quant_report);
     out.sha256 = common::Sha256Hex(out.blob);
     return out;
   };
@@ -1180,7 +1182,9 @@ void RoundManager::FinishAggregation(uint64_t round_id, absl::StatusOr<Aggregate
   version.parent_version = done.base_version;
   version.sha256 = result->sha256;
   version.size_bytes = result->blob.size();
-  version.quant = "q8_0";
+  version.quant = result->quant;
+  version.quant_rel_l2_error = result->quant_report.relative_l2_error;
+  version.quant_max_abs_error = result->quant_report.max_abs_error;
   version.created_unix_ms = now;
   version.num_examples = result->num_examples;
   version.contributors = result->contributors;
@@ -1224,6 +1228,9 @@ void RoundManager::FinishAggregation(uint64_t round_id, absl::StatusOr<Aggregate
        {"bytes", std::to_string(version.size_bytes)},
        {"contributors", std::to_string(version.contributors.size())},
        {"strategy", version.strategy},
+       {"quant", version.quant},
+       {"quant_rel_l2_error", absl::StrFormat("%.6g", *version.quant_rel_l2_error)},
+       {"quant_max_abs_error", absl::StrFormat("%.6g", *version.quant_max_abs_error)},
        {"discarded_energy",
         version.discarded_energy ? absl::StrFormat("%.6g", *version.discarded_energy) : "n/a"}});
   v1::CoordinatorMessage msg;
@@ -1452,7 +1459,132 @@ void RoundManager::GetStatus(std::function<void(v1::StatusResponse)> done) {
       info->set_dp_epsilon(r.dp_epsilon.value_or(-1.0));
     }
     response.set_updates_rejected(rejections_.load());
+    if (!current_version_.empty()) {
+      auto version = store_->GetVersion(current_version_);
+      if (version.ok() && version->has_value()) {
+        *response.mutable_current_version_info() = ToVersionInfo(**version, current_version_);
+      }
+    }
     done(std::move(response));
+  });
+}
+
+// ------------------------------------------------------------------ Versions and backup
+
+void RoundManager::ListVersions(
+    std::function<void(absl::StatusOr<v1::ListVersionsResponse>)> done) {
+  Post([this, done = std::move(done)]() {
+    auto versions = store_->ListVersions();
+    if (!versions.ok()) {
+      done(versions.status());
+      return;
+    }
+    v1::ListVersionsResponse response;
+    response.set_current_version(current_version_);
+    for (const VersionRecord& v : *versions) {
+      *response.add_versions() = ToVersionInfo(v, current_version_);
+    }
+    done(std::move(response));
+  });
+}
+
+void RoundManager::MoveCurrentVersion(
+    VersionMove move, std::string target, std::string actor,
+    std::function<void(absl::StatusOr<v1::VersionChangeResponse>)> done) {
+  Post([this, move, target = std::move(target), actor = std::move(actor),
+        done = std::move(done)]() {
+    if (stopping_) {
+      done(absl::UnavailableError("the coordinator is shutting down"));
+      return;
+    }
+    auto to = ResolveVersionMove(*store_, current_version_, move, target);
+    if (!to.ok()) {
+      done(to.status());
+      return;
+    }
+    v1::VersionChangeResponse response;
+    response.set_previous_version(current_version_);
+    response.set_current_version(to->version_id);
+    if (open_round_.has_value()) {
+      const uint64_t round_id = *open_round_;
+      AbortOpenRound(absl::StrCat("the current version moved from '", current_version_, "' to '",
+                                  to->version_id, "' (", VersionMoveAction(move), " by ", actor,
+                                  ")"));
+      if (open_round_.has_value()) {
+        done(absl::UnavailableError(absl::StrCat(
+            "cannot abort round ", round_id, " before moving the current version; retry")));
+        return;
+      }
+      response.set_aborted_round(round_id);
+    }
+    nlohmann::json details{{"from", current_version_},
+                           {"to", to->version_id},
+                           {"round", to->round_id},
+                           {"sha256", to->sha256}};
+    if (response.aborted_round() != 0) details["aborted_round"] = response.aborted_round();
+    if (absl::Status s = store_->SetCurrentVersion(to->version_id, actor, VersionMoveAction(move),
+                                                   details.dump());
+        !s.ok()) {
+      Log(LogLevel::kError, "cannot move the current version: the store write failed",
+          {{"to", to->version_id}, {"error", s.ToString()}});
+      done(s);
+      return;
+    }
+    current_version_ = to->version_id;
+    current_shapes_ = to->shapes;
+    Log(LogLevel::kWarn, move == VersionMove::kRollback ? "version rolled back" : "version promoted",
+        {{"from", response.previous_version()},
+         {"to", to->version_id},
+         {"actor", actor},
+         {"aborted_round", std::to_string(response.aborted_round())}});
+    v1::CoordinatorMessage msg;
+    v1::VersionNotice* notice = msg.mutable_version_notice();
+    notice->set_version_id(to->version_id);
+    notice->set_round_id(to->round_id);
+    notice->set_sha256(to->sha256);
+    notice->set_size_bytes(to->size_bytes);
+    notice->set_signature(to->signature);
+    for (auto& [id, agent] : online_) agent.link->Send(msg);
+    done(std::move(response));
+    MaybeOpenRound();
+  });
+}
+
+void RoundManager::CreateBackup(
+    std::string dir, std::string actor,
+    std::function<void(absl::StatusOr<v1::CreateBackupResponse>)> done) {
+  if (!workers_ || stopping_) {
+    done(absl::UnavailableError("the round manager is not running"));
+    return;
+  }
+  boost::asio::post(*workers_, [this, dir = std::move(dir), actor = std::move(actor),
+                                done = std::move(done)]() {
+    auto run = [&]() -> absl::StatusOr<v1::CreateBackupResponse> {
+      RETURN_IF_ERROR(store_->CreateBackup(dir, actor));
+      ASSIGN_OR_RETURN(auto backup, StateStore::OpenReadOnly(dir));
+      ASSIGN_OR_RETURN(AuditVerifyReport report, VerifyAuditChain(backup->raw_store()));
+      if (!report.ok) {
+        return absl::DataLossError(absl::StrCat("backup ", dir, ": audit chain broken at seq ",
+                                                report.first_bad_seq, ": ", report.error));
+      }
+      v1::CreateBackupResponse response;
+      response.set_dir(dir);
+      ASSIGN_OR_RETURN(std::string current, backup->CurrentVersion());
+      response.set_current_version(current);
+      response.set_audit_records(report.records);
+      return response;
+    };
+    absl::StatusOr<v1::CreateBackupResponse> result;
+    try {
+      result = run();
+    } catch (const std::exception& e) {
+      result = absl::InternalError(absl::StrCat("backup threw: ", e.what()));
+    }
+    if (result.ok()) {
+      Log(LogLevel::kInfo, "backup created",
+          {{"dir", dir}, {"actor", actor}, {"current_version", result->current_version()}});
+    }
+    done(std::move(result));
   });
 }
 

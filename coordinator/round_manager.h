@@ -46,6 +46,7 @@
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
 #include "common/crypto/crypto.h"
+#include "common/quant/quant.h"
 #include "common/tensor/tensor.h"
 #include "coordinator/clock.h"
 #include "coordinator/config.h"
@@ -53,6 +54,7 @@
 #include "coordinator/metrics.h"
 #include "coordinator/secagg_round.h"
 #include "coordinator/state_store.h"
+#include "coordinator/versions.h"
 #include "fedlora/v1/fedlora.pb.h"
 
 namespace fedlora::coordinator {
@@ -137,6 +139,22 @@ class RoundManager {
   // --- Admin
   void GetStatus(std::function<void(fedlora::v1::StatusResponse)> done);
 
+  // --- Admin: versions and backup (docs/operations.md)
+  void ListVersions(std::function<void(absl::StatusOr<fedlora::v1::ListVersionsResponse>)> done);
+  // Moves the current pointer on the manager thread. The target is checked first
+  // (ResolveVersionMove; nothing changes on error). An open round (its base is the
+  // old current version) is aborted, then the pointer is written (synced, audited
+  // with `actor`), and only then the in-memory current version changes: online
+  // agents get a VersionNotice of the new current version and the next round
+  // starts from it.
+  void MoveCurrentVersion(
+      VersionMove move, std::string target, std::string actor,
+      std::function<void(absl::StatusOr<fedlora::v1::VersionChangeResponse>)> done);
+  // StateStore::CreateBackup on a worker thread, then opens the backup read-only
+  // and verifies its audit chain (DataLoss when broken).
+  void CreateBackup(std::string dir, std::string actor,
+                    std::function<void(absl::StatusOr<fedlora::v1::CreateBackupResponse>)> done);
+
   // --- Operations: the fedlora_* metrics (docs/operations.md), rendered by /metrics.
   MetricsRegistry& metrics() { return metrics_; }
 
@@ -161,6 +179,8 @@ class RoundManager {
     std::string strategy;
     std::optional<double> discarded_energy;  // lora-product
     std::string server_state_sha256;         // fedadam/fedyogi, already stored
+    std::string quant;                       // publish_quant
+    common::QuantReport quant_report;        // vs the fp32 aggregate
   };
 
   // Posts fn to the manager thread, catching (and logging) any exception.

@@ -484,4 +484,77 @@ grpc::ServerUnaryReactor* AdminService::Status(grpc::CallbackServerContext* cont
   return reactor;
 }
 
+// ------------------------------------------------------------------ Admin: versions and backup
+
+namespace {
+
+// Finishes `reactor` with `result`, moving the value into `response` when OK.
+template <typename T>
+std::function<void(absl::StatusOr<T>)> FinishWith(grpc::ServerUnaryReactor* reactor, T* response) {
+  return [reactor, response](absl::StatusOr<T> result) {
+    if (!result.ok()) {
+      reactor->Finish(ToGrpcStatus(result.status()));
+      return;
+    }
+    *response = std::move(*result);
+    reactor->Finish(grpc::Status::OK);
+  };
+}
+
+}  // namespace
+
+grpc::ServerUnaryReactor* AdminService::ListVersions(grpc::CallbackServerContext* context,
+                                                     const v1::ListVersionsRequest*,
+                                                     v1::ListVersionsResponse* response) {
+  grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
+  auto id = Authorize(context, {"admin", "viewer"}, "Admin.ListVersions");
+  if (!id.ok()) {
+    reactor->Finish(ToGrpcStatus(id.status()));
+    return reactor;
+  }
+  manager_->ListVersions(FinishWith(reactor, response));
+  return reactor;
+}
+
+grpc::ServerUnaryReactor* AdminService::RollbackVersion(grpc::CallbackServerContext* context,
+                                                        const v1::RollbackVersionRequest* request,
+                                                        v1::VersionChangeResponse* response) {
+  grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
+  auto id = Authorize(context, {"admin"}, "Admin.RollbackVersion");
+  if (!id.ok()) {
+    reactor->Finish(ToGrpcStatus(id.status()));
+    return reactor;
+  }
+  manager_->MoveCurrentVersion(VersionMove::kRollback, request->to_version(), id->common_name,
+                               FinishWith(reactor, response));
+  return reactor;
+}
+
+grpc::ServerUnaryReactor* AdminService::PromoteVersion(grpc::CallbackServerContext* context,
+                                                       const v1::PromoteVersionRequest* request,
+                                                       v1::VersionChangeResponse* response) {
+  grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
+  auto id = Authorize(context, {"admin"}, "Admin.PromoteVersion");
+  if (!id.ok()) {
+    reactor->Finish(ToGrpcStatus(id.status()));
+    return reactor;
+  }
+  manager_->MoveCurrentVersion(VersionMove::kPromote, request->version_id(), id->common_name,
+                               FinishWith(reactor, response));
+  return reactor;
+}
+
+grpc::ServerUnaryReactor* AdminService::CreateBackup(grpc::CallbackServerContext* context,
+                                                     const v1::CreateBackupRequest* request,
+                                                     v1::CreateBackupResponse* response) {
+  grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
+  auto id = Authorize(context, {"admin"}, "Admin.CreateBackup");
+  if (!id.ok()) {
+    reactor->Finish(ToGrpcStatus(id.status()));
+    return reactor;
+  }
+  manager_->CreateBackup(request->dir(), id->common_name, FinishWith(reactor, response));
+  return reactor;
+}
+
 }  // namespace fedlora::coordinator

@@ -13,7 +13,8 @@
 //                threads. Every refusal is counted (Admin.Status updates_rejected).
 //   FetchAdapter ServerWriteReactor. Streams a version blob from `offset` in chunks of
 //                chunk_size (0 or > 1 MiB: 1 MiB), each with its SHA-256.
-// AdminService: Status, for roles "admin" and "viewer".
+// AdminService: Status and ListVersions for roles "admin" and "viewer"; version moves
+// and backups for "admin" only.
 //
 // Reactors never block: store and crypto work goes to the RoundManager (its thread
 // and worker pool). No exception escapes a reactor. Thread-safe.
@@ -59,6 +60,22 @@ class AdminService final : public fedlora::v1::Admin::CallbackService {
   grpc::ServerUnaryReactor* Status(grpc::CallbackServerContext* context,
                                    const fedlora::v1::StatusRequest* request,
                                    fedlora::v1::StatusResponse* response) override;
+
+  // Versions and backup (docs/operations.md): ListVersions for "admin" and
+  // "viewer"; RollbackVersion, PromoteVersion and CreateBackup for "admin" only,
+  // audited with the client certificate's CN as the actor.
+  grpc::ServerUnaryReactor* ListVersions(grpc::CallbackServerContext* context,
+                                         const fedlora::v1::ListVersionsRequest* request,
+                                         fedlora::v1::ListVersionsResponse* response) override;
+  grpc::ServerUnaryReactor* RollbackVersion(grpc::CallbackServerContext* context,
+                                            const fedlora::v1::RollbackVersionRequest* request,
+                                            fedlora::v1::VersionChangeResponse* response) override;
+  grpc::ServerUnaryReactor* PromoteVersion(grpc::CallbackServerContext* context,
+                                           const fedlora::v1::PromoteVersionRequest* request,
+                                           fedlora::v1::VersionChangeResponse* response) override;
+  grpc::ServerUnaryReactor* CreateBackup(grpc::CallbackServerContext* context,
+                                         const fedlora::v1::CreateBackupRequest* request,
+                                         fedlora::v1::CreateBackupResponse* response) override;
 
  private:
   RoundManager* const manager_;

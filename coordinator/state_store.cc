@@ -1,5 +1,6 @@
 #include "coordinator/state_store.h"
 
+#include <algorithm>
 #include <cinttypes>
 #include <cmath>
 #include <cstdio>
@@ -121,7 +122,10 @@ json VersionToJson(const VersionRecord& v) {
               {"secure_aggregation", v.secure_aggregation},
               {"dp_epsilon", v.dp_epsilon ? json(*v.dp_epsilon) : json(nullptr)},
               {"base_model_hash", v.base_model_hash},
-              {"signature", v.signature}};
+              {"signature", v.signature},
+              {"quant_rel_l2_error", v.quant_rel_l2_error ? json(*v.quant_rel_l2_error) : json(nullptr)},
+              {"quant_max_abs_error",
+               v.quant_max_abs_error ? json(*v.quant_max_abs_error) : json(nullptr)}};
 }
 VersionRecord VersionFromJson(const json& j) {
   VersionRecord v;
@@ -148,6 +152,13 @@ VersionRecord VersionFromJson(const json& j) {
   // Absent in records written before signing existed.
   v.base_model_hash = j.value("base_model_hash", std::string());
   v.signature = j.value("signature", std::string());
+  // Absent in records written before publish_quant existed.
+  if (j.contains("quant_rel_l2_error") && !j.at("quant_rel_l2_error").is_null()) {
+    v.quant_rel_l2_error = j.at("quant_rel_l2_error").get<double>();
+  }
+  if (j.contains("quant_max_abs_error") && !j.at("quant_max_abs_error").is_null()) {
+    v.quant_max_abs_error = j.at("quant_max_abs_error").get<double>();
+  }
   return v;
 }
 
@@ -824,5 +835,61 @@ absl::StatusOr<std::string> StateStore::GetBlob(const std::string& sha256_hex) c
 }
 
 absl::Status StateStore::Flush() { return store_->Flush(); }
+
+// ------------------------------------------------------------------ Versions and backup
+
+absl::StatusOr<std::vector<VersionRecord>> StateStore::ListVersions() const {
+  std::vector<VersionRecord> out;
+  absl::Status error;
+  RETURN_IF_ERROR(store_->Scan(kVersions, "", [&](std::string_view key, std::string_view value) {
+    auto v = Decode<VersionRecord>(
+        std::string(value), "versions/" + std::string(key),
+        [](const json& j) -> absl::StatusOr<VersionRecord> { return VersionFromJson(j); });
+    if (!v.ok()) {
+      error = v.status();
+      return false;
+    }
+    out.push_back(std::move(*v));
+    return true;
+  }));
+  RETURN_IF_ERROR(error);
+  return out;
+}
+
+absl::Status StateStore::SetCurrentVersion(const std::string& version_id,
+                                           const std::string& actor, const std::string& action,
+                                           const std::string& details_json) {
+  ASSIGN_OR_RETURN(auto version, GetVersion(version_id));
+  if (!version.has_value()) {
+    return absl::NotFoundError(
+        absl::StrCat("cannot make '", version_id, "' current: no such version is stored"));
+  }
+  common::Store::Batch batch(store_.get());
+  batch.Put(kMeta, kCurrentKey, version_id);
+  return audit_->Commit(&batch, actor, action, details_json, WallUnixMs());
+}
+
+absl::Status StateStore::CreateBackup(const std::string& dir, const std::string& actor) {
+  if (dir.empty() || dir[0] != '/') {
+    // The path is resolved on the coordinator host, not where the admin runs the CLI.
+    return absl::InvalidArgumentError(
+        absl::StrCat("backup: expected an absolute directory path, found \"", dir, "\""));
+  }
+  struct stat st {};
+  if (::stat(dir.c_str(), &st) == 0) {
+    return absl::AlreadyExistsError(
+        absl::StrCat("backup: ", dir, " already exists; expected a new directory"));
+  }
+  const size_t slash = dir.find_last_of('/');
+  const std::string parent = slash == std::string::npos ? "." : dir.substr(0, std::max<size_t>(slash, 1));
+  if (::stat(parent.c_str(), &st) != 0 || !S_ISDIR(st.st_mode)) {
+    return absl::NotFoundError(
+        absl::StrCat("backup: parent directory ", parent, " of ", dir, " does not exist"));
+  }
+  RETURN_IF_ERROR(store_->Checkpoint(dir));
+  json details{{"dir", dir}};
+  return AppendAudit(actor, "backup.created",
+                     details.dump(-1, ' ', false, json::error_handler_t::replace));
+}
 
 }  // namespace fedlora::coordinator

@@ -151,7 +151,7 @@ struct VersionRecord {
   std::string parent_version;
   std::string sha256;  // of the blob
   uint64_t size_bytes = 0;
-  std::string quant;  // "q8_0"
+  std::string quant;  // "q8_0" | "q4_0"
   uint64_t created_unix_ms = 0;
   uint64_t num_examples = 0;  // total FedAvg weight
   std::vector<std::string> contributors;
@@ -163,6 +163,10 @@ struct VersionRecord {
   std::optional<double> dp_epsilon;  // cumulative epsilon after its round (none = no DP)
   std::string base_model_hash;  // hex; "" in records written before signing existed
   std::string signature;        // encoded signed adapter statement ("" = unsigned)
+  // Reconstruction error of the quantized blob vs the fp32 aggregate (common::QuantReport);
+  // absent in records written before publish_quant existed.
+  std::optional<double> quant_rel_l2_error;
+  std::optional<double> quant_max_abs_error;
 };
 
 struct StateStoreOptions {
@@ -250,6 +254,23 @@ class StateStore {
   const AuditLog& audit() const { return *audit_; }
 
   absl::Status Flush();
+
+  // --- Versions and backup (docs/operations.md)
+  // Every stored version, ascending id.
+  absl::StatusOr<std::vector<VersionRecord>> ListVersions() const;
+  // Moves meta/current_version to `version_id` with one audit record (`actor`,
+  // `action`, details) in one synced batch; only the pointer changes (versions and
+  // blobs are immutable). NotFound (writing nothing) when no such version is stored.
+  // Callers check the blob (coordinator/versions.h) first.
+  absl::Status SetCurrentVersion(const std::string& version_id, const std::string& actor,
+                                 const std::string& action, const std::string& details_json);
+  // A consistent on-line copy of the whole store (rocksdb::Checkpoint, hard links
+  // where possible) in the new directory `dir`, then a synced "backup.created"
+  // audit record by `actor` (the backup holds the chain up to the record before it).
+  // `dir` must be absolute (InvalidArgument), must not exist (AlreadyExists) and
+  // its parent must (NotFound); nothing
+  // is written to the store on error. Safe while the coordinator serves.
+  absl::Status CreateBackup(const std::string& dir, const std::string& actor);
 
  private:
   StateStore(std::unique_ptr<common::Store> store, StateStoreOptions options);

@@ -13,6 +13,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
 #include "absl/strings/str_split.h"
+#include "common/export/gguf.h"
 #include "common/status/status.h"
 
 namespace fedlora::common {
@@ -31,7 +32,21 @@ inline absl::string_view Sv(std::string_view s) { return absl::string_view(s.dat
 
 size_t NumBlocks(size_t n) { return (n + kQ8BlockValues - 1) / kQ8BlockValues; }
 
-const char* QuantName(Quant quant) { return quant == Quant::kQ8_0 ? "q8_0" : "f32"; }
+// q4_0 of n values with the last block zero-padded (gguf's codec wants whole blocks).
+std::string QuantizeQ4_0Padded(const float* x, size_t n) {
+  std::vector<float> padded(NumBlocks(n) * kQ8BlockValues, 0.0f);
+  if (n > 0) std::memcpy(padded.data(), x, n * sizeof(float));
+  return QuantizeQ4_0(padded.data(), padded.size());
+}
+
+absl::Status DequantizeQ4_0Padded(std::string_view bytes, size_t n, float* out) {
+  std::vector<float> padded(NumBlocks(n) * kQ8BlockValues);
+  RETURN_IF_ERROR(DequantizeQ4_0(bytes, padded.size(), padded.data()));
+  if (n > 0) std::memcpy(out, padded.data(), n * sizeof(float));
+  return absl::OkStatus();
+}
+
+size_t BlockBytes(Quant quant) { return quant == Quant::kQ4_0 ? kQ4_0BlockBytes : kQ8BlockBytes; }
 
 // Programmer errors in the input of Encode (it cannot return a Status).
 [[noreturn]] void Fatal(const std::string& msg) {
@@ -104,15 +119,37 @@ std::string WriteSafetensors(const std::vector<RawTensor>& tensors, const Metada
   return out;
 }
 
-void Accumulate(const float* x, const float* y, size_t n, double* max_abs, double* sum_sq) {
+void Accumulate(const float* x, const float* y, size_t n, double* max_abs, double* sum_sq,
+                double* ref_sq) {
   for (size_t i = 0; i < n; ++i) {
     double e = std::fabs(static_cast<double>(x[i]) - static_cast<double>(y[i]));
     if (!(e <= *max_abs)) *max_abs = e;  // also propagates NaN
     *sum_sq += e * e;
+    *ref_sq += static_cast<double>(x[i]) * static_cast<double>(x[i]);
   }
 }
 
 }  // namespace
+
+const char* QuantName(Quant quant) {
+  switch (quant) {
+    case Quant::kQ8_0:
+      return "q8_0";
+    case Quant::kQ4_0:
+      return "q4_0";
+    case Quant::kNone:
+      break;
+  }
+  return "f32";
+}
+
+absl::StatusOr<Quant> ParseQuant(std::string_view name) {
+  if (name == "q8_0") return Quant::kQ8_0;
+  if (name == "q4_0") return Quant::kQ4_0;
+  if (name == "f32") return Quant::kNone;
+  return absl::InvalidArgumentError(
+      absl::StrCat("quant: expected q8_0, q4_0 or f32, found '", Sv(name), "'"));
+}
 
 std::string QuantizeQ8_0(const float* x, size_t n) {
   const size_t nb = NumBlocks(n);
@@ -177,7 +214,7 @@ std::string EncodeAdapterBlob(const TensorMap& tensors, Quant quant, const Metad
   meta[kQuantKey] = QuantName(quant);
   std::vector<RawTensor> raw;
   raw.reserve(tensors.size());
-  double max_abs = 0, sum_sq = 0;
+  double max_abs = 0, sum_sq = 0, ref_sq = 0;
   uint64_t total = 0;
   std::vector<float> back;
   for (const auto& [name, t] : tensors) {
@@ -193,16 +230,18 @@ std::string EncodeAdapterBlob(const TensorMap& tensors, Quant quant, const Metad
     meta[kShapePrefix + name] = ShapeString(t.shape);
     RawTensor r;
     r.name = name;
-    if (quant == Quant::kQ8_0) {
+    if (quant == Quant::kQ8_0 || quant == Quant::kQ4_0) {
+      const bool q4 = quant == Quant::kQ4_0;
       r.dtype = "U8";
-      r.bytes = QuantizeQ8_0(t.data.data(), t.data.size());
+      r.bytes = q4 ? QuantizeQ4_0Padded(t.data.data(), t.data.size())
+                   : QuantizeQ8_0(t.data.data(), t.data.size());
       r.shape = {static_cast<int64_t>(r.bytes.size())};
       if (report != nullptr) {
         back.resize(t.data.size());
-        if (!DequantizeQ8_0(r.bytes, t.data.size(), back.data()).ok()) {
-          Fatal("q8_0 output does not round-trip (scale clamp broken)");
-        }
-        Accumulate(t.data.data(), back.data(), t.data.size(), &max_abs, &sum_sq);
+        absl::Status s = q4 ? DequantizeQ4_0Padded(r.bytes, t.data.size(), back.data())
+                            : DequantizeQ8_0(r.bytes, t.data.size(), back.data());
+        if (!s.ok()) Fatal(absl::StrCat(QuantName(quant), " output does not round-trip: ", s.message()));
+        Accumulate(t.data.data(), back.data(), t.data.size(), &max_abs, &sum_sq, &ref_sq);
       }
     } else {
       r.dtype = "F32";
@@ -217,6 +256,7 @@ std::string EncodeAdapterBlob(const TensorMap& tensors, Quant quant, const Metad
   if (report != nullptr) {
     report->max_abs_error = max_abs;
     report->rms_error = total > 0 ? std::sqrt(sum_sq / static_cast<double>(total)) : 0.0;
+    report->relative_l2_error = ref_sq > 0 ? std::sqrt(sum_sq / ref_sq) : 0.0;
   }
   return WriteSafetensors(raw, meta);
 }
@@ -235,16 +275,14 @@ absl::StatusOr<TensorMap> DecodeAdapterBlob(std::string_view blob, Metadata* met
                      "\", found ", format == nullptr ? "none" : absl::StrCat("\"", *format, "\"")));
   }
   const std::string* quant_name = get(kQuantKey);
-  Quant quant;
-  if (quant_name != nullptr && *quant_name == "q8_0") {
-    quant = Quant::kQ8_0;
-  } else if (quant_name != nullptr && *quant_name == "f32") {
-    quant = Quant::kNone;
-  } else {
+  auto parsed_quant = quant_name == nullptr ? absl::InvalidArgumentError("none")
+                                            : ParseQuant(*quant_name);
+  if (!parsed_quant.ok()) {
     return absl::InvalidArgumentError(absl::StrCat(
-        kBlobSource, ": expected metadata ", kQuantKey, " = \"q8_0\" or \"f32\", found ",
+        kBlobSource, ": expected metadata ", kQuantKey, " = \"q8_0\", \"q4_0\" or \"f32\", found ",
         quant_name == nullptr ? "none" : absl::StrCat("\"", *quant_name, "\"")));
   }
+  const Quant quant = *parsed_quant;
   // Every shape key must name a tensor that exists.
   for (const auto& [key, value] : meta) {
     if (key.rfind(kShapePrefix, 0) != 0) continue;
@@ -266,22 +304,23 @@ absl::StatusOr<TensorMap> DecodeAdapterBlob(std::string_view blob, Metadata* met
     }
     HostTensor t;
     ASSIGN_OR_RETURN(uint64_t numel, ParseShape(*shape_text, view.name, &t.shape));
-    if (quant == Quant::kQ8_0) {
+    if (quant == Quant::kQ8_0 || quant == Quant::kQ4_0) {
+      const char* qname = QuantName(quant);
       if (view.dtype != DType::kU8 || view.shape.size() != 1) {
-        return absl::InvalidArgumentError(
-            absl::StrCat(where, ": expected dtype U8 with shape [nbytes] for q8_0, found ",
-                         Sv(DTypeName(view.dtype)), " with ", view.shape.size(), " dimensions"));
+        return absl::InvalidArgumentError(absl::StrCat(
+            where, ": expected dtype U8 with shape [nbytes] for ", qname, ", found ",
+            Sv(DTypeName(view.dtype)), " with ", view.shape.size(), " dimensions"));
       }
-      const uint64_t want = NumBlocks(numel) * kQ8BlockBytes;
+      const uint64_t want = NumBlocks(numel) * BlockBytes(quant);
       if (view.nbytes != want) {
-        return absl::InvalidArgumentError(absl::StrCat(where, ": expected ", want,
-                                                       " bytes of q8_0 blocks for shape [",
-                                                       *shape_text, "], found ", view.nbytes));
+        return absl::InvalidArgumentError(absl::StrCat(where, ": expected ", want, " bytes of ",
+                                                       qname, " blocks for shape [", *shape_text,
+                                                       "], found ", view.nbytes));
       }
       t.data.resize(numel);
-      absl::Status s =
-          DequantizeQ8_0(std::string_view(reinterpret_cast<const char*>(view.data), view.nbytes),
-                         numel, t.data.data());
+      const std::string_view bytes(reinterpret_cast<const char*>(view.data), view.nbytes);
+      absl::Status s = quant == Quant::kQ4_0 ? DequantizeQ4_0Padded(bytes, numel, t.data.data())
+                                             : DequantizeQ8_0(bytes, numel, t.data.data());
       if (!s.ok()) return absl::InvalidArgumentError(absl::StrCat(where, ": ", s.message()));
     } else {
       if (view.dtype != DType::kF32 || view.shape != t.shape) {

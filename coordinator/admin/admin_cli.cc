@@ -20,6 +20,7 @@
 #include "common/crypto/pki.h"
 #include "common/crypto/sign.h"
 #include "common/net/tls.h"
+#include "coordinator/admin/ops_cli.h"
 #include "coordinator/audit.h"
 #include "coordinator/export_version.h"
 #include "coordinator/state_store.h"
@@ -115,8 +116,12 @@ void PrintStatus(const fedlora::v1::StatusResponse& s, std::ostream& out) {
   out << "coordinator:      " << s.coordinator_id() << "\n"
       << "round:            " << s.current_round() << " (" << s.current_phase() << ")\n"
       << "current version:  " << (s.current_version().empty() ? "(none)" : s.current_version())
-      << "\n"
-      << "updates rejected: " << s.updates_rejected() << "\n"
+      << "\n";
+  if (const auto& v = s.current_version_info(); !v.version_id().empty()) {
+    out << absl::StrFormat("version quant:    %s (rel_l2_error %.3g, max_abs_error %.3g)\n",
+                           v.quant(), v.quant_rel_l2_error(), v.quant_max_abs_error());
+  }
+  out << "updates rejected: " << s.updates_rejected() << "\n"
       << "agents:           " << online << " online / " << s.agents_size() << " known\n";
   for (const auto& a : s.agents()) {
     out << absl::StrFormat("  %-24s %-8s version=%-10s last_seen=%s\n", a.agent_id(),
@@ -258,6 +263,8 @@ int RunAdminCli(int argc, const char* const* argv, std::ostream& out, std::ostre
   exp->add_option("--at-rest-key", exp_at_rest,
                   "The data dir's at-rest key file, when it is encrypted");
 
+  OpsCommands ops(&app);  // versions list|rollback|promote, backup create
+
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {
@@ -310,6 +317,7 @@ int RunAdminCli(int argc, const char* const* argv, std::ostream& out, std::ostre
         << ")\n";
     return 0;
   }
+  if (auto rc = ops.Run({coordinator, ca, cert, key, timeout_s}, out, err)) return *rc;
   if (audit_verify->parsed()) return AuditVerify(audit_dir, audit_json, out, err);
   if (audit_list->parsed()) {
     return AuditList(audit_dir, audit_from, audit_limit, audit_json, out, err);

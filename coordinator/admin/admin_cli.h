@@ -19,6 +19,7 @@
 //   fedlora-admin audit verify --data-dir DIR [--json]
 //     Read-only: checks the hash chain; exit 0 intact, 1 broken (first bad seq named).
 //   fedlora-admin audit list --data-dir DIR [--from SEQ] [--limit N] [--json]
+//   fedlora-admin versions list|rollback|promote, backup create: coordinator/admin/ops_cli.h
 // `pki init` also writes the coordinator's adapter signing key pair
 // (coordinator-signing.key / coordinator-signing.pub) beside the certificates.
 //

@@ -411,5 +411,69 @@ TEST(AdapterBlob, GarbageIsRejected) {
             absl::StatusCode::kInvalidArgument);
 }
 
+TEST(AdapterBlob, Q4RoundTripWithReportMatchesRecomputation) {
+  TensorMap in = SampleAdapter();
+  QuantReport report;
+  std::string blob = EncodeAdapterBlob(in, Quant::kQ4_0, {{"fedlora.round", "3"}}, &report);
+  Metadata out_meta;
+  auto out = DecodeAdapterBlob(blob, &out_meta);
+  ASSERT_TRUE(out.ok()) << out.status();
+  EXPECT_EQ(out_meta.at("fedlora.quant"), "q4_0");
+  ASSERT_EQ(out->size(), in.size());
+  double max_err = 0, sum_sq = 0, ref_sq = 0;
+  for (const auto& [name, t] : in) {
+    const HostTensor& back = out->at(name);
+    EXPECT_EQ(back.shape, t.shape) << name;
+    ASSERT_EQ(back.data.size(), t.data.size()) << name;
+    // Per 32-value block: |e| <= |d| (q4_0 truncates x/d + 8.5; plus fp16 scale error).
+    for (size_t b = 0; b * 32 < t.data.size(); ++b) {
+      float amax = 0;
+      for (size_t i = b * 32; i < std::min(t.data.size(), b * 32 + 32); ++i) {
+        amax = std::max(amax, std::fabs(t.data[i]));
+      }
+      for (size_t i = b * 32; i < std::min(t.data.size(), b * 32 + 32); ++i) {
+        double e = std::fabs(static_cast<double>(t.data[i]) - back.data[i]);
+        EXPECT_LE(e, amax / 8.0 * 1.01 + 1e-7) << name << "[" << i << "]";
+        max_err = std::max(max_err, e);
+        sum_sq += e * e;
+        ref_sq += static_cast<double>(t.data[i]) * t.data[i];
+      }
+    }
+  }
+  EXPECT_GT(max_err, 0.0);
+  EXPECT_NEAR(report.max_abs_error, max_err, 1e-12);
+  EXPECT_NEAR(report.relative_l2_error, std::sqrt(sum_sq / ref_sq), 1e-9);
+  // q4_0 loses more than q8_0 and takes about half the bytes.
+  QuantReport q8;
+  std::string blob8 = EncodeAdapterBlob(in, Quant::kQ8_0, {{"fedlora.round", "3"}}, &q8);
+  EXPECT_GT(report.relative_l2_error, q8.relative_l2_error);
+  EXPECT_LT(blob.size(), blob8.size());
+  auto file = SafetensorsFile::FromBytes(blob, "blob");
+  ASSERT_TRUE(file.ok()) << file.status();
+  EXPECT_EQ((*file)->Find("odd")->nbytes, 2u * 18);  // 33 values: 2 blocks, last padded
+}
+
+TEST(AdapterBlob, Q4WrongByteCountIsRejected) {
+  TensorMap in;
+  in["w"] = HostTensor{{40}, std::vector<float>(40, 0.25f)};
+  std::string blob = EncodeAdapterBlob(in, Quant::kQ4_0);
+  // Claim a shape that needs 3 blocks: the 2 stored blocks no longer fit.
+  const std::string from = "\"fedlora.shape.w\":\"40\"";
+  const size_t at = blob.find(from);
+  ASSERT_NE(at, std::string::npos);
+  blob.replace(at, from.size(), "\"fedlora.shape.w\":\"80\"");
+  EXPECT_THAT(DecodeAdapterBlob(blob).status(),
+              StatusIs(absl::StatusCode::kInvalidArgument, "bytes of q4_0 blocks"));
+}
+
+TEST(Quant, NamesRoundTrip) {
+  for (Quant q : {Quant::kNone, Quant::kQ8_0, Quant::kQ4_0}) {
+    auto parsed = ParseQuant(QuantName(q));
+    ASSERT_TRUE(parsed.ok());
+    EXPECT_EQ(*parsed, q);
+  }
+  EXPECT_THAT(ParseQuant("q5_1").status(), StatusIs(absl::StatusCode::kInvalidArgument, "q5_1"));
+}
+
 }  // namespace
 }  // namespace fedlora::common

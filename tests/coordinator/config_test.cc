@@ -109,6 +109,31 @@ TEST(ConfigTest, ConfigFileThenFlagsWin) {
   EXPECT_EQ(ParseCoordinatorFlags(3, missing.data()).status().code(), absl::StatusCode::kNotFound);
 }
 
+TEST(ConfigTest, PublishQuantKeyFlagAndValidation) {
+  testing::TempDir dir;
+  const std::string path = dir.Sub("coordinator.yaml");
+  ASSERT_TRUE(common::WriteFileAtomic(path, "tls_ca: ca.pem\ntls_cert: c.pem\ntls_key: c.key\n"
+                                            "base_model_hash: " + std::string(64, 'd') +
+                                                "\npublish_quant: q4_0\n")
+                  .ok());
+  EXPECT_EQ(CoordinatorConfig().publish_quant, "q8_0");  // the default
+  std::vector<const char*> argv = {"fedlora-coordinator", "--config", path.c_str()};
+  auto cfg = ParseCoordinatorFlags(static_cast<int>(argv.size()), argv.data());
+  ASSERT_TRUE(cfg.ok()) << cfg.status();
+  EXPECT_EQ(cfg->publish_quant, "q4_0");
+  std::vector<const char*> flag = {"fedlora-coordinator", "--config", path.c_str(),
+                                   "--publish-quant", "q8_0"};
+  cfg = ParseCoordinatorFlags(static_cast<int>(flag.size()), flag.data());
+  ASSERT_TRUE(cfg.ok()) << cfg.status();
+  EXPECT_EQ(cfg->publish_quant, "q8_0");  // the flag wins
+  std::vector<const char*> bad = {"fedlora-coordinator", "--config", path.c_str(),
+                                  "--publish-quant", "q5_1"};
+  auto refused = ParseCoordinatorFlags(static_cast<int>(bad.size()), bad.data());
+  EXPECT_EQ(refused.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(refused.status().message(), HasSubstr("publish_quant"));
+  EXPECT_THAT(CoordinatorHelp(), HasSubstr("--publish-quant"));
+}
+
 TEST(ConfigTest, AggregationSectionAndFlags) {
   CoordinatorConfig cfg;
   EXPECT_EQ(cfg.aggregation.strategy, Strategy::kFedAvg);  // the default

@@ -7,7 +7,10 @@
 #include <stdexcept>
 #include <thread>
 
+#include <gtest/gtest.h>
+
 #include "common/crypto/crypto.h"
+#include "common/quant/quant.h"
 
 namespace fedlora::coordinator::testing {
 
@@ -138,6 +141,44 @@ fedlora::v1::UpdateHeader MakeHeader(uint64_t round_id, const std::string& agent
   h.mutable_metrics()->set_train_tokens(1000);
   h.mutable_metrics()->set_train_seconds(1.5);
   return h;
+}
+
+std::vector<VersionRecord> SeedVersionChain(StateStore* store, int n) {
+  std::vector<VersionRecord> out;
+  std::string parent;
+  for (int i = 1; i <= n; ++i) {
+    const uint64_t round_id = static_cast<uint64_t>(i);
+    common::TensorMap adapter = MakeLoraUpdate(4, 1, 8, 8, round_id);
+    const std::string blob = common::EncodeAdapterBlob(
+        adapter, common::Quant::kQ8_0, {{"fedlora.version", VersionId(round_id)}});
+    RoundRecord round;
+    round.round_id = round_id;
+    round.phase = RoundPhase::kDone;
+    round.participants = {"a"};
+    round.base_version = parent;
+    round.lora_rank = 4;
+    round.lora_alpha = 8;
+    round.lora_target_modules = {"q_proj", "v_proj"};
+    round.version_id = VersionId(round_id);
+    round.eval_complete = true;
+    VersionRecord v;
+    v.version_id = VersionId(round_id);
+    v.round_id = round_id;
+    v.parent_version = parent;
+    v.sha256 = common::Sha256Hex(blob);
+    v.size_bytes = blob.size();
+    v.quant = "q8_0";
+    v.quant_rel_l2_error = 0.01 * i;
+    v.quant_max_abs_error = 0.001 * i;
+    v.num_examples = 10;
+    v.contributors = {"a"};
+    for (const auto& [name, t] : adapter) v.shapes[name] = t.shape;
+    v.base_model_hash = kBaseHash;
+    EXPECT_TRUE(store->Publish(round, v, blob).ok());
+    out.push_back(v);
+    parent = v.version_id;
+  }
+  return out;
 }
 
 }  // namespace fedlora::coordinator::testing

@@ -79,4 +79,9 @@ fedlora::v1::UpdateHeader MakeHeader(uint64_t round_id, const std::string& agent
                                      double eval_loss_before = 3.0,
                                      const std::string& base_hash = kBaseHash);
 
+// Publishes versions v000001..v00000n (rounds 1..n) as a chain, each the parent of
+// the next, with q8_0 blobs of MakeLoraUpdate(4, 1, 8, 8, round); v00000n ends current.
+// Returns the versions as stored.
+std::vector<VersionRecord> SeedVersionChain(StateStore* store, int n);
+
 }  // namespace fedlora::coordinator::testing

@@ -858,5 +858,206 @@ TEST_F(RobustRoundTest, PlainFedAvgIsPulledAwayByThePoison) {
   EXPECT_GT(plain, 10.0);
 }
 
+// ------------------------------------------------------------------ Versions (ops)
+
+absl::StatusOr<v1::VersionChangeResponse> Move(RoundManager* manager, VersionMove move,
+                                               const std::string& target,
+                                               const std::string& actor = "alice") {
+  std::promise<absl::StatusOr<v1::VersionChangeResponse>> done;
+  manager->MoveCurrentVersion(move, target, actor,
+                              [&](absl::StatusOr<v1::VersionChangeResponse> r) {
+                                done.set_value(std::move(r));
+                              });
+  auto result = done.get_future().get();
+  manager->Sync();  // the next round opens after the answer
+  return result;
+}
+
+TEST_F(RoundManagerTest, RollbackMovesThePointerAbortsTheOpenRoundAndTheNextRoundStartsFromIt) {
+  StartManager();
+  auto a = Connect("a");
+  auto b = Connect("b");
+  RUN_ROUND(1u, "", MakeLoraUpdate(4, 1, 8, 8, 1), MakeLoraUpdate(4, 1, 8, 8, 2), a, b);
+  RUN_ROUND(2u, "v000001", MakeLoraUpdate(4, 1, 8, 8, 3), MakeLoraUpdate(4, 1, 8, 8, 4), a, b);
+  ASSERT_TRUE(WaitFor([&]() { return a->Last(Kind::kRoundTask).round_task().round_id() == 3; }));
+  EXPECT_EQ(a->Last(Kind::kRoundTask).round_task().base_version(), "v000002");
+  const std::string v2_record = *store_->raw()->Get("versions", "v000002");
+  const uint64_t head = store_->audit().head_seq();
+  const size_t notices = a->Count(Kind::kVersionNotice);
+
+  // Refused moves change nothing.
+  EXPECT_EQ(Move(manager_.get(), VersionMove::kPromote, "v000009").status().code(),
+            absl::StatusCode::kNotFound);
+  EXPECT_EQ(Move(manager_.get(), VersionMove::kPromote, "v000002").status().code(),
+            absl::StatusCode::kFailedPrecondition);
+  EXPECT_EQ(store_->audit().head_seq(), head);
+  EXPECT_EQ((*store_->GetRound(3))->phase, RoundPhase::kTrain);
+  EXPECT_EQ(a->Count(Kind::kVersionNotice), notices);
+
+  auto moved = Move(manager_.get(), VersionMove::kRollback, "");
+  ASSERT_TRUE(moved.ok()) << moved.status();
+  EXPECT_EQ(moved->previous_version(), "v000002");
+  EXPECT_EQ(moved->current_version(), "v000001");
+  EXPECT_EQ(moved->aborted_round(), 3u);
+  EXPECT_EQ(*store_->CurrentVersion(), "v000001");
+  EXPECT_EQ(*store_->raw()->Get("versions", "v000002"), v2_record);  // immutable
+  auto r3 = **store_->GetRound(3);
+  EXPECT_EQ(r3.phase, RoundPhase::kAborted);
+  EXPECT_THAT(r3.abort_reason, HasSubstr("version.rollback by alice"));
+  auto audit = ListAuditRecords(store_->raw_store(), head + 1, 0);
+  ASSERT_TRUE(audit.ok());
+  std::vector<std::string> actions;
+  for (const AuditRecord& r : *audit) actions.push_back(r.action + "/" + r.actor);
+  EXPECT_THAT(actions, ::testing::ElementsAre("round.aborted/coordinator",
+                                              "version.rollback/alice",
+                                              "round.started/coordinator"));
+  // Online agents are told to apply v000001.
+  for (const auto& link : {a, b}) {
+    const v1::VersionNotice n = link->Last(Kind::kVersionNotice).version_notice();
+    EXPECT_EQ(n.version_id(), "v000001");
+    EXPECT_EQ(n.sha256(), (*store_->GetVersion("v000001"))->sha256);
+  }
+  // The next round starts from v000001 and publishes a child of it.
+  const v1::RoundTask task = a->Last(Kind::kRoundTask).round_task();
+  EXPECT_EQ(task.round_id(), 4u);
+  EXPECT_EQ(task.base_version(), "v000001");
+  EXPECT_EQ(Submit("a", 4, 10, MakeLoraUpdate(4, 1, 8, 8, 5), "v000002").code(),
+            absl::StatusCode::kFailedPrecondition);  // the old base is refused
+  RUN_ROUND(4u, "v000001", MakeLoraUpdate(4, 1, 8, 8, 5), MakeLoraUpdate(4, 1, 8, 8, 6), a, b);
+  EXPECT_EQ((*store_->GetVersion("v000004"))->parent_version, "v000001");
+  EXPECT_EQ(*store_->CurrentVersion(), "v000004");
+
+  // Promote moves it to any stored version; it survives a restart.
+  auto promoted = Move(manager_.get(), VersionMove::kPromote, "v000002", "bob");
+  ASSERT_TRUE(promoted.ok()) << promoted.status();
+  EXPECT_EQ(promoted->previous_version(), "v000004");
+  StopManager();
+  StartManager();
+  auto c = Connect("c");
+  EXPECT_EQ(c->Last(Kind::kWelcome).welcome().current_version(), "v000002");
+  std::promise<v1::StatusResponse> status;
+  manager_->GetStatus([&](v1::StatusResponse r) { status.set_value(std::move(r)); });
+  const v1::StatusResponse st = status.get_future().get();
+  EXPECT_EQ(st.current_version(), "v000002");
+  EXPECT_EQ(st.current_version_info().version_id(), "v000002");
+  EXPECT_TRUE(st.current_version_info().current());
+}
+
+TEST_F(RoundManagerTest, RollbackWithoutParentIsRefused) {
+  StartManager();
+  auto a = Connect("a");
+  auto b = Connect("b");
+  RUN_ROUND(1u, "", MakeLoraUpdate(4, 1, 8, 8, 1), MakeLoraUpdate(4, 1, 8, 8, 2), a, b);
+  const uint64_t head = store_->audit().head_seq();
+  auto moved = Move(manager_.get(), VersionMove::kRollback, "");
+  EXPECT_EQ(moved.status().code(), absl::StatusCode::kFailedPrecondition);
+  EXPECT_THAT(moved.status().message(), HasSubstr("has no parent"));
+  EXPECT_EQ(store_->audit().head_seq(), head);
+  EXPECT_EQ((*store_->GetRound(2))->phase, RoundPhase::kTrain);  // the open round goes on
+}
+
+TEST_F(RoundManagerTest, BackupDuringAnOpenRoundRestoresWithItsStoredUpdates) {
+  StartManager();
+  auto a = Connect("a");
+  auto b = Connect("b");
+  const std::string seal = manager_->seal_public_key();
+  ASSERT_TRUE(Submit("a", 1, 10, MakeLoraUpdate(4, 1, 8, 8, 1)).ok());
+  const std::string backup = dir_.Sub("backup");
+  std::promise<absl::StatusOr<v1::CreateBackupResponse>> made;
+  manager_->CreateBackup(backup, "alice", [&](absl::StatusOr<v1::CreateBackupResponse> r) {
+    made.set_value(std::move(r));
+  });
+  auto response = made.get_future().get();
+  ASSERT_TRUE(response.ok()) << response.status();
+  EXPECT_EQ(response->dir(), backup);
+  EXPECT_EQ(response->current_version(), "");
+  EXPECT_GE(response->audit_records(), 1u);  // round.started
+  // The live coordinator goes on and publishes v000001; the backup does not see it.
+  ASSERT_TRUE(Submit("b", 1, 30, MakeLoraUpdate(4, 1, 8, 8, 2)).ok());
+  ASSERT_TRUE(WaitFor([&]() { return a->Count(Kind::kVersionNotice) == 1; }));
+  StopManager();
+  store_.reset();
+
+  // Restore: a coordinator on the backup resumes round 1 with a's stored update.
+  auto restored = StateStore::Open(backup);
+  ASSERT_TRUE(restored.ok()) << restored.status();
+  store_ = std::move(*restored);
+  EXPECT_EQ(*store_->CurrentVersion(), "");
+  EXPECT_EQ(*store_->CountUpdates(1), 1u);
+  StartManager();
+  EXPECT_EQ(manager_->seal_public_key(), seal);  // the sealing key came along
+  auto a2 = Connect("a");
+  auto b2 = Connect("b");
+  EXPECT_EQ(b2->Last(Kind::kRoundTask).round_task().round_id(), 1u);
+  EXPECT_EQ(Submit("a", 1, 10, MakeLoraUpdate(4, 1, 8, 8, 1)).code(),
+            absl::StatusCode::kAlreadyExists);
+  ASSERT_TRUE(Submit("b", 1, 30, MakeLoraUpdate(4, 1, 8, 8, 2)).ok());
+  ASSERT_TRUE(WaitFor([&]() { return b2->Count(Kind::kVersionNotice) == 1; }));
+  EXPECT_EQ((*store_->GetVersion("v000001"))->contributors, (std::vector<std::string>{"a", "b"}));
+  auto report = VerifyAuditChain(store_->raw_store());
+  ASSERT_TRUE(report.ok());
+  EXPECT_TRUE(report->ok) << report->error;
+  // An existing directory is refused.
+  std::promise<absl::StatusOr<v1::CreateBackupResponse>> again;
+  manager_->CreateBackup(backup, "alice", [&](absl::StatusOr<v1::CreateBackupResponse> r) {
+    again.set_value(std::move(r));
+  });
+  EXPECT_EQ(again.get_future().get().status().code(), absl::StatusCode::kAlreadyExists);
+}
+
+TEST_F(RoundManagerTest, PublishQ4ReportsTheReconstructionErrorOfTheAggregate) {
+  config_.publish_quant = "q4_0";
+  StartManager();
+  auto a = Connect("a");
+  auto b = Connect("b");
+  const common::TensorMap ua = MakeLoraUpdate(4, 1, 8, 8, 1), ub = MakeLoraUpdate(4, 1, 8, 8, 2);
+  RUN_ROUND(1u, "", ua, ub, a, b);
+  const VersionRecord rec = **store_->GetVersion("v000001");
+  EXPECT_EQ(rec.quant, "q4_0");
+  ASSERT_TRUE(rec.quant_rel_l2_error.has_value());
+  ASSERT_TRUE(rec.quant_max_abs_error.has_value());
+  // Recompute: the decoded q4_0 blob (what agents apply) vs the fp32 FedAvg mean.
+  common::Metadata md;
+  const common::TensorMap decoded = DecodedVersion(store_.get(), "v000001", &md);
+  EXPECT_EQ(md.at("fedlora.quant"), "q4_0");
+  const common::TensorMap mean = Mean(ua, 10, ub, 30);
+  double sum_sq = 0, ref_sq = 0, max_abs = 0;
+  for (const auto& [name, t] : mean) {
+    const common::HostTensor& d = decoded.at(name);
+    ASSERT_EQ(d.shape, t.shape) << name;
+    for (size_t i = 0; i < t.data.size(); ++i) {
+      const double e = std::fabs(static_cast<double>(d.data[i]) - t.data[i]);
+      max_abs = std::max(max_abs, e);
+      sum_sq += e * e;
+      ref_sq += static_cast<double>(t.data[i]) * t.data[i];
+    }
+  }
+  const double rel = std::sqrt(sum_sq / ref_sq);
+  EXPECT_GT(rel, 0.0);
+  EXPECT_LT(rel, 0.25);
+  EXPECT_NEAR(*rec.quant_rel_l2_error, rel, 1e-9);
+  EXPECT_NEAR(*rec.quant_max_abs_error, max_abs, 1e-9);
+  // The same figures in Admin.Status.
+  std::promise<v1::StatusResponse> status;
+  manager_->GetStatus([&](v1::StatusResponse r) { status.set_value(std::move(r)); });
+  const v1::StatusResponse st = status.get_future().get();
+  EXPECT_EQ(st.current_version_info().quant(), "q4_0");
+  EXPECT_DOUBLE_EQ(st.current_version_info().quant_rel_l2_error(), *rec.quant_rel_l2_error);
+  // The next round starts from the q4_0 version like from any other.
+  RUN_ROUND(2u, "v000001", MakeLoraUpdate(4, 1, 8, 8, 3), MakeLoraUpdate(4, 1, 8, 8, 4), a, b);
+}
+
+TEST_F(RoundManagerTest, DefaultPublishIsQ8WithASmallerError) {
+  StartManager();
+  auto a = Connect("a");
+  auto b = Connect("b");
+  RUN_ROUND(1u, "", MakeLoraUpdate(4, 1, 8, 8, 1), MakeLoraUpdate(4, 1, 8, 8, 2), a, b);
+  const VersionRecord rec = **store_->GetVersion("v000001");
+  EXPECT_EQ(rec.quant, "q8_0");
+  ASSERT_TRUE(rec.quant_rel_l2_error.has_value());
+  EXPECT_GT(*rec.quant_rel_l2_error, 0.0);
+  EXPECT_LT(*rec.quant_rel_l2_error, 0.02);  // 8-bit: well under 4-bit's error
+}
+
 }  // namespace
 }  // namespace fedlora::coordinator

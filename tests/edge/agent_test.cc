@@ -709,6 +709,26 @@ TEST_F(AgentTest, RoundFromPublishedVersionStartsFromItsTensors) {
   EXPECT_FLOAT_EQ(a.data[0], -0.25f + 0.25f);  // published value + the fake's training step
 }
 
+TEST_F(AgentTest, Q4AndQ8VersionsApplyAsTheirDecodedTensors) {
+  StartServer();
+  StartAgent(Options());
+  ASSERT_TRUE(WaitWelcomed());
+  const common::TensorMap published = MakeAdapter(0.3f, 200);
+  const common::Quant quants[] = {common::Quant::kQ4_0, common::Quant::kQ8_0};
+  for (size_t i = 0; i < 2; ++i) {
+    const std::string version = "v00000" + std::to_string(i + 1);
+    const std::string blob = common::EncodeAdapterBlob(published, quants[i]);
+    fake_->AddBlob(version, blob, common::Sha256Hex(blob));
+    fake_->Push(Notice(version, i + 1, common::Sha256Hex(blob), blob.size()));
+    ASSERT_TRUE(WaitFor([&] { return trainer_->set_tensors().size() == i + 1; })) << version;
+    auto decoded = common::DecodeAdapterBlob(blob);
+    ASSERT_TRUE(decoded.ok()) << decoded.status();
+    ExpectSameTensors(trainer_->set_tensors()[i], *decoded);  // what the coordinator published
+  }
+  EXPECT_EQ(agent_->stats().current_version, "v000002");
+  EXPECT_EQ(agent_->stats().adapters_refused, 0u);
+}
+
 TEST_F(AgentTest, ReconnectsAfterTheSessionDropsAndReportsItsVersion) {
   StartServer();
   StartAgent(Options());
