@@ -448,6 +448,53 @@ void RoundManager::OnDisconnect(std::shared_ptr<AgentLink> link) {
   });
 }
 
+// ------------------------------------------------------------------ Revocation
+
+void RoundManager::OnAgentRevoked(std::string agent_id, std::function<void(bool, bool)> done) {
+  Post([this, agent_id = std::move(agent_id), done = std::move(done)]() {
+    bool session_closed = false;
+    bool update_discarded = false;
+    auto it = online_.find(agent_id);
+    if (it != online_.end()) {
+      it->second.link->Close(absl::PermissionDeniedError(
+          absl::StrCat("certificate revoked: agent '", agent_id, "' was revoked by an admin")));
+      online_.erase(it);
+      metrics_.SetGauge(kMetricAgents, kHelpAgents, static_cast<double>(online_.size()));
+      session_closed = true;
+    }
+    if (open_round_.has_value() && rounds_[*open_round_].phase == RoundPhase::kTrain &&
+        rounds_[*open_round_].IsParticipant(agent_id)) {
+      RoundRecord next = rounds_[*open_round_];
+      update_discarded = next.updates.erase(agent_id) > 0;
+      next.participants.erase(
+          std::remove(next.participants.begin(), next.participants.end(), agent_id),
+          next.participants.end());
+      absl::Status s = store_->DiscardUpdate(next, agent_id);
+      if (!s.ok()) {
+        Log(LogLevel::kError, "cannot discard the update of a revoked agent",
+            {{"agent", agent_id}, {"error", s.ToString()}});
+        update_discarded = false;
+      } else {
+        rounds_[*open_round_] = std::move(next);
+        const RoundRecord& r = rounds_[*open_round_];
+        // Everyone left has reported but too few for a round: abort now rather
+        // than at the deadline (the tick aggregates when enough remain).
+        if (r.updates.size() >= r.participants.size() &&
+            r.updates.size() < config_.min_participants) {
+          AbortOpenRound(absl::StrCat("agent '", agent_id, "' revoked; ", r.updates.size(),
+                                      " updates left, min_participants is ",
+                                      config_.min_participants));
+        }
+      }
+    }
+    Log(LogLevel::kInfo, "agent revoked",
+        {{"agent", agent_id},
+         {"session_closed", session_closed ? "true" : "false"},
+         {"update_discarded", update_discarded ? "true" : "false"}});
+    done(session_closed, update_discarded);
+  });
+}
+
 // ------------------------------------------------------------------ Updates
 
 void RoundManager::CountRejection(const absl::Status& status) {

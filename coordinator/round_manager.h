@@ -130,6 +130,13 @@ class RoundManager {
   // --- Admin
   void GetStatus(std::function<void(fedlora::v1::StatusResponse)> done);
 
+  // --- Revocation (coordinator/identity.h; call after the revocation is stored)
+  // Cuts the agent's Session (PERMISSION_DENIED "certificate revoked"), takes it
+  // offline, and in a TRAIN round removes it from the participants and deletes its
+  // stored update (the round goes on as if it had dropped; in AGGREGATE its update
+  // is already being aggregated and stays). done(session_closed, update_discarded).
+  void OnAgentRevoked(std::string agent_id, std::function<void(bool, bool)> done);
+
   // --- Operations: the fedlora_* metrics (docs/operations.md), rendered by /metrics.
   MetricsRegistry& metrics() { return metrics_; }
 
