@@ -343,6 +343,10 @@ void RoundManager::OnHello(std::shared_ptr<AgentLink> link, v1::Hello hello) {
       return;
     }
     const std::string& cn = link->peer_cn();
+    if (revoked_.count(cn) > 0) {  // a Session that began before the revocation
+      link->Close(absl::UnauthenticatedError(absl::StrCat("certificate revoked: agent '", cn, "'")));
+      return;
+    }
     if (hello.agent_id() != cn) {
       link->Close(absl::PermissionDeniedError(
           absl::StrCat("Hello.agent_id '", hello.agent_id(),
@@ -462,29 +466,21 @@ void RoundManager::OnAgentRevoked(std::string agent_id, std::function<void(bool,
       metrics_.SetGauge(kMetricAgents, kHelpAgents, static_cast<double>(online_.size()));
       session_closed = true;
     }
+    revoked_.insert(agent_id);
+    // The agent stays a participant that will never report (as if it had dropped):
+    // the round aggregates at the deadline only if min_participants others reported,
+    // never on fewer updates than the selection promised.
     if (open_round_.has_value() && rounds_[*open_round_].phase == RoundPhase::kTrain &&
-        rounds_[*open_round_].IsParticipant(agent_id)) {
+        rounds_[*open_round_].updates.count(agent_id) > 0) {
       RoundRecord next = rounds_[*open_round_];
-      update_discarded = next.updates.erase(agent_id) > 0;
-      next.participants.erase(
-          std::remove(next.participants.begin(), next.participants.end(), agent_id),
-          next.participants.end());
+      next.updates.erase(agent_id);
       absl::Status s = store_->DiscardUpdate(next, agent_id);
       if (!s.ok()) {
         Log(LogLevel::kError, "cannot discard the update of a revoked agent",
             {{"agent", agent_id}, {"error", s.ToString()}});
-        update_discarded = false;
       } else {
         rounds_[*open_round_] = std::move(next);
-        const RoundRecord& r = rounds_[*open_round_];
-        // Everyone left has reported but too few for a round: abort now rather
-        // than at the deadline (the tick aggregates when enough remain).
-        if (r.updates.size() >= r.participants.size() &&
-            r.updates.size() < config_.min_participants) {
-          AbortOpenRound(absl::StrCat("agent '", agent_id, "' revoked; ", r.updates.size(),
-                                      " updates left, min_participants is ",
-                                      config_.min_participants));
-        }
+        update_discarded = true;
       }
     }
     Log(LogLevel::kInfo, "agent revoked",
@@ -508,6 +504,10 @@ void RoundManager::CountRejection(const absl::Status& status) {
 
 absl::Status RoundManager::PrecheckLocked(const std::string& peer_cn,
                                           const v1::UpdateHeader& header) const {
+  if (revoked_.count(peer_cn) > 0) {  // an upload that began before the revocation
+    return absl::UnauthenticatedError(
+        absl::StrCat("certificate revoked: agent '", peer_cn, "' was revoked by an admin"));
+  }
   if (header.agent_id() != peer_cn) {
     return absl::PermissionDeniedError(absl::StrCat("UpdateHeader.agent_id '", header.agent_id(),
                                                     "' differs from the client certificate CN '",

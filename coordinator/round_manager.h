@@ -132,9 +132,11 @@ class RoundManager {
 
   // --- Revocation (coordinator/identity.h; call after the revocation is stored)
   // Cuts the agent's Session (PERMISSION_DENIED "certificate revoked"), takes it
-  // offline, and in a TRAIN round removes it from the participants and deletes its
-  // stored update (the round goes on as if it had dropped; in AGGREGATE its update
-  // is already being aggregated and stays). done(session_closed, update_discarded).
+  // offline, refuses its later Hello and updates (also uploads already in flight),
+  // and in a TRAIN round deletes its stored update: it stays a participant that
+  // never reports, as if it had dropped (the deadline rule applies). In AGGREGATE
+  // its update is already being aggregated and stays. done(session_closed,
+  // update_discarded).
   void OnAgentRevoked(std::string agent_id, std::function<void(bool, bool)> done);
 
   // --- Operations: the fedlora_* metrics (docs/operations.md), rendered by /metrics.
@@ -212,6 +214,7 @@ class RoundManager {
   std::set<uint64_t> dirty_rounds_;  // bytes_down changed, persist at the next tick
   bool finished_ = false;
   std::function<void()> finished_callback_;
+  std::set<std::string> revoked_;  // revoked while running (the services check the store's)
 
   std::mutex rejection_mu_;
   std::map<std::string, uint64_t> rejections_by_code_;

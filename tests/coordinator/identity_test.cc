@@ -345,12 +345,12 @@ TEST_F(IdentityTest, RevocationCutsSessionDiscardsUpdateAndPersists) {
   grpc::Status ended = a1.Finish();
   EXPECT_EQ(ended.error_code(), grpc::StatusCode::PERMISSION_DENIED);
   EXPECT_THAT(ended.error_message(), HasSubstr("certificate revoked"));
-  // Its update is gone; the round no longer waits for it.
+  // Its update is gone; it stays a participant that never reports (as if dropped).
   EXPECT_EQ(*server_->store()->CountUpdates(task.round_id()), 0u);
   auto round = server_->store()->GetRound(task.round_id());
   ASSERT_TRUE(round.ok() && round->has_value());
-  EXPECT_FALSE((*round)->IsParticipant("agent-1"));
-  EXPECT_TRUE((*round)->IsParticipant("agent-2"));
+  EXPECT_EQ((*round)->updates.count("agent-1"), 0u);
+  EXPECT_EQ((*round)->phase, RoundPhase::kTrain);
   EXPECT_THAT(SecurityAndAudit(), HasSubstr("agent.revoked"));
 
   // Every later call with that certificate is refused, also after a restart.
