@@ -9,12 +9,14 @@
 //     Generates this agent's key here (it never leaves), enrolls with a one-time token
 //     on the coordinator's enrollment port; writes DIR/ID.key (0600) and DIR/ID.pem.
 //   fedlora-agent renew --coordinator HOST:PORT --ca F --cert F --key F [--within-days N]
+//     (run --renew-within-days N does the same once at start)
 //     Renews the certificate with the current one (new key, files replaced atomically).
 
 #include <pthread.h>
 #include <signal.h>
 
 #include <chrono>
+#include <cstdint>
 #include <cstdio>
 #include <iostream>
 #include <string>
@@ -46,10 +48,33 @@ struct RunFlags {
   double rpc_timeout_s = 120;
   uint64_t seed = 0;
   int max_seq_len = 256;
+  int64_t renew_within_days = 0;
 };
+
+// With --renew-within-days N, renews the certificate at start when it expires
+// within N days. A failure is a warning while the current certificate is valid.
+void MaybeRenewAtStart(const RunFlags& flags) {
+  if (flags.renew_within_days <= 0) return;
+  fedlora::common::RenewRequestOptions o;
+  o.coordinator = flags.coordinator;
+  o.ca_cert = flags.ca;
+  o.cert = flags.cert;
+  o.key = flags.key;
+  o.tls_server_name = flags.tls_server_name;
+  o.within_days = flags.renew_within_days;
+  auto renewed = fedlora::common::RenewAgentCertificate(o);
+  if (!renewed.ok()) {
+    std::fprintf(stderr, "warning: certificate renewal failed (continuing with the current one): %s\n",
+                 renewed.status().ToString().c_str());
+  } else if (renewed->renewed) {
+    std::fprintf(stderr, "renewed %s (fingerprint %s)\n", flags.cert.c_str(),
+                 renewed->fingerprint.c_str());
+  }
+}
 
 int RunAgent(const RunFlags& flags) {
   using fedlora::edge::Agent;
+  MaybeRenewAtStart(flags);
   auto train = fedlora::edge::LoadJsonl(flags.data);
   if (!train.ok()) {
     std::fprintf(stderr, "error: --data: %s\n", train.status().ToString().c_str());
@@ -183,6 +208,11 @@ int main(int argc, char** argv) {
   run->add_option("--signing-pub", flags.signing_pub,
                   "Coordinator signing public key (PEM); adapters must verify against it "
                   "(default: coordinator-signing.pub beside --ca, when present)");
+  run->add_option("--renew-within-days", flags.renew_within_days,
+                  "At start, renew the certificate (Certificates.Renew) when it expires within "
+                  "N days (0 = never)")
+      ->capture_default_str()
+      ->check(CLI::NonNegativeNumber);
   app.add_subcommand("model",
                      "Model tools: inspect | tokenize | logits | generate "
                      "(fedlora-agent model --help)");

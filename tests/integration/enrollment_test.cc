@@ -96,6 +96,18 @@ TEST_F(EnrollmentTest, EnrollRenewRevokeWithTheRealBinaries) {
   EXPECT_THAT(Out("renew"), HasSubstr("renewed"));
   EXPECT_NE(ReadTextFile(dir_ + "/site/site-a.pem"), before);
 
+  // `run --renew-within-days` renews at start (it then stops: this fleet has no data).
+  std::filesystem::create_directories(dir_ + "/no-model");
+  ASSERT_TRUE(common::WriteFileAtomic(dir_ + "/empty.jsonl", "").ok());
+  const std::string before_run = ReadTextFile(dir_ + "/site/site-a.pem");
+  Run({BinPath("fedlora-agent"), "run", "--coordinator", main_, "--ca", dir_ + "/pki/ca.pem",
+       "--cert", dir_ + "/site/site-a.pem", "--key", dir_ + "/site/site-a.key", "--model",
+       dir_ + "/no-model", "--data", dir_ + "/empty.jsonl", "--eval", dir_ + "/empty.jsonl",
+       "--renew-within-days", "3650"},
+      "run-renew");
+  EXPECT_THAT(Err("run-renew"), HasSubstr("renewed"));
+  EXPECT_NE(ReadTextFile(dir_ + "/site/site-a.pem"), before_run);
+
   ASSERT_EQ(Run(Admin({"agents", "revoke", "site-a", "--reason", "test"}), "revoke"), 0)
       << Err("revoke");
   EXPECT_EQ(Run(renew_cmd, "renew-revoked"), 1);
