@@ -65,6 +65,15 @@ const std::vector<Field>& Fields() {
                 "Ed25519 key (PEM) signing published versions (default: "
                 "coordinator-signing.key beside --tls-key, if present)",
                 &C::signing_key),
+      MakeField("ca_key",
+                "Fleet CA private key (PEM) signing enrolled and renewed agent certificates "
+                "(\"\" = enrollment and renewal off)",
+                &C::ca_key),
+      MakeField("enroll_address",
+                "Enrollment port HOST:PORT (TLS 1.3, no client certificate; \"\" = off)",
+                &C::enroll_address),
+      MakeField("cert_validity_days", "Validity of enrolled and renewed agent certificates",
+                &C::cert_validity_days),
       MakeField("base_model_hash", "Hex SHA-256 of the base model agents must hold",
                 &C::base_model_hash),
       MakeField("base_model_dir", "Base model directory to hash instead of --base-model-hash",
@@ -240,6 +249,15 @@ absl::Status CoordinatorConfig::Validate() const {
     return bad("metrics_address", "HOST:PORT or empty", "'" + metrics_address + "'");
   }
   if (data_dir.empty()) return bad("data_dir", "a directory", "''");
+  if (!enroll_address.empty() && enroll_address.find(':') == std::string::npos) {
+    return bad("enroll_address", "HOST:PORT or empty", "'" + enroll_address + "'");
+  }
+  if (!enroll_address.empty() && ca_key.empty()) {
+    return bad("ca_key", "the CA key file when enroll_address is set", "''");
+  }
+  if (cert_validity_days < 1 || cert_validity_days > 3650) {
+    return bad("cert_validity_days", "1..3650", absl::StrCat(cert_validity_days));
+  }
   if (tls_ca.empty() || tls_cert.empty() || tls_key.empty()) {
     return bad("tls_ca/tls_cert/tls_key", "all three PEM files",
                absl::StrCat("ca='", tls_ca, "' cert='", tls_cert, "' key='", tls_key, "'"));

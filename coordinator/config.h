@@ -40,6 +40,12 @@ struct CoordinatorConfig {
   // ("" = coordinator-signing.key beside tls_key when present, else unsigned).
   std::string at_rest_key = "";
   std::string signing_key = "";
+  // Enrollment and renewal (docs/security.md): the CA key that signs agent CSRs
+  // ("" = enrollment and renewal are refused), the enrollment port (server-auth
+  // TLS 1.3, HOST:PORT; "" = off) and the validity of the certificates issued.
+  std::string ca_key = "";
+  std::string enroll_address = "";
+  uint32_t cert_validity_days = 90;
   // The base model agents must hold: its hash, or a directory to hash
   // (common::HashModelDirectory). Exactly one is required.
   std::string base_model_hash = "";

@@ -389,6 +389,10 @@ void RoundManager::OnHello(std::shared_ptr<AgentLink> link, v1::Hello hello) {
       return;
     }
     const std::string& cn = link->peer_cn();
+    if (revoked_.count(cn) > 0) {  // a Session that began before the revocation
+      link->Close(absl::UnauthenticatedError(absl::StrCat("certificate revoked: agent '", cn, "'")));
+      return;
+    }
     if (hello.agent_id() != cn) {
       link->Close(absl::PermissionDeniedError(
           absl::StrCat("Hello.agent_id '", hello.agent_id(),
@@ -499,6 +503,57 @@ void RoundManager::OnDisconnect(std::shared_ptr<AgentLink> link) {
   });
 }
 
+// ------------------------------------------------------------------ Revocation
+
+void RoundManager::OnAgentRevoked(std::string agent_id, std::function<void(bool, bool)> done) {
+  Post([this, agent_id = std::move(agent_id), done = std::move(done)]() {
+    bool session_closed = false;
+    bool update_discarded = false;
+    auto it = online_.find(agent_id);
+    if (it != online_.end()) {
+      it->second.link->Close(absl::PermissionDeniedError(
+          absl::StrCat("certificate revoked: agent '", agent_id, "' was revoked by an admin")));
+      online_.erase(it);
+      metrics_.SetGauge(kMetricAgents, kHelpAgents, static_cast<double>(online_.size()));
+      session_closed = true;
+    }
+    revoked_.insert(agent_id);
+    // The agent stays a participant that will never report (as if it had dropped):
+    // the round aggregates at the deadline only if min_participants others reported,
+    // never on fewer updates than the selection promised.
+    if (open_round_.has_value() && rounds_[*open_round_].phase == RoundPhase::kTrain &&
+        rounds_[*open_round_].updates.count(agent_id) > 0) {
+      RoundRecord next = rounds_[*open_round_];
+      next.updates.erase(agent_id);
+      absl::Status s = store_->DiscardUpdate(next, agent_id);
+      if (!s.ok()) {
+        Log(LogLevel::kError, "cannot discard the update of a revoked agent",
+            {{"agent", agent_id}, {"error", s.ToString()}});
+      } else {
+        rounds_[*open_round_] = std::move(next);
+        update_discarded = true;
+      }
+    }
+    if (secagg_ != nullptr && secagg_->step() != SecAggRound::Step::kFinal) {
+      const std::vector<std::string> in_sum = secagg_->masked_senders();
+      if (std::find(in_sum.begin(), in_sum.end(), agent_id) != in_sum.end()) {
+        // Its masked input cannot be taken out of the running sum.
+        AbortOpenRound(absl::StrCat("agent '", agent_id,
+                                    "' was revoked after its masked input entered the sum"));
+        update_discarded = true;
+      } else {
+        secagg_->Drop(agent_id);  // as if it had dropped out of the protocol
+        if (secagg_->PhaseComplete()) AdvanceSecAgg();
+      }
+    }
+    Log(LogLevel::kInfo, "agent revoked",
+        {{"agent", agent_id},
+         {"session_closed", session_closed ? "true" : "false"},
+         {"update_discarded", update_discarded ? "true" : "false"}});
+    done(session_closed, update_discarded);
+  });
+}
+
 // ------------------------------------------------------------------ Updates
 
 void RoundManager::CountRejection(const absl::Status& status) {
@@ -512,6 +567,10 @@ void RoundManager::CountRejection(const absl::Status& status) {
 
 absl::Status RoundManager::PrecheckLocked(const std::string& peer_cn,
                                           const v1::UpdateHeader& header) const {
+  if (revoked_.count(peer_cn) > 0) {  // an upload that began before the revocation
+    return absl::UnauthenticatedError(
+        absl::StrCat("certificate revoked: agent '", peer_cn, "' was revoked by an admin"));
+  }
   if (header.agent_id() != peer_cn) {
     return absl::PermissionDeniedError(absl::StrCat("UpdateHeader.agent_id '", header.agent_id(),
                                                     "' differs from the client certificate CN '",

@@ -154,6 +154,14 @@ class RoundManager {
   // and verifies its audit chain (DataLoss when broken).
   void CreateBackup(std::string dir, std::string actor,
                     std::function<void(absl::StatusOr<fedlora::v1::CreateBackupResponse>)> done);
+  // --- Revocation (coordinator/identity.h; call after the revocation is stored)
+  // Cuts the agent's Session (PERMISSION_DENIED "certificate revoked"), takes it
+  // offline, refuses its later Hello and updates (also uploads already in flight),
+  // and in a TRAIN round deletes its stored update: it stays a participant that
+  // never reports, as if it had dropped (the deadline rule applies). In AGGREGATE
+  // its update is already being aggregated and stays. done(session_closed,
+  // update_discarded).
+  void OnAgentRevoked(std::string agent_id, std::function<void(bool, bool)> done);
 
   // --- Operations: the fedlora_* metrics (docs/operations.md), rendered by /metrics.
   MetricsRegistry& metrics() { return metrics_; }
@@ -243,6 +251,7 @@ class RoundManager {
   std::set<uint64_t> dirty_rounds_;  // bytes_down changed, persist at the next tick
   bool finished_ = false;
   std::function<void()> finished_callback_;
+  std::set<std::string> revoked_;  // revoked while running (the services check the store's)
 
   // The open secure-aggregation round's protocol state (memory only).
   std::shared_ptr<SecAggRound> secagg_;  // shared with the worker that unmasks

@@ -30,15 +30,30 @@ absl::StatusOr<std::unique_ptr<CoordinatorServer>> CoordinatorServer::Start(
   server->manager_ = std::make_unique<RoundManager>(config, server->store_.get(), clock,
                                                     server->base_model_hash_, out);
   if (options.on_finished) server->manager_->SetFinishedCallback(options.on_finished);
+
+  IdentityOptions identity_options;
+  if (!config.ca_key.empty()) {
+    ASSIGN_OR_RETURN(identity_options.ca, common::LoadCa(config.tls_ca, config.ca_key));
+  }
+  identity_options.cert_validity_days = static_cast<int>(config.cert_validity_days);
+  server->identity_ = std::make_unique<IdentityRegistry>(server->store_.get(), clock,
+                                                         std::move(identity_options));
+  RETURN_IF_ERROR(server->identity_->Load());
   RETURN_IF_ERROR(server->manager_->Start());
 
-  server->coordinator_service_ =
-      std::make_unique<CoordinatorService>(server->manager_.get(), config.max_update_bytes);
-  server->admin_service_ = std::make_unique<AdminService>(server->manager_.get());
+  server->coordinator_service_ = std::make_unique<CoordinatorService>(
+      server->manager_.get(), config.max_update_bytes, server->identity_.get());
+  server->admin_service_ =
+      std::make_unique<AdminService>(server->manager_.get(), server->identity_.get());
+  server->certificates_service_ = std::make_unique<CertificatesService>(server->identity_.get());
+  server->security_admin_service_ =
+      std::make_unique<SecurityAdminService>(server->identity_.get(), server->manager_.get());
   grpc::ServerBuilder builder;
   builder.AddListeningPort(config.listen_address, creds, &server->port_);
   builder.RegisterService(server->coordinator_service_.get());
   builder.RegisterService(server->admin_service_.get());
+  builder.RegisterService(server->certificates_service_.get());
+  builder.RegisterService(server->security_admin_service_.get());
   // One chunk (1 MiB of data) plus the header and framing.
   builder.SetMaxReceiveMessageSize(static_cast<int>(kMaxChunkBytes + (64 << 10)));
   builder.AddChannelArgument(GRPC_ARG_KEEPALIVE_TIME_MS, 30000);
@@ -52,6 +67,20 @@ absl::StatusOr<std::unique_ptr<CoordinatorServer>> CoordinatorServer::Start(
     return absl::UnavailableError(
         absl::StrCat("cannot listen on '", config.listen_address,
                      "' (address in use, bad address, or TLS files rejected by gRPC)"));
+  }
+  if (!config.enroll_address.empty()) {
+    ASSIGN_OR_RETURN(auto enroll_creds,
+                     common::MakeServerAuthOnlyCredentials(config.tls_cert, config.tls_key));
+    server->enrollment_service_ = std::make_unique<EnrollmentService>(server->identity_.get());
+    grpc::ServerBuilder enroll_builder;
+    enroll_builder.AddListeningPort(config.enroll_address, enroll_creds, &server->enroll_port_);
+    enroll_builder.RegisterService(server->enrollment_service_.get());
+    enroll_builder.SetMaxReceiveMessageSize(64 << 10);
+    server->enroll_server_ = enroll_builder.BuildAndStart();
+    if (server->enroll_server_ == nullptr || server->enroll_port_ == 0) {
+      return absl::UnavailableError(absl::StrCat("cannot listen on enroll_address '",
+                                                 config.enroll_address, "'"));
+    }
   }
   if (!config.metrics_address.empty()) {
     RoundManager* manager = server->manager_.get();
@@ -77,6 +106,11 @@ void CoordinatorServer::Shutdown() {
   Log(LogLevel::kInfo, "shutting down");
   if (http_) http_->Stop();  // no more HTTP (health goes away first), then gRPC
   if (manager_) manager_->Stop();
+  if (enroll_server_) {
+    enroll_server_->Shutdown(std::chrono::system_clock::now() +
+                             std::chrono::milliseconds(config_.shutdown_grace_ms));
+    enroll_server_->Wait();
+  }
   if (server_) {
     server_->Shutdown(std::chrono::system_clock::now() +
                       std::chrono::milliseconds(config_.shutdown_grace_ms));

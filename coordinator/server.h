@@ -12,6 +12,10 @@
 // With config.metrics_address set, /metrics and /healthz are served over plain HTTP
 // (coordinator/http_server.h); metrics_port() reports the port chosen (0 = off).
 // Shutdown() turns /healthz to 503 and stops the HTTP server before the gRPC server.
+// Every gRPC port is TLS 1.3 only. The main port also serves Certificates.Renew and
+// SecurityAdmin (coordinator/identity_service.h); with config.enroll_address set,
+// Enrollment.Enroll is served there (server-auth TLS, no client certificate) and
+// enroll_port() reports it. Revoked agents are refused on every call.
 
 #include <grpcpp/grpcpp.h>
 
@@ -24,6 +28,8 @@
 #include "coordinator/clock.h"
 #include "coordinator/config.h"
 #include "coordinator/http_server.h"
+#include "coordinator/identity.h"
+#include "coordinator/identity_service.h"
 #include "coordinator/round_manager.h"
 #include "coordinator/service.h"
 #include "coordinator/state_store.h"
@@ -44,6 +50,8 @@ class CoordinatorServer {
 
   int port() const { return port_; }
   int metrics_port() const { return http_ ? http_->port() : 0; }
+  int enroll_port() const { return enroll_port_; }
+  IdentityRegistry* identity() { return identity_.get(); }
   const std::string& base_model_hash() const { return base_model_hash_; }
   RoundManager* manager() { return manager_.get(); }
   StateStore* store() { return store_.get(); }  // for tests and tools
@@ -58,6 +66,12 @@ class CoordinatorServer {
   std::unique_ptr<RoundManager> manager_;
   std::unique_ptr<CoordinatorService> coordinator_service_;
   std::unique_ptr<AdminService> admin_service_;
+  std::unique_ptr<IdentityRegistry> identity_;
+  std::unique_ptr<CertificatesService> certificates_service_;
+  std::unique_ptr<SecurityAdminService> security_admin_service_;
+  std::unique_ptr<EnrollmentService> enrollment_service_;
+  std::unique_ptr<grpc::Server> enroll_server_;
+  int enroll_port_ = 0;
   std::unique_ptr<grpc::Server> server_;
   std::unique_ptr<HttpServer> http_;
   int port_ = 0;

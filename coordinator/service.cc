@@ -19,15 +19,9 @@ constexpr size_t kMaxSessionQueue = 256;
 
 absl::StatusOr<common::PeerIdentity> Authorize(const grpc::CallbackServerContext* context,
                                                std::initializer_list<const char*> roles,
-                                               const char* method) {
-  auto id = common::GetPeerIdentity(*context);
-  if (!id.ok()) return id.status();
-  for (const char* role : roles) {
-    if (id->role == role) return id;
-  }
-  return absl::PermissionDeniedError(absl::StrCat(method, " requires a certificate with role ",
-                                                  absl::StrJoin(roles, " or "), "; '",
-                                                  id->common_name, "' has role '", id->role, "'"));
+                                               const char* method,
+                                               const IdentityRegistry* identity) {
+  return AuthorizePeer(context, roles, method, identity);
 }
 
 // ------------------------------------------------------------------ Session
@@ -56,8 +50,10 @@ class SessionLink final : public AgentLink {
 class SessionReactor final
     : public grpc::ServerBidiReactor<v1::AgentMessage, v1::CoordinatorMessage> {
  public:
-  SessionReactor(RoundManager* manager, grpc::CallbackServerContext* context) : manager_(manager) {
-    auto id = Authorize(context, {"agent"}, "Coordinator.Session");
+  SessionReactor(RoundManager* manager, grpc::CallbackServerContext* context,
+                 const IdentityRegistry* identity)
+      : manager_(manager) {
+    auto id = Authorize(context, {"agent"}, "Coordinator.Session", identity);
     if (!id.ok()) {
       std::lock_guard<std::mutex> lock(mu_);
       RequestFinishLocked(ToGrpcStatus(id.status()));
@@ -210,12 +206,13 @@ void SessionLink::Close(const absl::Status& status) {
 class UpdateReactor final : public grpc::ServerReadReactor<v1::UpdateChunk> {
  public:
   UpdateReactor(RoundManager* manager, uint64_t max_update_bytes,
-                grpc::CallbackServerContext* context, v1::SubmitUpdateResponse* response)
+                grpc::CallbackServerContext* context, v1::SubmitUpdateResponse* response,
+                const IdentityRegistry* identity)
       : manager_(manager),
         max_update_bytes_(max_update_bytes),
         context_(context),
         response_(response) {
-    auto id = Authorize(context, {"agent"}, "Coordinator.SubmitUpdate");
+    auto id = Authorize(context, {"agent"}, "Coordinator.SubmitUpdate", identity);
     if (!id.ok()) {
       Reject(id.status());
       return;
@@ -364,9 +361,9 @@ class UpdateReactor final : public grpc::ServerReadReactor<v1::UpdateChunk> {
 class FetchReactor final : public grpc::ServerWriteReactor<v1::AdapterChunk> {
  public:
   FetchReactor(RoundManager* manager, grpc::CallbackServerContext* context,
-               const v1::FetchAdapterRequest* request)
+               const v1::FetchAdapterRequest* request, const IdentityRegistry* identity)
       : manager_(manager), request_(*request) {
-    auto id = Authorize(context, {"agent"}, "Coordinator.FetchAdapter");
+    auto id = Authorize(context, {"agent"}, "Coordinator.FetchAdapter", identity);
     if (!id.ok()) {
       Finish(ToGrpcStatus(id.status()));
       return;
@@ -445,34 +442,53 @@ class FetchReactor final : public grpc::ServerWriteReactor<v1::AdapterChunk> {
 
 }  // namespace
 
+absl::StatusOr<common::PeerIdentity> AuthorizePeer(const grpc::CallbackServerContext* context,
+                                                   std::initializer_list<const char*> roles,
+                                                   const char* method,
+                                                   const IdentityRegistry* identity) {
+  auto id = common::GetPeerIdentity(*context);
+  if (!id.ok()) return id.status();
+  if (identity != nullptr && identity->IsRevoked(id->common_name)) {
+    return absl::UnauthenticatedError(absl::StrCat(method, ": certificate revoked: '",
+                                                   id->common_name, "' was revoked by an admin"));
+  }
+  for (const char* role : roles) {
+    if (id->role == role) return id;
+  }
+  return absl::PermissionDeniedError(absl::StrCat(method, " requires a certificate with role ",
+                                                  absl::StrJoin(roles, " or "), "; '",
+                                                  id->common_name, "' has role '", id->role, "'"));
+}
+
 grpc::Status ToGrpcStatus(const absl::Status& status) {
   if (status.ok()) return grpc::Status::OK;
   return grpc::Status(static_cast<grpc::StatusCode>(status.code()), std::string(status.message()));
 }
 
-CoordinatorService::CoordinatorService(RoundManager* manager, uint64_t max_update_bytes)
-    : manager_(manager), max_update_bytes_(max_update_bytes) {}
+CoordinatorService::CoordinatorService(RoundManager* manager, uint64_t max_update_bytes,
+                                       const IdentityRegistry* identity)
+    : manager_(manager), max_update_bytes_(max_update_bytes), identity_(identity) {}
 
 grpc::ServerBidiReactor<v1::AgentMessage, v1::CoordinatorMessage>* CoordinatorService::Session(
     grpc::CallbackServerContext* context) {
-  return new SessionReactor(manager_, context);
+  return new SessionReactor(manager_, context, identity_);
 }
 
 grpc::ServerReadReactor<v1::UpdateChunk>* CoordinatorService::SubmitUpdate(
     grpc::CallbackServerContext* context, v1::SubmitUpdateResponse* response) {
-  return new UpdateReactor(manager_, max_update_bytes_, context, response);
+  return new UpdateReactor(manager_, max_update_bytes_, context, response, identity_);
 }
 
 grpc::ServerWriteReactor<v1::AdapterChunk>* CoordinatorService::FetchAdapter(
     grpc::CallbackServerContext* context, const v1::FetchAdapterRequest* request) {
-  return new FetchReactor(manager_, context, request);
+  return new FetchReactor(manager_, context, request, identity_);
 }
 
 grpc::ServerUnaryReactor* AdminService::Status(grpc::CallbackServerContext* context,
                                                const v1::StatusRequest*,
                                                v1::StatusResponse* response) {
   grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
-  auto id = Authorize(context, {"admin", "viewer"}, "Admin.Status");
+  auto id = Authorize(context, {"admin", "viewer"}, "Admin.Status", identity_);
   if (!id.ok()) {
     reactor->Finish(ToGrpcStatus(id.status()));
     return reactor;
@@ -507,7 +523,7 @@ grpc::ServerUnaryReactor* AdminService::ListVersions(grpc::CallbackServerContext
                                                      const v1::ListVersionsRequest*,
                                                      v1::ListVersionsResponse* response) {
   grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
-  auto id = Authorize(context, {"admin", "viewer"}, "Admin.ListVersions");
+  auto id = Authorize(context, {"admin", "viewer"}, "Admin.ListVersions", identity_);
   if (!id.ok()) {
     reactor->Finish(ToGrpcStatus(id.status()));
     return reactor;
@@ -520,7 +536,7 @@ grpc::ServerUnaryReactor* AdminService::RollbackVersion(grpc::CallbackServerCont
                                                         const v1::RollbackVersionRequest* request,
                                                         v1::VersionChangeResponse* response) {
   grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
-  auto id = Authorize(context, {"admin"}, "Admin.RollbackVersion");
+  auto id = Authorize(context, {"admin"}, "Admin.RollbackVersion", identity_);
   if (!id.ok()) {
     reactor->Finish(ToGrpcStatus(id.status()));
     return reactor;
@@ -534,7 +550,7 @@ grpc::ServerUnaryReactor* AdminService::PromoteVersion(grpc::CallbackServerConte
                                                        const v1::PromoteVersionRequest* request,
                                                        v1::VersionChangeResponse* response) {
   grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
-  auto id = Authorize(context, {"admin"}, "Admin.PromoteVersion");
+  auto id = Authorize(context, {"admin"}, "Admin.PromoteVersion", identity_);
   if (!id.ok()) {
     reactor->Finish(ToGrpcStatus(id.status()));
     return reactor;
@@ -548,7 +564,7 @@ grpc::ServerUnaryReactor* AdminService::CreateBackup(grpc::CallbackServerContext
                                                      const v1::CreateBackupRequest* request,
                                                      v1::CreateBackupResponse* response) {
   grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
-  auto id = Authorize(context, {"admin"}, "Admin.CreateBackup");
+  auto id = Authorize(context, {"admin"}, "Admin.CreateBackup", identity_);
   if (!id.ok()) {
     reactor->Finish(ToGrpcStatus(id.status()));
     return reactor;

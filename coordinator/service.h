@@ -26,6 +26,8 @@
 #include <set>
 #include <string>
 
+#include "common/net/tls.h"
+#include "coordinator/identity.h"
 #include "coordinator/round_manager.h"
 #include "fedlora/v1/fedlora.grpc.pb.h"
 
@@ -35,10 +37,21 @@ inline constexpr size_t kMaxChunkBytes = 1 << 20;
 
 grpc::Status ToGrpcStatus(const absl::Status& status);
 
+// The caller's verified certificate identity if its role is one of `roles` and
+// (with `identity`) it is not revoked: else UNAUTHENTICATED (no verified client
+// certificate, or "certificate revoked") or PERMISSION_DENIED (role). Every RPC of
+// the main port starts with it.
+absl::StatusOr<common::PeerIdentity> AuthorizePeer(const grpc::CallbackServerContext* context,
+                                                   std::initializer_list<const char*> roles,
+                                                   const char* method,
+                                                   const IdentityRegistry* identity);
+
 class CoordinatorService final : public fedlora::v1::Coordinator::CallbackService {
  public:
-  // `manager` must outlive the service and the server.
-  CoordinatorService(RoundManager* manager, uint64_t max_update_bytes);
+  // `manager` (and `identity`, if any: revoked agents are refused) must outlive
+  // the service and the server.
+  CoordinatorService(RoundManager* manager, uint64_t max_update_bytes,
+                     const IdentityRegistry* identity = nullptr);
 
   grpc::ServerBidiReactor<fedlora::v1::AgentMessage, fedlora::v1::CoordinatorMessage>* Session(
       grpc::CallbackServerContext* context) override;
@@ -51,11 +64,13 @@ class CoordinatorService final : public fedlora::v1::Coordinator::CallbackServic
  private:
   RoundManager* const manager_;
   const uint64_t max_update_bytes_;
+  const IdentityRegistry* const identity_;
 };
 
 class AdminService final : public fedlora::v1::Admin::CallbackService {
  public:
-  explicit AdminService(RoundManager* manager) : manager_(manager) {}
+  explicit AdminService(RoundManager* manager, const IdentityRegistry* identity = nullptr)
+      : manager_(manager), identity_(identity) {}
 
   grpc::ServerUnaryReactor* Status(grpc::CallbackServerContext* context,
                                    const fedlora::v1::StatusRequest* request,
@@ -79,6 +94,7 @@ class AdminService final : public fedlora::v1::Admin::CallbackService {
 
  private:
   RoundManager* const manager_;
+  const IdentityRegistry* const identity_;
 };
 
 }  // namespace fedlora::coordinator

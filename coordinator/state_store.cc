@@ -28,6 +28,7 @@ constexpr char kUpdates[] = "updates";
 constexpr char kVersions[] = "versions";
 constexpr char kBlobs[] = "blobs";
 constexpr char kMeta[] = "meta";
+constexpr char kSecurity[] = "security";
 constexpr char kSchemaKey[] = "schema_version";
 constexpr char kCurrentKey[] = "current_version";
 constexpr char kSealKey[] = "seal_private_key";
@@ -462,7 +463,7 @@ absl::StatusOr<std::unique_ptr<StateStore>> StateStore::Open(const std::string& 
                                                              StateStoreOptions options) {
   ASSIGN_OR_RETURN(auto store,
                    common::Store::Open(dir, {kAgents, kRounds, kUpdates, kVersions, kBlobs, kMeta,
-                                             kAuditColumnFamily}));
+                                             kAuditColumnFamily, kSecurity}));
   std::unique_ptr<StateStore> state(new StateStore(std::move(store), std::move(options)));
   // Checks that can refuse come before any write.
   ASSIGN_OR_RETURN(int schema, StoredSchema(*state->store_));
@@ -890,6 +891,44 @@ absl::Status StateStore::CreateBackup(const std::string& dir, const std::string&
   json details{{"dir", dir}};
   return AppendAudit(actor, "backup.created",
                      details.dump(-1, ' ', false, json::error_handler_t::replace));
+}
+
+// ---- Security records
+
+absl::StatusOr<std::optional<std::string>> StateStore::GetSecurityRecord(
+    const std::string& key) const {
+  auto value = store_->Get(kSecurity, key);
+  if (absl::IsNotFound(value.status())) return std::optional<std::string>();
+  // A read-only open of a store written before this column family existed.
+  if (absl::IsInvalidArgument(value.status())) return std::optional<std::string>();
+  if (!value.ok()) return value.status();
+  return std::optional<std::string>(std::move(*value));
+}
+
+absl::Status StateStore::ScanSecurityRecords(
+    const std::string& prefix,
+    const std::function<void(std::string_view key, std::string_view value)>& fn) const {
+  absl::Status s = store_->Scan(kSecurity, prefix, [&](std::string_view k, std::string_view v) {
+    fn(k, v);
+    return true;
+  });
+  if (absl::IsInvalidArgument(s)) return absl::OkStatus();  // no such column family (read-only)
+  return s;
+}
+
+absl::Status StateStore::PutSecurityRecordsAudited(
+    const std::vector<std::pair<std::string, std::string>>& records, const std::string& actor,
+    const std::string& action, const std::string& details_json) {
+  common::Store::Batch batch(store_.get());
+  for (const auto& [key, value] : records) batch.Put(kSecurity, key, value);
+  return audit_->Commit(&batch, actor, action, details_json, WallUnixMs());
+}
+
+absl::Status StateStore::DiscardUpdate(const RoundRecord& round, const std::string& agent_id) {
+  common::Store::Batch batch(store_.get());
+  batch.Delete(kUpdates, UpdateKey(round.round_id, agent_id));
+  batch.Put(kRounds, RoundKey(round.round_id), EncodeRound(round));
+  return batch.Commit(/*sync=*/true);
 }
 
 }  // namespace fedlora::coordinator

@@ -13,6 +13,8 @@
 //   versions  version id ("v000001") -> VersionRecord as JSON.
 //   blobs     hex SHA-256 of the blob -> adapter blob (common::EncodeAdapterBlob).
 //   audit     seq (20 digits) -> hash-chained audit record (coordinator/audit.h).
+//   security  enrollment tokens and revocations (coordinator/identity.h owns the
+//             keys and encodings); created on open, no schema change needed.
 // Schema 1 stores (no audit column family) are upgraded on a writable open.
 //
 // Encryption at rest (StateStoreOptions::at_rest, common/crypto/at_rest.h): the
@@ -271,6 +273,19 @@ class StateStore {
   // its parent must (NotFound); nothing
   // is written to the store on error. Safe while the coordinator serves.
   absl::Status CreateBackup(const std::string& dir, const std::string& actor);
+  // --- Security records (column family "security"; coordinator/identity.h).
+  absl::StatusOr<std::optional<std::string>> GetSecurityRecord(const std::string& key) const;
+  absl::Status ScanSecurityRecords(
+      const std::string& prefix,
+      const std::function<void(std::string_view key, std::string_view value)>& fn) const;
+  // Puts every (key, value) and one audit record (actor, action, details) in one
+  // synced batch.
+  absl::Status PutSecurityRecordsAudited(
+      const std::vector<std::pair<std::string, std::string>>& records, const std::string& actor,
+      const std::string& action, const std::string& details_json);
+  // Revocation: deletes the agent's stored update of `round` and writes `round`
+  // (without it), one synced batch.
+  absl::Status DiscardUpdate(const RoundRecord& round, const std::string& agent_id);
 
  private:
   StateStore(std::unique_ptr<common::Store> store, StateStoreOptions options);

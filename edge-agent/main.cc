@@ -5,11 +5,18 @@
 //                     [--max-offline SECONDS] [--seed S] [--max-seq-len N]
 //   fedlora-agent model inspect|tokenize|logits|generate ...
 //   fedlora-agent export --model DIR (--adapter PEFT_DIR | --version-blob FILE) --format F ...
+//   fedlora-agent enroll --coordinator HOST:PORT --token T --ca CA.pem --name ID [--out DIR]
+//     Generates this agent's key here (it never leaves), enrolls with a one-time token
+//     on the coordinator's enrollment port; writes DIR/ID.key (0600) and DIR/ID.pem.
+//   fedlora-agent renew --coordinator HOST:PORT --ca F --cert F --key F [--within-days N]
+//     (run --renew-within-days N does the same once at start)
+//     Renews the certificate with the current one (new key, files replaced atomically).
 
 #include <pthread.h>
 #include <signal.h>
 
 #include <chrono>
+#include <cstdint>
 #include <cstdio>
 #include <iostream>
 #include <string>
@@ -17,6 +24,7 @@
 #include <vector>
 
 #include "CLI/CLI.hpp"
+#include "common/net/enroll_client.h"
 #include "edge-agent/agent.h"
 #include "edge-agent/data.h"
 #include "edge-agent/export_cli.h"
@@ -40,10 +48,33 @@ struct RunFlags {
   double rpc_timeout_s = 120;
   uint64_t seed = 0;
   int max_seq_len = 256;
+  int64_t renew_within_days = 0;
 };
+
+// With --renew-within-days N, renews the certificate at start when it expires
+// within N days. A failure is a warning while the current certificate is valid.
+void MaybeRenewAtStart(const RunFlags& flags) {
+  if (flags.renew_within_days <= 0) return;
+  fedlora::common::RenewRequestOptions o;
+  o.coordinator = flags.coordinator;
+  o.ca_cert = flags.ca;
+  o.cert = flags.cert;
+  o.key = flags.key;
+  o.tls_server_name = flags.tls_server_name;
+  o.within_days = flags.renew_within_days;
+  auto renewed = fedlora::common::RenewAgentCertificate(o);
+  if (!renewed.ok()) {
+    std::fprintf(stderr, "warning: certificate renewal failed (continuing with the current one): %s\n",
+                 renewed.status().ToString().c_str());
+  } else if (renewed->renewed) {
+    std::fprintf(stderr, "renewed %s (fingerprint %s)\n", flags.cert.c_str(),
+                 renewed->fingerprint.c_str());
+  }
+}
 
 int RunAgent(const RunFlags& flags) {
   using fedlora::edge::Agent;
+  MaybeRenewAtStart(flags);
   auto train = fedlora::edge::LoadJsonl(flags.data);
   if (!train.ok()) {
     std::fprintf(stderr, "error: --data: %s\n", train.status().ToString().c_str());
@@ -177,6 +208,11 @@ int main(int argc, char** argv) {
   run->add_option("--signing-pub", flags.signing_pub,
                   "Coordinator signing public key (PEM); adapters must verify against it "
                   "(default: coordinator-signing.pub beside --ca, when present)");
+  run->add_option("--renew-within-days", flags.renew_within_days,
+                  "At start, renew the certificate (Certificates.Renew) when it expires within "
+                  "N days (0 = never)")
+      ->capture_default_str()
+      ->check(CLI::NonNegativeNumber);
   app.add_subcommand("model",
                      "Model tools: inspect | tokenize | logits | generate "
                      "(fedlora-agent model --help)");
@@ -184,7 +220,73 @@ int main(int argc, char** argv) {
                      "Export an adapter (PEFT dir or version blob) as PEFT, llama.cpp LoRA GGUF "
                      "or merged GGUF (fedlora-agent export --help)");
 
+  fedlora::common::EnrollRequestOptions enroll_options;
+  enroll_options.out_dir = ".";
+  CLI::App* enroll = app.add_subcommand(
+      "enroll",
+      "Enroll this agent: generate its key locally, send a CSR with a one-time token to the "
+      "coordinator's enrollment port, and write <out>/<name>.key and <out>/<name>.pem");
+  enroll->add_option("--coordinator", enroll_options.coordinator,
+                     "Coordinator enrollment address HOST:PORT")
+      ->required();
+  enroll->add_option("--token", enroll_options.token, "One-time token (fedlora-admin enroll create)")
+      ->required();
+  enroll->add_option("--ca", enroll_options.ca_cert, "Fleet CA certificate (PEM)")
+      ->required()
+      ->check(CLI::ExistingFile);
+  enroll->add_option("--name", enroll_options.name, "Agent id: the name the token was made for")
+      ->required();
+  enroll->add_option("--out", enroll_options.out_dir, "Directory for the key and certificate")
+      ->capture_default_str()
+      ->check(CLI::ExistingDirectory);
+  enroll->add_option("--tls-server-name", enroll_options.tls_server_name,
+                     "Name to verify in the coordinator's certificate (default: HOST)");
+  fedlora::common::RenewRequestOptions renew_options;
+  CLI::App* renew = app.add_subcommand(
+      "renew",
+      "Renew this agent's certificate with the current one (Certificates.Renew); the key and "
+      "certificate files are replaced atomically, the old pair kept as *.old");
+  renew->add_option("--coordinator", renew_options.coordinator, "Coordinator address HOST:PORT")
+      ->required();
+  renew->add_option("--ca", renew_options.ca_cert, "Fleet CA certificate (PEM)")
+      ->required()
+      ->check(CLI::ExistingFile);
+  renew->add_option("--cert", renew_options.cert, "Current certificate (PEM), replaced")
+      ->required()
+      ->check(CLI::ExistingFile);
+  renew->add_option("--key", renew_options.key, "Current private key (PEM), replaced")
+      ->required()
+      ->check(CLI::ExistingFile);
+  renew->add_option("--within-days", renew_options.within_days,
+                    "Renew only if the certificate expires within N days (0 = now)")
+      ->capture_default_str()
+      ->check(CLI::NonNegativeNumber);
+  renew->add_option("--tls-server-name", renew_options.tls_server_name,
+                    "Name to verify in the coordinator's certificate (default: HOST)");
+
   CLI11_PARSE(app, argc, argv);
   if (run->parsed()) return RunAgent(flags);
+  if (enroll->parsed()) {
+    auto files = fedlora::common::EnrollAgent(enroll_options);
+    if (!files.ok()) {
+      std::fprintf(stderr, "fedlora-agent enroll: %s\n", files.status().ToString().c_str());
+      return 1;
+    }
+    std::printf("enrolled '%s': %s and %s (fingerprint %s, expires unix %lld)\n",
+                enroll_options.name.c_str(), files->cert_path.c_str(), files->key_path.c_str(),
+                files->fingerprint.c_str(), static_cast<long long>(files->not_after_unix));
+    return 0;
+  }
+  if (renew->parsed()) {
+    auto renewed = fedlora::common::RenewAgentCertificate(renew_options);
+    if (!renewed.ok()) {
+      std::fprintf(stderr, "fedlora-agent renew: %s\n", renewed.status().ToString().c_str());
+      return 1;
+    }
+    std::printf("%s %s (fingerprint %s, expires unix %lld)\n",
+                renewed->renewed ? "renewed" : "not due yet; kept", renew_options.cert.c_str(),
+                renewed->fingerprint.c_str(), static_cast<long long>(renewed->not_after_unix));
+    return 0;
+  }
   return 0;
 }

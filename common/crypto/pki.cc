@@ -4,6 +4,7 @@
 #include <openssl/ec.h>
 #include <openssl/obj_mac.h>
 #include <openssl/pem.h>
+#include <openssl/x509.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -159,6 +160,9 @@ struct CertSpec {
   bool server_auth = false;
   std::vector<std::string> sans;  // DNS names or IPs (server certificates)
   int validity_days = 365;
+  // Explicit validity window (seconds since the epoch) instead of validity_days.
+  int64_t not_before_unix = 0;
+  int64_t not_after_unix = 0;
 };
 
 bool IsIpAddress(const std::string& s) {
@@ -192,8 +196,16 @@ absl::StatusOr<X509Ptr> MakeCertificate(const CertSpec& spec, EVP_PKEY* key, X50
   if (!cert) return OpenSslError("allocating certificate");
   if (X509_set_version(cert.get(), X509_VERSION_3) != 1) return OpenSslError("certificate version");
   RETURN_IF_ERROR(SetRandomSerial(cert.get()));
-  if (X509_gmtime_adj(X509_getm_notBefore(cert.get()), -kBackdateSeconds) == nullptr ||
-      X509_time_adj_ex(X509_getm_notAfter(cert.get()), spec.validity_days, 0, nullptr) == nullptr) {
+  if (spec.not_after_unix != 0) {
+    if (ASN1_TIME_set(X509_getm_notBefore(cert.get()),
+                      static_cast<time_t>(spec.not_before_unix)) == nullptr ||
+        ASN1_TIME_set(X509_getm_notAfter(cert.get()), static_cast<time_t>(spec.not_after_unix)) ==
+            nullptr) {
+      return OpenSslError("certificate validity window");
+    }
+  } else if (X509_gmtime_adj(X509_getm_notBefore(cert.get()), -kBackdateSeconds) == nullptr ||
+             X509_time_adj_ex(X509_getm_notAfter(cert.get()), spec.validity_days, 0, nullptr) ==
+                 nullptr) {
     return OpenSslError("certificate validity");
   }
   if (X509_set_pubkey(cert.get(), key) != 1) return OpenSslError("certificate public key");
@@ -240,7 +252,7 @@ absl::Status WritePair(const std::string& dir, const std::string& stem, X509* ce
   return s;
 }
 
-absl::Status CheckName(const std::string& name) {
+absl::Status CheckNameImpl(const std::string& name) {
   if (name.empty() || name.size() > 64 || name[0] == '.' || name[0] == '-') {
     return absl::InvalidArgumentError(absl::StrCat(
         "certificate name: expected 1-64 characters not starting with '.' or '-', found \"", name,
@@ -331,7 +343,7 @@ absl::Status InitPki(const std::string& dir, const PkiOptions& options) {
 
 absl::Status IssueCertificate(const std::string& ca_dir, const std::string& name, CertRole role,
                               const std::string& out_dir, int validity_days) {
-  RETURN_IF_ERROR(CheckName(name));
+  RETURN_IF_ERROR(CheckNameImpl(name));
   RETURN_IF_ERROR(CheckValidity(validity_days));
   ASSIGN_OR_RETURN(std::string ca_pem, ReadFileToString(ca_dir + "/ca.pem"));
   ASSIGN_OR_RETURN(std::string ca_key_pem, ReadFileToString(ca_dir + "/ca.key"));
@@ -356,6 +368,161 @@ absl::Status IssueCertificate(const std::string& ca_dir, const std::string& name
   ASSIGN_OR_RETURN(X509Ptr cert, MakeCertificate(spec, key.get(), ca.get(), ca_key.get()));
   RETURN_IF_ERROR(MakeDirs(out_dir));
   return WritePair(out_dir, name, cert.get(), key.get());
+}
+
+using X509ReqPtr = OpenSslPtr<X509_REQ, X509_REQ_free>;
+
+absl::Status CheckCertName(const std::string& name) { return CheckNameImpl(name); }
+
+absl::StatusOr<KeyAndCsr> GenerateKeyAndCsr(const std::string& name) {
+  RETURN_IF_ERROR(CheckNameImpl(name));
+  ASSIGN_OR_RETURN(EvpPkeyPtr key, GenerateP256Key());
+  X509ReqPtr req(X509_REQ_new());
+  if (!req || X509_REQ_set_version(req.get(), 0) != 1) return OpenSslError("allocating CSR");
+  X509NamePtr subject(X509_NAME_new());
+  if (!subject) return OpenSslError("CSR subject");
+  RETURN_IF_ERROR(AddNameEntry(subject.get(), "CN", name));
+  if (X509_REQ_set_subject_name(req.get(), subject.get()) != 1 ||
+      X509_REQ_set_pubkey(req.get(), key.get()) != 1 ||
+      X509_REQ_sign(req.get(), key.get(), EVP_sha256()) <= 0) {
+    return OpenSslError("signing CSR");
+  }
+  BioPtr bio(BIO_new(BIO_s_mem()));
+  if (!bio || PEM_write_bio_X509_REQ(bio.get(), req.get()) != 1) {
+    return OpenSslError("encoding CSR as PEM");
+  }
+  char* data = nullptr;
+  long len = BIO_get_mem_data(bio.get(), &data);  // NOLINT(runtime/int)
+  KeyAndCsr out;
+  out.csr_pem.assign(data, static_cast<size_t>(len));
+  ASSIGN_OR_RETURN(out.key_pem, KeyToPem(key.get()));
+  return out;
+}
+
+absl::StatusOr<CaMaterial> LoadCa(const std::string& ca_cert_path,
+                                  const std::string& ca_key_path) {
+  CaMaterial ca;
+  ASSIGN_OR_RETURN(ca.cert_pem, ReadFileToString(ca_cert_path));
+  ASSIGN_OR_RETURN(ca.key_pem, ReadFileToString(ca_key_path));
+  ASSIGN_OR_RETURN(X509Ptr cert, CertFromPem(ca.cert_pem, ca_cert_path));
+  ASSIGN_OR_RETURN(EvpPkeyPtr key, KeyFromPem(ca.key_pem, ca_key_path));
+  if (X509_check_private_key(cert.get(), key.get()) != 1) {
+    ClearOpenSslErrors();
+    return absl::FailedPreconditionError("PKI: " + ca_key_path + " does not match " +
+                                         ca_cert_path);
+  }
+  return ca;
+}
+
+absl::StatusOr<std::string> SignCsr(const CaMaterial& ca, const std::string& csr_pem,
+                                    const std::string& expected_cn, CertRole role,
+                                    int validity_days) {
+  RETURN_IF_ERROR(CheckValidity(validity_days));
+  if (role == CertRole::kServer) {
+    return absl::InvalidArgumentError("SignCsr: issues client certificates only, not server");
+  }
+  if (csr_pem.size() > 16384) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("CSR: expected at most 16384 bytes of PEM, found ", csr_pem.size()));
+  }
+  BioPtr bio(BIO_new_mem_buf(csr_pem.data(), static_cast<int>(csr_pem.size())));
+  if (!bio) return OpenSslError("BIO for CSR");
+  X509ReqPtr req(PEM_read_bio_X509_REQ(bio.get(), nullptr, nullptr, nullptr));
+  if (!req) {
+    ClearOpenSslErrors();
+    return absl::InvalidArgumentError(
+        "CSR: expected a PEM certificate request (BEGIN CERTIFICATE REQUEST), found none");
+  }
+  EvpPkeyPtr pub(X509_REQ_get_pubkey(req.get()));
+  if (!pub) {
+    ClearOpenSslErrors();
+    return absl::InvalidArgumentError("CSR: carries no readable public key");
+  }
+  if (X509_REQ_verify(req.get(), pub.get()) != 1) {
+    ClearOpenSslErrors();
+    return absl::InvalidArgumentError(
+        "CSR signature does not verify under the CSR's own public key");
+  }
+  ASSIGN_OR_RETURN(std::string cn, NameEntry(X509_REQ_get_subject_name(req.get()), NID_commonName));
+  if (cn != expected_cn) {
+    return absl::PermissionDeniedError(absl::StrCat("CSR: expected subject CN '", expected_cn,
+                                                    "', found '", cn, "'"));
+  }
+  ASSIGN_OR_RETURN(X509Ptr ca_cert, CertFromPem(ca.cert_pem, "CA certificate"));
+  ASSIGN_OR_RETURN(EvpPkeyPtr ca_key, KeyFromPem(ca.key_pem, "CA key"));
+  CertSpec spec;
+  spec.common_name = expected_cn;
+  spec.unit = CertRoleName(role);
+  spec.validity_days = validity_days;
+  ASSIGN_OR_RETURN(X509Ptr cert, MakeCertificate(spec, pub.get(), ca_cert.get(), ca_key.get()));
+  return CertToPem(cert.get());
+}
+
+absl::Status IssueCertificateWindow(const std::string& ca_dir, const std::string& name,
+                                    CertRole role, const std::string& out_dir,
+                                    int64_t not_before_unix, int64_t not_after_unix) {
+  RETURN_IF_ERROR(CheckNameImpl(name));
+  if (not_after_unix <= not_before_unix) {
+    return absl::InvalidArgumentError(absl::StrCat("PKI: expected not_after > not_before, found ",
+                                                   not_after_unix, " <= ", not_before_unix));
+  }
+  ASSIGN_OR_RETURN(CaMaterial ca, LoadCa(ca_dir + "/ca.pem", ca_dir + "/ca.key"));
+  ASSIGN_OR_RETURN(X509Ptr ca_cert, CertFromPem(ca.cert_pem, ca_dir + "/ca.pem"));
+  ASSIGN_OR_RETURN(EvpPkeyPtr ca_key, KeyFromPem(ca.key_pem, ca_dir + "/ca.key"));
+  ASSIGN_OR_RETURN(EvpPkeyPtr key, GenerateP256Key());
+  CertSpec spec;
+  spec.common_name = name;
+  spec.unit = CertRoleName(role);
+  spec.not_before_unix = not_before_unix;
+  spec.not_after_unix = not_after_unix;
+  ASSIGN_OR_RETURN(X509Ptr cert, MakeCertificate(spec, key.get(), ca_cert.get(), ca_key.get()));
+  RETURN_IF_ERROR(MakeDirs(out_dir));
+  return WritePair(out_dir, name, cert.get(), key.get());
+}
+
+absl::Status CheckIssuedCertificate(const std::string& cert_pem, const std::string& key_pem,
+                                    const std::string& ca_pem, const std::string& expected_cn,
+                                    CertRole role) {
+  ASSIGN_OR_RETURN(X509Ptr cert, CertFromPem(cert_pem, "issued certificate"));
+  ASSIGN_OR_RETURN(X509Ptr ca, CertFromPem(ca_pem, "CA certificate"));
+  ASSIGN_OR_RETURN(EvpPkeyPtr key, KeyFromPem(key_pem, "new private key"));
+  EVP_PKEY* ca_pub = X509_get0_pubkey(ca.get());
+  if (ca_pub == nullptr || X509_verify(cert.get(), ca_pub) != 1) {
+    ClearOpenSslErrors();
+    return absl::PermissionDeniedError(
+        "issued certificate: its signature does not verify under the fleet CA given (--ca)");
+  }
+  if (X509_check_private_key(cert.get(), key.get()) != 1) {
+    ClearOpenSslErrors();
+    return absl::PermissionDeniedError(
+        "issued certificate: its public key is not the key generated for the CSR");
+  }
+  ASSIGN_OR_RETURN(CertIdentity id, ReadCertIdentity(cert_pem));
+  if (id.common_name != expected_cn || id.role != CertRoleName(role)) {
+    return absl::PermissionDeniedError(absl::StrCat(
+        "issued certificate: expected CN '", expected_cn, "' role '", CertRoleName(role),
+        "', found CN '", id.common_name, "' role '", id.role, "'"));
+  }
+  return absl::OkStatus();
+}
+
+absl::StatusOr<std::string> CertFingerprint(const std::string& pem) {
+  ASSIGN_OR_RETURN(X509Ptr cert, CertFromPem(pem, "certificate"));
+  unsigned char* der = nullptr;
+  int len = i2d_X509(cert.get(), &der);
+  if (len <= 0) return OpenSslError("encoding certificate as DER");
+  std::string bytes(reinterpret_cast<char*>(der), static_cast<size_t>(len));
+  OPENSSL_free(der);
+  return Sha256Hex(bytes);
+}
+
+absl::StatusOr<int64_t> CertNotAfterUnix(const std::string& pem) {
+  ASSIGN_OR_RETURN(X509Ptr cert, CertFromPem(pem, "certificate"));
+  struct tm tm {};
+  if (ASN1_TIME_to_tm(X509_get0_notAfter(cert.get()), &tm) != 1) {
+    return OpenSslError("certificate notAfter");
+  }
+  return static_cast<int64_t>(timegm(&tm));
 }
 
 absl::StatusOr<CertIdentity> ReadCertIdentity(const std::string& pem) {

@@ -1,10 +1,14 @@
 #include "common/net/tls.h"
 
+#include <grpc/grpc.h>
+#include <grpc/grpc_security.h>
 #include <grpc/grpc_security_constants.h>
 #include <grpcpp/security/auth_context.h>
 #include <grpcpp/security/credentials.h>
 #include <grpcpp/security/server_credentials.h>
 #include <grpcpp/server_context.h>
+
+#include <cstdlib>
 
 #include "absl/status/status.h"
 #include "absl/strings/str_cat.h"
@@ -12,8 +16,56 @@
 #include "common/crypto/pki.h"
 #include "common/status/status.h"
 
+// gRPC 1.51 (Debian 12) keeps the TLS version range of SSL server credentials in
+// core (grpc_ssl_server_credentials::set_min_tls_version, an exported, non-virtual
+// member) but offers no C or C++ API to set it. We declare just that member and
+// call it on the credentials that grpc_ssl_server_credentials_create_with_options
+// returns (a grpc_ssl_server_credentials; single inheritance, same address). The
+// TLS 1.2 refusal test in tests/common/tls_test.cc guards this.
+class grpc_ssl_server_credentials {
+ public:
+  void set_min_tls_version(grpc_tls_version version);
+};
+
 namespace fedlora::common {
 namespace {
+
+// grpc::ServerCredentials over a core grpc_server_credentials (owned).
+class CoreServerCredentials final : public grpc::ServerCredentials {
+ public:
+  explicit CoreServerCredentials(grpc_server_credentials* creds) : creds_(creds) {}
+  ~CoreServerCredentials() override { grpc_server_credentials_release(creds_); }
+  // Not used by fedlora; a processor would be silently ignored, so refuse loudly.
+  void SetAuthMetadataProcessor(const std::shared_ptr<grpc::AuthMetadataProcessor>&) override {
+    std::abort();
+  }
+
+ private:
+  int AddPortToServer(const std::string& addr, grpc_server* server) override {
+    return grpc_server_add_http2_port(server, addr.c_str(), creds_);
+  }
+  grpc_server_credentials* const creds_;
+};
+
+absl::StatusOr<std::shared_ptr<grpc::ServerCredentials>> MakeTls13ServerCredentials(
+    const std::string& ca_pem, const std::string& cert_pem, const std::string& key_pem,
+    grpc_ssl_client_certificate_request_type request_type) {
+  grpc_ssl_pem_key_cert_pair pair{key_pem.c_str(), cert_pem.c_str()};
+  grpc_ssl_server_certificate_config* config = grpc_ssl_server_certificate_config_create(
+      ca_pem.empty() ? nullptr : ca_pem.c_str(), &pair, 1);
+  if (config == nullptr) return absl::InternalError("grpc_ssl_server_certificate_config_create");
+  grpc_ssl_server_credentials_options* options =
+      grpc_ssl_server_credentials_create_options_using_config(request_type, config);
+  if (options == nullptr) {
+    return absl::InternalError("grpc_ssl_server_credentials_create_options_using_config");
+  }
+  grpc_server_credentials* creds = grpc_ssl_server_credentials_create_with_options(options);
+  if (creds == nullptr) {
+    return absl::InternalError("grpc_ssl_server_credentials_create_with_options returned null");
+  }
+  reinterpret_cast<grpc_ssl_server_credentials*>(creds)->set_min_tls_version(TLS1_3);
+  return std::make_shared<CoreServerCredentials>(creds);
+}
 
 struct TlsPem {
   std::string ca;
@@ -56,12 +108,33 @@ std::string FirstProperty(const grpc::AuthContext& auth, const char* name) {
 absl::StatusOr<std::shared_ptr<grpc::ServerCredentials>> MakeServerCredentials(
     const TlsFiles& files) {
   ASSIGN_OR_RETURN(TlsPem pem, ReadTlsFiles(files));
-  grpc::SslServerCredentialsOptions options(
-      GRPC_SSL_REQUEST_AND_REQUIRE_CLIENT_CERTIFICATE_AND_VERIFY);
-  options.pem_root_certs = pem.ca;
-  options.pem_key_cert_pairs.push_back({pem.key, pem.cert});
-  auto creds = grpc::SslServerCredentials(options);
-  if (creds == nullptr) return absl::InternalError("grpc::SslServerCredentials returned null");
+  return MakeTls13ServerCredentials(pem.ca, pem.cert, pem.key,
+                                    GRPC_SSL_REQUEST_AND_REQUIRE_CLIENT_CERTIFICATE_AND_VERIFY);
+}
+
+absl::StatusOr<std::shared_ptr<grpc::ServerCredentials>> MakeServerAuthOnlyCredentials(
+    const std::string& cert, const std::string& key) {
+  // ReadTlsFiles wants a CA; the certificate stands in for it (never used: no
+  // client certificate is requested).
+  ASSIGN_OR_RETURN(TlsPem pem, ReadTlsFiles({cert, cert, key}));
+  return MakeTls13ServerCredentials("", pem.cert, pem.key,
+                                    GRPC_SSL_DONT_REQUEST_CLIENT_CERTIFICATE);
+}
+
+absl::StatusOr<std::shared_ptr<grpc::ChannelCredentials>> MakeServerAuthChannelCredentials(
+    const std::string& ca_cert) {
+  if (ca_cert.empty()) {
+    return absl::InvalidArgumentError("TLS needs the fleet CA certificate to verify the server");
+  }
+  ASSIGN_OR_RETURN(std::string ca, ReadFileToString(ca_cert));
+  if (ca.find("-----BEGIN CERTIFICATE-----") == std::string::npos) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "expected a PEM certificate in '", ca_cert, "', found no BEGIN CERTIFICATE block"));
+  }
+  grpc::SslCredentialsOptions options;
+  options.pem_root_certs = ca;
+  auto creds = grpc::SslCredentials(options);
+  if (creds == nullptr) return absl::InternalError("grpc::SslCredentials returned null");
   return creds;
 }
 
@@ -95,6 +168,9 @@ absl::StatusOr<PeerIdentity> GetPeerIdentity(const grpc::ServerContextBase& cont
   }
   if (id.common_name.empty()) id.common_name = cert->common_name;
   id.role = cert->role;
+  auto fingerprint = CertFingerprint(pem);
+  if (!fingerprint.ok()) return absl::UnauthenticatedError("cannot hash the peer certificate");
+  id.fingerprint = *fingerprint;
   if (id.common_name.empty()) {
     return absl::UnauthenticatedError("the peer certificate has no subject CN");
   }

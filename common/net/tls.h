@@ -3,6 +3,10 @@
 //
 // Servers always require and verify a client certificate signed by the fleet
 // CA (mutual TLS). Clients verify the server against the same CA.
+// Every server port speaks TLS 1.3 only: a client offering at most TLS 1.2 fails
+// the handshake. (gRPC 1.51's public C++ API has no minimum-version setting;
+// see tls.cc for how it is set.) The enrollment port is the one exception to
+// mutual TLS: server authentication only (MakeServerAuthOnlyCredentials).
 
 #include <memory>
 #include <string>
@@ -26,9 +30,19 @@ struct TlsFiles {
 absl::StatusOr<std::shared_ptr<grpc::ServerCredentials>> MakeServerCredentials(const TlsFiles& files);
 absl::StatusOr<std::shared_ptr<grpc::ChannelCredentials>> MakeChannelCredentials(const TlsFiles& files);
 
+// TLS 1.3 server credentials that request no client certificate (the enrollment
+// port, where the caller has no certificate yet). cert/key: PEM file paths.
+absl::StatusOr<std::shared_ptr<grpc::ServerCredentials>> MakeServerAuthOnlyCredentials(
+    const std::string& cert, const std::string& key);
+// Channel credentials that verify the server against `ca_cert` (path) and present
+// no client certificate (fedlora-agent enroll).
+absl::StatusOr<std::shared_ptr<grpc::ChannelCredentials>> MakeServerAuthChannelCredentials(
+    const std::string& ca_cert);
+
 struct PeerIdentity {
   std::string common_name;
   std::string role;  // certificate OU: "agent", "admin", "viewer"
+  std::string fingerprint;  // hex SHA-256 of the certificate's DER
 };
 // Identity of the authenticated peer of a server call; Unauthenticated if none.
 absl::StatusOr<PeerIdentity> GetPeerIdentity(const grpc::ServerContextBase& context);

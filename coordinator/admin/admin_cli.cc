@@ -21,6 +21,7 @@
 #include "common/crypto/sign.h"
 #include "common/net/tls.h"
 #include "coordinator/admin/ops_cli.h"
+#include "coordinator/admin/security_cli.h"
 #include "coordinator/audit.h"
 #include "coordinator/export_version.h"
 #include "coordinator/state_store.h"
@@ -237,6 +238,8 @@ int RunAdminCli(int argc, const char* const* argv, std::ostream& out, std::ostre
   bool json = false;
   status->add_flag("--json", json, "Print the StatusResponse as JSON");
 
+  SecurityCommands security(app);  // enroll create, agents revoke
+
   CLI::App* models = app.add_subcommand("models", "Published adapter versions (coordinator host)");
   models->require_subcommand(1);
   CLI::App* exp = models->add_subcommand(
@@ -335,6 +338,7 @@ int RunAdminCli(int argc, const char* const* argv, std::ostream& out, std::ostre
         << ".key (role " << role << ")\n";
     return 0;
   }
+  if (auto code = security.Run({coordinator, ca, cert, key, timeout_s}, out, err)) return *code;
   if (status->parsed()) {
     if (coordinator.empty() || ca.empty() || cert.empty() || key.empty()) {
       err << "fedlora-admin status: needs --coordinator, --ca, --cert and --key\n";

@@ -21,16 +21,10 @@
 #include <ostream>
 #include <string>
 
+#include "coordinator/admin/admin_connection.h"
+
 namespace fedlora::coordinator {
 
-// How to reach the coordinator's Admin service (the app's global options).
-struct AdminConnection {
-  std::string coordinator;
-  std::string ca;
-  std::string cert;
-  std::string key;
-  double timeout_s = 10;
-};
 
 class OpsCommands {
  public:

@@ -11,6 +11,7 @@
 
 #include <chrono>
 #include <cstdlib>
+#include <ctime>
 #include <filesystem>
 #include <memory>
 #include <string>
@@ -321,6 +322,112 @@ TEST(Pki, CertificatesWorkForGrpcMutualTls) {
             grpc::StatusCode::UNAVAILABLE);
   EXPECT_EQ(service.last_cn_, "unset");
   server->Shutdown(std::chrono::system_clock::now() + std::chrono::seconds(1));
+}
+
+// A CSR built by hand: CN and OU as given, signed by a fresh P-256 key.
+std::string HandMadeCsr(const std::string& cn, const std::string& ou) {
+  EVP_PKEY* key = EVP_EC_gen("P-256");
+  X509_REQ* req = X509_REQ_new();
+  X509_NAME* name = X509_NAME_new();
+  X509_NAME_add_entry_by_txt(name, "OU", MBSTRING_UTF8,
+                             reinterpret_cast<const unsigned char*>(ou.c_str()), -1, -1, 0);
+  X509_NAME_add_entry_by_txt(name, "CN", MBSTRING_UTF8,
+                             reinterpret_cast<const unsigned char*>(cn.c_str()), -1, -1, 0);
+  X509_REQ_set_subject_name(req, name);
+  X509_REQ_set_pubkey(req, key);
+  X509_REQ_sign(req, key, EVP_sha256());
+  BIO* bio = BIO_new(BIO_s_mem());
+  PEM_write_bio_X509_REQ(bio, req);
+  char* data = nullptr;
+  long len = BIO_get_mem_data(bio, &data);  // NOLINT(runtime/int)
+  std::string pem(data, static_cast<size_t>(len));
+  BIO_free(bio);
+  X509_NAME_free(name);
+  X509_REQ_free(req);
+  EVP_PKEY_free(key);
+  return pem;
+}
+
+TEST(PkiCsr, SignCsrForcesTheRoleAndChecksTheName) {
+  TempDir dir;
+  ASSERT_TRUE(InitPki(dir.path()).ok());
+  auto ca = LoadCa(dir.path() + "/ca.pem", dir.path() + "/ca.key");
+  ASSERT_TRUE(ca.ok()) << ca.status();
+  // The CSR asks for OU=admin; the certificate says agent.
+  auto pem = SignCsr(*ca, HandMadeCsr("site-1", "admin"), "site-1", CertRole::kAgent, 30);
+  ASSERT_TRUE(pem.ok()) << pem.status();
+  auto id = ReadCertIdentity(*pem);
+  ASSERT_TRUE(id.ok());
+  EXPECT_EQ(id->common_name, "site-1");
+  EXPECT_EQ(id->role, "agent");
+  auto not_after = CertNotAfterUnix(*pem);
+  ASSERT_TRUE(not_after.ok());
+  const int64_t now = static_cast<int64_t>(std::time(nullptr));
+  EXPECT_NEAR(static_cast<double>(*not_after - now), 30.0 * 86400, 120);
+
+  EXPECT_THAT(SignCsr(*ca, HandMadeCsr("site-2", "agent"), "site-1", CertRole::kAgent, 30)
+                  .status(),
+              StatusIs(absl::StatusCode::kPermissionDenied, "expected subject CN 'site-1'"));
+  EXPECT_THAT(SignCsr(*ca, "not a csr", "site-1", CertRole::kAgent, 30).status(),
+              StatusIs(absl::StatusCode::kInvalidArgument, "BEGIN CERTIFICATE REQUEST"));
+  EXPECT_THAT(SignCsr(*ca, HandMadeCsr("site-1", ""), "site-1", CertRole::kServer, 30).status(),
+              StatusIs(absl::StatusCode::kInvalidArgument, "client certificates only"));
+  // LoadCa refuses a key that is not the CA's.
+  TempDir other;
+  ASSERT_TRUE(InitPki(other.path()).ok());
+  EXPECT_THAT(LoadCa(dir.path() + "/ca.pem", other.path() + "/ca.key").status(),
+              StatusIs(absl::StatusCode::kFailedPrecondition, "does not match"));
+}
+
+TEST(PkiCsr, GeneratedKeyAndCsrRoundTripAndIssuedCertificateIsChecked) {
+  TempDir dir;
+  ASSERT_TRUE(InitPki(dir.path()).ok());
+  auto ca = LoadCa(dir.path() + "/ca.pem", dir.path() + "/ca.key");
+  ASSERT_TRUE(ca.ok());
+  auto kc = GenerateKeyAndCsr("site-9");
+  ASSERT_TRUE(kc.ok());
+  EXPECT_THAT(kc->key_pem, ::testing::HasSubstr("PRIVATE KEY"));
+  auto pem = SignCsr(*ca, kc->csr_pem, "site-9", CertRole::kAgent, 10);
+  ASSERT_TRUE(pem.ok());
+  EXPECT_TRUE(CheckIssuedCertificate(*pem, kc->key_pem, ca->cert_pem, "site-9", CertRole::kAgent)
+                  .ok());
+  // Another key, another CA, another name or role: each refused.
+  auto other_kc = GenerateKeyAndCsr("site-9");
+  ASSERT_TRUE(other_kc.ok());
+  EXPECT_THAT(CheckIssuedCertificate(*pem, other_kc->key_pem, ca->cert_pem, "site-9",
+                                     CertRole::kAgent),
+              StatusIs(absl::StatusCode::kPermissionDenied, "not the key generated"));
+  TempDir other;
+  ASSERT_TRUE(InitPki(other.path()).ok());
+  EXPECT_THAT(CheckIssuedCertificate(*pem, kc->key_pem, Read(other.path() + "/ca.pem"), "site-9",
+                                     CertRole::kAgent),
+              StatusIs(absl::StatusCode::kPermissionDenied, "does not verify"));
+  EXPECT_THAT(
+      CheckIssuedCertificate(*pem, kc->key_pem, ca->cert_pem, "site-8", CertRole::kAgent),
+      StatusIs(absl::StatusCode::kPermissionDenied, "expected CN 'site-8'"));
+  EXPECT_THAT(
+      CheckIssuedCertificate(*pem, kc->key_pem, ca->cert_pem, "site-9", CertRole::kAdmin),
+      StatusIs(absl::StatusCode::kPermissionDenied, "role 'admin'"));
+  EXPECT_FALSE(GenerateKeyAndCsr("../evil").ok());
+}
+
+TEST(PkiCsr, IssueCertificateWindowAndFingerprint) {
+  TempDir dir;
+  ASSERT_TRUE(InitPki(dir.path()).ok());
+  const int64_t now = static_cast<int64_t>(std::time(nullptr));
+  ASSERT_TRUE(IssueCertificateWindow(dir.path(), "old", CertRole::kAgent, dir.path(),
+                                     now - 3 * 86400, now - 86400)
+                  .ok());
+  const std::string pem = Read(dir.path() + "/old.pem");
+  EXPECT_EQ(*CertNotAfterUnix(pem), now - 86400);
+  X509Ptr cert = ParseCert(pem);
+  EXPECT_LT(X509_cmp_current_time(X509_get0_notAfter(cert.get())), 0) << "already expired";
+  EXPECT_THAT(IssueCertificateWindow(dir.path(), "bad", CertRole::kAgent, dir.path(), now, now),
+              StatusIs(absl::StatusCode::kInvalidArgument, "not_after > not_before"));
+  auto fp = CertFingerprint(pem);
+  ASSERT_TRUE(fp.ok());
+  EXPECT_EQ(fp->size(), 64u);
+  EXPECT_NE(*fp, *CertFingerprint(Read(dir.path() + "/admin.pem")));
 }
 
 }  // namespace

@@ -84,6 +84,27 @@ TEST(ConfigTest, ValidateCrossFieldRules) {
   EXPECT_THAT(CoordinatorHelp(), HasSubstr("--min-participants"));
 }
 
+TEST(ConfigTest, EnrollmentFieldsAreValidated) {
+  CoordinatorConfig cfg;
+  cfg.tls_ca = cfg.tls_cert = cfg.tls_key = "x";
+  cfg.base_model_hash = std::string(64, 'a');
+  cfg.enroll_address = "0.0.0.0:7444";
+  EXPECT_THAT(std::string(cfg.Validate().message()), HasSubstr("ca_key"));
+  cfg.ca_key = "ca.key";
+  EXPECT_TRUE(cfg.Validate().ok());
+  cfg.enroll_address = "7444";
+  EXPECT_THAT(std::string(cfg.Validate().message()), HasSubstr("enroll_address"));
+  cfg.enroll_address = "";
+  cfg.cert_validity_days = 0;
+  EXPECT_THAT(std::string(cfg.Validate().message()), HasSubstr("cert_validity_days"));
+  cfg.cert_validity_days = 30;
+  EXPECT_TRUE(cfg.Validate().ok());
+  const std::string help = CoordinatorHelp();
+  EXPECT_THAT(help, HasSubstr("--enroll-address"));
+  EXPECT_THAT(help, HasSubstr("--ca-key"));
+  EXPECT_THAT(help, HasSubstr("--cert-validity-days"));
+}
+
 TEST(ConfigTest, ConfigFileThenFlagsWin) {
   testing::TempDir dir;
   const std::string path = dir.Sub("coordinator.yaml");

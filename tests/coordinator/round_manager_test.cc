@@ -1059,5 +1059,47 @@ TEST_F(RoundManagerTest, DefaultPublishIsQ8WithASmallerError) {
   EXPECT_LT(*rec.quant_rel_l2_error, 0.02);  // 8-bit: well under 4-bit's error
 }
 
+// Revocation (coordinator/identity.h drives it): the session is cut, the stored
+// update discarded, later and in-flight uploads refused, and the round does not
+// aggregate on fewer updates than min_participants because of it.
+TEST_F(RoundManagerTest, RevokedAgentIsCutItsUpdateDiscardedAndTheRoundWaitsForTheDeadline) {
+  StartManager();
+  auto a = Connect("a");
+  auto b = Connect("b");
+  ASSERT_TRUE(Submit("a", 1, 10, MakeLoraUpdate(4, 1, 8, 8, 1)).ok());
+  std::promise<std::pair<bool, bool>> done;
+  manager_->OnAgentRevoked("a", [&](bool closed, bool discarded) {
+    done.set_value({closed, discarded});
+  });
+  const auto [closed, discarded] = done.get_future().get();
+  EXPECT_TRUE(closed);
+  EXPECT_TRUE(discarded);
+  ASSERT_TRUE(a->closed().has_value());
+  EXPECT_EQ(a->closed()->code(), absl::StatusCode::kPermissionDenied);
+  EXPECT_THAT(a->closed()->message(), HasSubstr("certificate revoked"));
+  EXPECT_EQ(*store_->CountUpdates(1), 0u);
+  EXPECT_EQ((*store_->GetRound(1))->updates.count("a"), 0u);
+  // An upload or a Hello that started before the revocation is refused.
+  absl::Status late = Submit("a", 1, 10, MakeLoraUpdate(4, 1, 8, 8, 3));
+  EXPECT_EQ(late.code(), absl::StatusCode::kUnauthenticated) << late;
+  auto again = Connect("a");
+  ASSERT_TRUE(again->closed().has_value());
+  EXPECT_EQ(again->closed()->code(), absl::StatusCode::kUnauthenticated);
+  // b alone reports: 1 update < min_participants 2, so no aggregation of b alone...
+  ASSERT_TRUE(Submit("b", 1, 10, MakeLoraUpdate(4, 1, 8, 8, 2)).ok());
+  manager_->Tick();
+  EXPECT_EQ((*store_->GetRound(1))->phase, RoundPhase::kTrain);
+  // ...and at the deadline the round aborts as with a dropped agent.
+  clock_.Advance(100 * 1000);
+  manager_->Tick();
+  auto r1 = *store_->GetRound(1);
+  EXPECT_EQ(r1->phase, RoundPhase::kAborted);
+  EXPECT_EQ(*store_->CountUpdates(1), 0u);
+  // Revoking an agent that is offline and not in a round changes nothing else.
+  std::promise<std::pair<bool, bool>> done2;
+  manager_->OnAgentRevoked("zz", [&](bool c, bool d) { done2.set_value({c, d}); });
+  EXPECT_EQ(done2.get_future().get(), std::make_pair(false, false));
+}
+
 }  // namespace
 }  // namespace fedlora::coordinator
