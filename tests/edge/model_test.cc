@@ -234,6 +234,44 @@ TEST(ModelTest, BatchWithRightPaddingMatchesSingle) {
   EXPECT_LT((batch[0] - model->Forward(a)[0]).abs().max().item<double>(), 1e-5);
 }
 
+// Two examples packed into one row (plus padding) give each the hidden states
+// it has alone; without the block-diagonal mask and restarted positions the
+// second one would differ.
+void ExpectPackedMatchesSeparate(const Model& model) {
+  torch::NoGradGuard no_grad;
+  const std::vector<int64_t> a = {5, 6, 7, 8, 9, 10, 11}, b = {20, 21, 22, 23, 24, 25};
+  std::vector<int64_t> ids = a, pos, seg;
+  ids.insert(ids.end(), b.begin(), b.end());
+  ids.push_back(0);  // padding
+  for (size_t t = 0; t < a.size(); ++t) pos.push_back(static_cast<int64_t>(t)), seg.push_back(0);
+  for (size_t t = 0; t < b.size(); ++t) pos.push_back(static_cast<int64_t>(t)), seg.push_back(1);
+  pos.push_back(0);
+  seg.push_back(-1);
+  auto row = [](const std::vector<int64_t>& v) {
+    return torch::tensor(v, torch::kLong).unsqueeze(0);
+  };
+  torch::Tensor packed = model.ForwardHiddenPacked(row(ids), row(pos), row(seg));
+  const int64_t na = static_cast<int64_t>(a.size()), nb = static_cast<int64_t>(b.size());
+  torch::Tensor ha = model.ForwardHidden(row(a));
+  torch::Tensor hb = model.ForwardHidden(row(b));
+  EXPECT_LT((packed.slice(1, 0, na) - ha).abs().max().item<double>(), 1e-5);
+  EXPECT_LT((packed.slice(1, na, na + nb) - hb).abs().max().item<double>(), 1e-5);
+  // Plain causal attention over the concatenation lets b see a.
+  torch::Tensor plain = model.ForwardHidden(row(ids));
+  EXPECT_GT((plain.slice(1, na, na + nb) - hb).abs().max().item<double>(), 1e-3);
+  // Shapes are checked.
+  EXPECT_THROW(model.ForwardHiddenPacked(row(ids), row(pos).slice(1, 1), row(seg)), c10::Error);
+}
+
+TEST(ModelTest, PackedRowMatchesSeparateExamples) {
+  auto model = LoadOrDie(FixtureDir("llama"));
+  ASSERT_NE(model, nullptr);
+  ExpectPackedMatchesSeparate(*model);
+  auto qwen = LoadOrDie(FixtureDir("qwen2"));
+  ASSERT_NE(qwen, nullptr);
+  ExpectPackedMatchesSeparate(*qwen);
+}
+
 TEST(ModelTest, OutOfRangeIdThrows) {
   auto model = LoadOrDie(FixtureDir("llama"));
   ASSERT_NE(model, nullptr);
@@ -734,6 +772,8 @@ TEST(ArchitectureTest, MistralMatchesLlamaAndSlidingWindowMasks) {
   for (int64_t t = 0; t < ids.size(1); ++t)
     steps.push_back(sw->Forward(ids.slice(1, t, t + 1), &cache));
   EXPECT_LT((torch::cat(steps, 1) - full).abs().max().item<double>(), 1e-4);
+  // Packed rows apply the window within each example too.
+  ExpectPackedMatchesSeparate(*sw);
 }
 
 }  // namespace
