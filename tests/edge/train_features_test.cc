@@ -25,6 +25,7 @@ namespace fedlora::edge {
 namespace {
 
 using ::testing::HasSubstr;
+using ::testing::Not;
 
 std::string FixtureDir(const std::string& model) {
   return std::string(FEDLORA_FIXTURES) + "/hf/" + model;
@@ -50,6 +51,13 @@ std::vector<Example> Data() {
       {"### Instruction:\nHeart rate at admission?\n\n### Response:\n", "88 bpm, regular"},
       {"### Instruction:\nDischarge plan?\n\n### Response:\n", "follow up in two weeks"},
   };
+}
+
+// General text (replay data / forgetting probe): empty prompt, loss on all of it.
+std::vector<Example> General() {
+  return {{"", "The quick brown fox jumps over the lazy dog."},
+          {"", "Water boils at one hundred degrees Celsius at sea level."},
+          {"", "Paris is the capital of France."}};
 }
 
 LoraConfig SmallLora() {
@@ -544,6 +552,27 @@ TEST(Bf16AutocastTest, EngineOptionTurnsItOn) {
   EXPECT_NEAR(a->mean_loss, b->mean_loss, 0.05 * b->mean_loss);
 }
 
+TEST(ProgressTest, EngineOptionPrintsProgressToStderr) {
+  // What `fedlora-agent run --progress-every N` sets: the agent's per-round
+  // TrainOptions leave progress_every 0.
+  EngineOptions opts;
+  opts.threads = 1;
+  opts.progress_every = 2;
+  opts.forgetting_probe = General();
+  auto t = LoadTrainer(FixtureDir("llama"), opts);
+  ASSERT_TRUE(t.ok()) << t.status();
+  ASSERT_TRUE((*t)->InitAdapter(SmallLora()).ok());
+  ::testing::internal::CaptureStderr();
+  auto r = (*t)->Train(Data(), Options());
+  const std::string err = ::testing::internal::GetCapturedStderr();
+  ASSERT_TRUE(r.ok()) << r.status();
+  EXPECT_THAT(err, HasSubstr("train step 2/6 loss "));
+  EXPECT_THAT(err, HasSubstr("train step 6/6 loss "));
+  EXPECT_THAT(err, Not(HasSubstr("train step 1/6")));
+  EXPECT_THAT(err, HasSubstr("forgetting probe: perplexity "));
+  EXPECT_TRUE(r->has_probe);
+}
+
 TEST(EvalTest, PerplexityIsExpOfLoss) {
   auto t = Load();
   ASSERT_NE(t, nullptr);
@@ -616,13 +645,6 @@ TEST(GenerationEvalTest, EngineOptionAddsGenerationToEvaluate) {
   opts.eval_generate_max_new_tokens = -2;
   EXPECT_THAT(std::string(LoadTrainer(FixtureDir("llama"), opts).status().message()),
               HasSubstr("eval_generate_max_new_tokens"));
-}
-
-// General text (replay data / forgetting probe): empty prompt, loss on all of it.
-std::vector<Example> General() {
-  return {{"", "The quick brown fox jumps over the lazy dog."},
-          {"", "Water boils at one hundred degrees Celsius at sea level."},
-          {"", "Paris is the capital of France."}};
 }
 
 TEST(ForgettingProbeTest, ReportsPerplexityBeforeAndAfter) {
