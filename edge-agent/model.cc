@@ -340,6 +340,53 @@ torch::Tensor DequantizeWeight(const torch::Tensor& weight, const torch::Tensor&
 
 namespace {
 
+// Rows of a compact weight dequantized at a time: a large matrix (the lm_head
+// or embedding, vocab x hidden) is never converted to fp32 as a whole.
+constexpr int64_t kDequantRows = 4096;
+
+torch::Tensor ScaleRows(const torch::Tensor& scale, int64_t r0, int64_t r1) {
+  return scale.defined() && scale.numel() > 0 ? scale.slice(0, r0, r1) : scale;
+}
+
+// x W^T with W dequantized kDequantRows rows at a time.
+torch::Tensor DequantMatmul(const torch::Tensor& x, const torch::Tensor& weight,
+                            const torch::Tensor& weight_scale, int64_t int4_in) {
+  const int64_t rows = weight.size(0);
+  if (rows <= kDequantRows) {
+    return torch::matmul(x, DequantizeWeight(weight, weight_scale, int4_in).t());
+  }
+  torch::Tensor out;
+  for (int64_t r0 = 0; r0 < rows; r0 += kDequantRows) {
+    const int64_t r1 = std::min(rows, r0 + kDequantRows);
+    torch::Tensor part = torch::matmul(
+        x, DequantizeWeight(weight.slice(0, r0, r1), ScaleRows(weight_scale, r0, r1), int4_in)
+               .t());
+    if (!out.defined()) {
+      std::vector<int64_t> shape(part.sizes().begin(), part.sizes().end());
+      shape.back() = rows;
+      out = torch::empty(shape, part.options());
+    }
+    out.slice(-1, r0, r1).copy_(part);
+  }
+  return out;
+}
+
+// g W (the input gradient of x W^T), W dequantized kDequantRows rows at a time.
+torch::Tensor DequantGradInput(const torch::Tensor& g, const torch::Tensor& weight,
+                               const torch::Tensor& weight_scale, int64_t int4_in) {
+  const int64_t rows = weight.size(0);
+  torch::Tensor gx;
+  for (int64_t r0 = 0; r0 < rows; r0 += kDequantRows) {
+    const int64_t r1 = std::min(rows, r0 + kDequantRows);
+    torch::Tensor w =
+        DequantizeWeight(weight.slice(0, r0, r1), ScaleRows(weight_scale, r0, r1), int4_in);
+    if (w.scalar_type() != g.scalar_type()) w = w.to(g.scalar_type());
+    torch::Tensor part = torch::matmul(g.slice(-1, r0, r1), w);
+    gx = gx.defined() ? gx.add_(part) : part;
+  }
+  return gx;
+}
+
 // y = x W^T for a frozen W kept in a compact dtype: autograd would otherwise
 // hold the converted fp32 W of every layer until backward.
 class FrozenMatmulFn : public torch::autograd::Function<FrozenMatmulFn> {
@@ -350,18 +397,15 @@ class FrozenMatmulFn : public torch::autograd::Function<FrozenMatmulFn> {
     ctx->save_for_backward({weight, weight_scale});
     ctx->saved_data["int4_in"] = int4_in;
     ctx->saved_data["x_dtype"] = static_cast<int64_t>(x.scalar_type());
-    torch::Tensor w = DequantizeWeight(weight, weight_scale, int4_in);
-    return torch::matmul(x, w.t());
+    return DequantMatmul(x, weight, weight_scale, int4_in);
   }
 
   static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
                                                  torch::autograd::variable_list grads) {
     const auto saved = ctx->get_saved_variables();
     const torch::Tensor& g = grads[0];
-    torch::Tensor w =
-        DequantizeWeight(saved[0], saved[1], ctx->saved_data["int4_in"].toInt());
-    if (w.scalar_type() != g.scalar_type()) w = w.to(g.scalar_type());
-    torch::Tensor gx = torch::matmul(g, w);
+    torch::Tensor gx =
+        DequantGradInput(g, saved[0], saved[1], ctx->saved_data["int4_in"].toInt());
     const auto x_dtype = static_cast<torch::ScalarType>(ctx->saved_data["x_dtype"].toInt());
     if (gx.scalar_type() != x_dtype) gx = gx.to(x_dtype);
     return {gx, torch::Tensor(), torch::Tensor(), torch::Tensor()};
@@ -378,7 +422,7 @@ torch::Tensor FrozenMatmul(const torch::Tensor& x, const torch::Tensor& weight,
     return FrozenMatmulFn::apply(
         x, weight, weight_scale.defined() ? weight_scale : torch::empty({0}), int4_in);
   }
-  return torch::matmul(x, DequantizeWeight(weight, weight_scale, int4_in).t());
+  return DequantMatmul(x, weight, weight_scale, int4_in);
 }
 
 torch::Tensor LoraLinear::DenseWeight() const {

@@ -272,6 +272,36 @@ TEST(ModelTest, PackedRowMatchesSeparateExamples) {
   ExpectPackedMatchesSeparate(*qwen);
 }
 
+// A compact weight taller than one dequantization block (vocab-sized heads)
+// gives the same product and input gradient as the whole-matrix conversion.
+TEST(FrozenMatmulTest, BlockwiseDequantizationMatchesWholeMatrix) {
+  torch::manual_seed(3);
+  const int64_t rows = 10000, in = 48;  // 2 full blocks of 4096 and a partial one
+  torch::Tensor w = torch::randn({rows, in}) * 0.05;
+  LoraLinear int4;
+  QuantizeInt4(w, &int4);
+  torch::Tensor int8_scale = w.abs().amax(1).clamp_min(1e-30) / 127.0;
+  torch::Tensor int8 = (w / int8_scale.unsqueeze(1)).round().clamp(-127, 127).to(torch::kChar);
+  struct Case {
+    torch::Tensor weight, scale;
+    int64_t int4_in;
+  };
+  for (const Case& c : {Case{w.to(torch::kBFloat16), torch::Tensor(), 0},
+                        Case{int8, int8_scale, 0},
+                        Case{int4.weight, int4.weight_scale, int4.int4_in}}) {
+    torch::Tensor dense = DequantizeWeight(c.weight, c.scale, c.int4_in);
+    ASSERT_EQ(dense.size(0), rows);
+    torch::Tensor x = torch::randn({2, 5, in}).requires_grad_(true);
+    torch::Tensor y = FrozenMatmul(x, c.weight, c.scale, c.int4_in);
+    torch::Tensor want = torch::matmul(x.detach(), dense.t());
+    EXPECT_LT((y.detach() - want).abs().max().item<double>(), 1e-4) << c.weight.scalar_type();
+    torch::Tensor g = torch::randn_like(want);
+    y.backward(g);
+    EXPECT_LT((x.grad() - torch::matmul(g, dense)).abs().max().item<double>(), 1e-4)
+        << c.weight.scalar_type();
+  }
+}
+
 TEST(ModelTest, OutOfRangeIdThrows) {
   auto model = LoadOrDie(FixtureDir("llama"));
   ASSERT_NE(model, nullptr);
