@@ -277,8 +277,7 @@ class TorchTrainer final : public LocalTrainer {
 
   // Greedy-decodes each example's response from [bos] + prompt (not
   // truncated), stopping at eos or after max_new tokens, and scores it.
-  absl::Status ScoreGeneration(const std::vector<Example>& data, int max_new,
-                               EvalResult* r) const {
+  absl::Status ScoreGeneration(const std::vector<Example>& data, int max_new, EvalResult* r) const {
     std::vector<int64_t> stop;
     if (special_.eos) stop.push_back(*special_.eos);
     double em = 0, f1 = 0;
@@ -438,10 +437,11 @@ class TorchTrainer final : public LocalTrainer {
     torch::Tensor logits;
     {
       Bf16Autocast autocast(bf16);
-      torch::Tensor hidden = pack_len > 0 ? model_->ForwardHiddenPacked(ids, positions, segments, gen)
-                                          : model_->ForwardHidden(ids, nullptr, gen);  // [B, T, H]
-      torch::Tensor h = hidden.slice(1, 0, T - 1).index({keep});                 // [N, H]
-      logits = model_->Logits(h);                                                // [N, V]
+      torch::Tensor hidden = pack_len > 0
+                                 ? model_->ForwardHiddenPacked(ids, positions, segments, gen)
+                                 : model_->ForwardHidden(ids, nullptr, gen);  // [B, T, H]
+      torch::Tensor h = hidden.slice(1, 0, T - 1).index({keep});              // [N, H]
+      logits = model_->Logits(h);                                             // [N, V]
     }
     if (logits.scalar_type() != torch::kFloat) logits = logits.to(torch::kFloat);
     torch::Tensor sum = torch::nn::functional::cross_entropy(
@@ -496,9 +496,9 @@ class TorchTrainer final : public LocalTrainer {
     json j;
     j["base"] = hash_;
     j["lora"] = {lora_.rank, lora_.alpha, lora_.target_modules, lora_.dropout, lora_.use_rslora};
-    j["options"] = {o.steps,        o.learning_rate,  o.batch_size,   o.max_seq_len,
-                    o.weight_decay, o.max_grad_norm,  o.warmup_steps, o.seed,
-                    o.prox_mu,      o.freeze_lora_a,  o.grad_accum_steps, o.bf16_autocast,
+    j["options"] = {o.steps,          o.learning_rate,  o.batch_size,       o.max_seq_len,
+                    o.weight_decay,   o.max_grad_norm,  o.warmup_steps,     o.seed,
+                    o.prox_mu,        o.freeze_lora_a,  o.grad_accum_steps, o.bf16_autocast,
                     o.pack_sequences, o.replay_fraction};
     j["threads"] = at::get_num_threads();
     std::string buf = j.dump();
@@ -640,7 +640,8 @@ class TorchTrainer final : public LocalTrainer {
       ASSIGN_OR_RETURN(std::vector<TokenizedExample> general,
                        Tokenize(options.replay, options.max_seq_len, "replay example"));
       const double f = options.replay_fraction;
-      const auto k = static_cast<size_t>(std::llround(f * static_cast<double>(data.size()) / (1 - f)));
+      const auto k =
+          static_cast<size_t>(std::llround(f * static_cast<double>(data.size()) / (1 - f)));
       std::mt19937_64 rng(options.seed ^ 0x5eedfeedull);
       std::vector<size_t> order;
       for (size_t i = 0; i < k; ++i) {
@@ -968,8 +969,8 @@ absl::StatusOr<std::unique_ptr<LocalTrainer>> LoadTrainer(const std::string& mod
     ASSIGN_OR_RETURN(SpecialTokens special,
                      ResolveSpecialTokens(model_dir, model->config(), *tokenizer));
     ASSIGN_OR_RETURN(std::string hash, common::HashModelDirectory(model_dir));
-    return std::unique_ptr<LocalTrainer>(
-        new TorchTrainer(std::move(model), std::move(tokenizer), special, std::move(hash), options));
+    return std::unique_ptr<LocalTrainer>(new TorchTrainer(std::move(model), std::move(tokenizer),
+                                                          special, std::move(hash), options));
   } catch (const c10::Error& e) {
     return TorchError(absl::StrCat("LoadTrainer ", model_dir), e);
   } catch (const std::exception& e) {

@@ -359,8 +359,7 @@ torch::Tensor DequantMatmul(const torch::Tensor& x, const torch::Tensor& weight,
   for (int64_t r0 = 0; r0 < rows; r0 += kDequantRows) {
     const int64_t r1 = std::min(rows, r0 + kDequantRows);
     torch::Tensor part = torch::matmul(
-        x, DequantizeWeight(weight.slice(0, r0, r1), ScaleRows(weight_scale, r0, r1), int4_in)
-               .t());
+        x, DequantizeWeight(weight.slice(0, r0, r1), ScaleRows(weight_scale, r0, r1), int4_in).t());
     if (!out.defined()) {
       std::vector<int64_t> shape(part.sizes().begin(), part.sizes().end());
       shape.back() = rows;
@@ -404,8 +403,7 @@ class FrozenMatmulFn : public torch::autograd::Function<FrozenMatmulFn> {
                                                  torch::autograd::variable_list grads) {
     const auto saved = ctx->get_saved_variables();
     const torch::Tensor& g = grads[0];
-    torch::Tensor gx =
-        DequantGradInput(g, saved[0], saved[1], ctx->saved_data["int4_in"].toInt());
+    torch::Tensor gx = DequantGradInput(g, saved[0], saved[1], ctx->saved_data["int4_in"].toInt());
     const auto x_dtype = static_cast<torch::ScalarType>(ctx->saved_data["x_dtype"].toInt());
     if (gx.scalar_type() != x_dtype) gx = gx.to(x_dtype);
     return {gx, torch::Tensor(), torch::Tensor(), torch::Tensor()};
@@ -588,10 +586,10 @@ class CheckpointedLayerFn : public torch::autograd::Function<CheckpointedLayerFn
     torch::Tensor y;
     {
       torch::AutoGradMode grad_mode(true);
-      y = model->Layer(index, xin, ctx->saved_data["cos"].toTensor(),
-                       ctx->saved_data["sin"].toTensor(), nullptr, 0, gen ? &*gen : nullptr,
-                       ctx->saved_data.count("masked") ? ctx->saved_data["masked"].toTensor()
-                                                       : torch::Tensor());
+      y = model->Layer(
+          index, xin, ctx->saved_data["cos"].toTensor(), ctx->saved_data["sin"].toTensor(), nullptr,
+          0, gen ? &*gen : nullptr,
+          ctx->saved_data.count("masked") ? ctx->saved_data["masked"].toTensor() : torch::Tensor());
     }
     std::vector<torch::Tensor> wrt;
     std::vector<size_t> where;  // position of each wrt entry in the returned list

@@ -120,8 +120,8 @@ class Model {
   // wrapper). `masked`: undefined for the plain causal mask, else a bool
   // [B, 1, T, S] that is true where a query must not see a key.
   torch::Tensor Layer(size_t i, const torch::Tensor& x, const torch::Tensor& cos,
-                      const torch::Tensor& sin, KvCache* cache, int64_t past,
-                      torch::Generator* gen, const torch::Tensor& masked = {}) const;
+                      const torch::Tensor& sin, KvCache* cache, int64_t past, torch::Generator* gen,
+                      const torch::Tensor& masked = {}) const;
   // The LoRA tensors (A, B per adapted module) of layer `i`, in a fixed order.
   std::vector<torch::Tensor> LayerLoraTensors(size_t i) const;
 

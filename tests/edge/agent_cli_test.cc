@@ -98,9 +98,9 @@ TEST_F(AgentCliTest, TrainingAndEvaluationFlags) {
   }
   const std::string good = R"({"instruction":"a","input":"b","output":"c"})";
   ASSERT_TRUE(common::WriteFileAtomic(dir_ + "/train.jsonl", good + "\n").ok());
-  ASSERT_TRUE(common::WriteFileAtomic(dir_ + "/general.jsonl",
-                                      "{\"text\":\"fine\"}\n{\"text\": 3}\n")
-                  .ok());
+  ASSERT_TRUE(
+      common::WriteFileAtomic(dir_ + "/general.jsonl", "{\"text\":\"fine\"}\n{\"text\": 3}\n")
+          .ok());
   const std::string base = RunArgs(dir_ + "/train.jsonl", dir_ + "/train.jsonl");
   Result replay = RunAgentCli(base + " --replay " + dir_ + "/general.jsonl");
   EXPECT_EQ(replay.exit_code, 2) << replay.output;

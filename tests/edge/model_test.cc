@@ -286,8 +286,7 @@ TEST(FrozenMatmulTest, BlockwiseDequantizationMatchesWholeMatrix) {
     torch::Tensor weight, scale;
     int64_t int4_in;
   };
-  for (const Case& c : {Case{w.to(torch::kBFloat16), torch::Tensor(), 0},
-                        Case{int8, int8_scale, 0},
+  for (const Case& c : {Case{w.to(torch::kBFloat16), torch::Tensor(), 0}, Case{int8, int8_scale, 0},
                         Case{int4.weight, int4.weight_scale, int4.int4_in}}) {
     torch::Tensor dense = DequantizeWeight(c.weight, c.scale, c.int4_in);
     ASSERT_EQ(dense.size(0), rows);

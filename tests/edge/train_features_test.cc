@@ -485,10 +485,12 @@ TEST(PackingTest, ManyShortExamplesInOneRowGiveTheSameLoss) {
   // Many short examples and a long max_seq_len: packed, one row holds them
   // all; padded, each is a row of the longest length. Same loss either way.
   std::vector<Example> data;
-  for (int i = 0; i < 16; ++i) data.push_back({"Q" + std::to_string(i) + ":", " a" + std::to_string(i)});
-  data.push_back({"### Instruction:\nA much longer prompt that sets the padded row length "
-                  "for every example in the batch\n\n### Response:\n",
-                  "ok"});
+  for (int i = 0; i < 16; ++i)
+    data.push_back({"Q" + std::to_string(i) + ":", " a" + std::to_string(i)});
+  data.push_back(
+      {"### Instruction:\nA much longer prompt that sets the padded row length "
+       "for every example in the batch\n\n### Response:\n",
+       "ok"});
   auto t = Load();
   ASSERT_NE(t, nullptr);
   ASSERT_TRUE(t->InitAdapter(SmallLora()).ok());
@@ -698,7 +700,7 @@ TEST(ReplayTest, MixedGeneralDataReducesForgetting) {
   const TrainResult none = run(0);
   const TrainResult half = run(0.5f);
   EXPECT_EQ(none.replay_examples, 0u);
-  EXPECT_EQ(half.replay_examples, 8u);  // 0.5 * 8 / (1 - 0.5)
+  EXPECT_EQ(half.replay_examples, 8u);       // 0.5 * 8 / (1 - 0.5)
   EXPECT_EQ(run(0.2f).replay_examples, 2u);  // round(0.2 * 8 / 0.8)
   EXPECT_EQ(half.probe_before.perplexity, none.probe_before.perplexity);
   // Training on the general text too keeps its perplexity lower.
