@@ -19,6 +19,10 @@
 //       assistant -> "### Response:\n{content}\n\n"
 //     followed by "### Response:\n". A single user turn therefore gives the
 //     same prompt as the instruction format with an empty input.
+//
+//   {"text": str (non-empty)}
+//     General text (replay data, forgetting probe): prompt "", response = text,
+//     so the loss covers every token.
 
 namespace fedlora::edge {
 namespace {
@@ -116,8 +120,13 @@ absl::StatusOr<std::vector<Example>> LoadJsonl(const std::string& path) {
       if (output.empty()) return bad("field 'output': expected a non-empty string, found \"\"");
       ex.prompt = FormatInstructionPrompt(instruction, input);
       ex.response = output;
+    } else if (j.contains("text")) {
+      std::string text;
+      if (auto s = str_field(j, "text", "", true, &text); !s.ok()) return s;
+      if (text.empty()) return bad("field 'text': expected a non-empty string, found \"\"");
+      ex.response = text;  // general text: empty prompt, loss on every token
     } else {
-      return bad("expected an object with \"instruction\"/\"output\" or \"messages\"");
+      return bad("expected an object with \"instruction\"/\"output\", \"messages\" or \"text\"");
     }
     out.push_back(std::move(ex));
   }

@@ -1,6 +1,7 @@
 #pragma once
-// Local training data: JSONL files of {"instruction","input","output"} or
-// {"messages":[{"role","content"},...]} objects, one per line. Blank lines are
+// Local training data: JSONL files of {"instruction","input","output"},
+// {"messages":[{"role","content"},...]} or {"text"} (general text: empty
+// prompt, the loss covers all of it) objects, one per line. Blank lines are
 // skipped; every other bad line is an InvalidArgument error naming the file,
 // the 1-based line number and the problem. Nothing is dropped silently.
 

@@ -1,5 +1,6 @@
 #include "edge-agent/engine.h"
 
+#include <ATen/autocast_mode.h>
 #include <sys/stat.h>
 #include <torch/torch.h>
 
@@ -86,14 +87,40 @@ std::string TensorBytes(const torch::Tensor& t) {
                      static_cast<size_t>(c.numel()));
 }
 
+// CPU autocast to bf16 for the scope (restoring the previous state after).
+class Bf16Autocast {
+ public:
+  explicit Bf16Autocast(bool on) : on_(on) {
+    if (!on_) return;
+    prev_enabled_ = at::autocast::is_cpu_enabled();
+    prev_dtype_ = at::autocast::get_autocast_cpu_dtype();
+    at::autocast::set_cpu_enabled(true);
+    at::autocast::set_autocast_cpu_dtype(at::kBFloat16);
+  }
+  ~Bf16Autocast() {
+    if (!on_) return;
+    at::autocast::set_cpu_enabled(prev_enabled_);
+    at::autocast::set_autocast_cpu_dtype(prev_dtype_);
+    if (!prev_enabled_) at::autocast::clear_cache();
+  }
+  Bf16Autocast(const Bf16Autocast&) = delete;
+  Bf16Autocast& operator=(const Bf16Autocast&) = delete;
+
+ private:
+  bool on_;
+  bool prev_enabled_ = false;
+  at::ScalarType prev_dtype_ = at::kBFloat16;
+};
+
 class TorchTrainer final : public LocalTrainer {
  public:
   TorchTrainer(std::unique_ptr<Model> model, std::unique_ptr<Tokenizer> tokenizer,
-               SpecialTokens special, std::string hash)
+               SpecialTokens special, std::string hash, EngineOptions engine)
       : model_(std::move(model)),
         tokenizer_(std::move(tokenizer)),
         special_(special),
-        hash_(std::move(hash)) {}
+        hash_(std::move(hash)),
+        engine_(std::move(engine)) {}
 
   std::string BaseModelHash() const override { return hash_; }
 
@@ -138,17 +165,45 @@ class TorchTrainer final : public LocalTrainer {
   }
 
   absl::StatusOr<TrainResult> Train(const std::vector<Example>& data,
-                                    const TrainOptions& options) override {
+                                    const TrainOptions& call_options) override {
     if (!has_adapter_) {
       return absl::FailedPreconditionError("Train: no adapter (call InitAdapter or SetAdapter)");
     }
+    const TrainOptions options = WithEngineSettings(call_options);
     RETURN_IF_ERROR(CheckOptions(options));
     if (data.empty()) return absl::InvalidArgumentError("Train: expected examples, found none");
     common::TensorMap snapshot;  // restored if training fails part-way
     try {
+      EvalResult probe_before;
+      if (!options.forgetting_probe.empty()) {
+        absl::StatusOr<EvalResult> e = EvalLoss(options.forgetting_probe, options.max_seq_len);
+        if (!e.ok()) {
+          return absl::Status(e.status().code(),
+                              absl::StrCat("Train: forgetting_probe: ", e.status().message()));
+        }
+        probe_before = *e;
+      }
       snapshot = ExportLora(*model_);
       absl::StatusOr<TrainResult> r = TrainImpl(data, options);
-      if (!r.ok()) Restore(snapshot);
+      if (!r.ok()) {
+        Restore(snapshot);
+        return r;
+      }
+      if (!options.forgetting_probe.empty()) {
+        absl::StatusOr<EvalResult> e = EvalLoss(options.forgetting_probe, options.max_seq_len);
+        if (!e.ok()) {
+          Restore(snapshot);
+          return e.status();
+        }
+        r->has_probe = true;
+        r->probe_before = probe_before;
+        r->probe_after = *e;
+        if (options.progress_every > 0 && !options.on_progress) {
+          std::fprintf(stderr, "forgetting probe: perplexity %.3f -> %.3f (%llu tokens)\n",
+                       probe_before.perplexity, e->perplexity,
+                       static_cast<unsigned long long>(e->tokens));
+        }
+      }
       return r;
     } catch (const c10::Error& e) {
       Restore(snapshot);
@@ -160,34 +215,24 @@ class TorchTrainer final : public LocalTrainer {
   }
 
   absl::StatusOr<EvalResult> Evaluate(const std::vector<Example>& data, int max_seq_len) override {
-    if (max_seq_len < 2) {
+    EvalOptions o;
+    o.max_seq_len = max_seq_len;
+    o.generate_max_new_tokens = engine_.eval_generate_max_new_tokens;
+    return EvaluateWith(data, o);
+  }
+
+  absl::StatusOr<EvalResult> EvaluateWith(const std::vector<Example>& data,
+                                          const EvalOptions& options) override {
+    if (options.generate_max_new_tokens < 0) {
       return absl::InvalidArgumentError(
-          absl::StrCat("Evaluate: max_seq_len: expected >= 2, found ", max_seq_len));
+          absl::StrCat("EvalOptions.generate_max_new_tokens: expected >= 0, found ",
+                       options.generate_max_new_tokens));
     }
-    if (data.empty()) return absl::InvalidArgumentError("Evaluate: expected examples, found none");
     try {
-      torch::NoGradGuard no_grad;
-      ASSIGN_OR_RETURN(std::vector<TokenizedExample> tok, Tokenize(data, max_seq_len));
-      double total = 0;
-      int64_t count = 0;
-      constexpr size_t kBatch = 8;
-      for (size_t begin = 0; begin < tok.size(); begin += kBatch) {
-        std::vector<const TokenizedExample*> batch;
-        for (size_t i = begin; i < std::min(tok.size(), begin + kBatch); ++i) {
-          if (tok[i].response_tokens() > 0) batch.push_back(&tok[i]);
-        }
-        if (batch.empty()) continue;
-        auto [sum, n] = BatchLoss(batch, nullptr);
-        total += sum.item<double>();
-        count += n;
+      ASSIGN_OR_RETURN(EvalResult r, EvalLoss(data, options.max_seq_len));
+      if (options.generate_max_new_tokens > 0) {
+        RETURN_IF_ERROR(ScoreGeneration(data, options.generate_max_new_tokens, &r));
       }
-      if (count == 0) {
-        return absl::InvalidArgumentError(
-            absl::StrCat("Evaluate: no response tokens fit within max_seq_len ", max_seq_len));
-      }
-      EvalResult r;
-      r.loss = total / static_cast<double>(count);
-      r.tokens = static_cast<uint64_t>(count);
       return r;
     } catch (const c10::Error& e) {
       return TorchError("Evaluate", e);
@@ -197,6 +242,81 @@ class TorchTrainer final : public LocalTrainer {
   }
 
  private:
+  // Mean response-token loss and perplexity over `data` (may throw c10::Error).
+  absl::StatusOr<EvalResult> EvalLoss(const std::vector<Example>& data, int max_seq_len) const {
+    if (max_seq_len < 2) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("Evaluate: max_seq_len: expected >= 2, found ", max_seq_len));
+    }
+    if (data.empty()) return absl::InvalidArgumentError("Evaluate: expected examples, found none");
+    torch::NoGradGuard no_grad;
+    ASSIGN_OR_RETURN(std::vector<TokenizedExample> tok, Tokenize(data, max_seq_len));
+    double total = 0;
+    int64_t count = 0;
+    constexpr size_t kBatch = 8;
+    for (size_t begin = 0; begin < tok.size(); begin += kBatch) {
+      std::vector<const TokenizedExample*> batch;
+      for (size_t i = begin; i < std::min(tok.size(), begin + kBatch); ++i) {
+        if (tok[i].response_tokens() > 0) batch.push_back(&tok[i]);
+      }
+      if (batch.empty()) continue;
+      auto [sum, n] = BatchLoss(batch, nullptr, /*pack_len=*/0, /*bf16=*/false);
+      total += sum.item<double>();
+      count += n;
+    }
+    if (count == 0) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("Evaluate: no response tokens fit within max_seq_len ", max_seq_len));
+    }
+    EvalResult r;
+    r.loss = total / static_cast<double>(count);
+    r.perplexity = std::exp(r.loss);
+    r.tokens = static_cast<uint64_t>(count);
+    return r;
+  }
+
+  // Greedy-decodes each example's response from [bos] + prompt (not
+  // truncated), stopping at eos or after max_new tokens, and scores it.
+  absl::Status ScoreGeneration(const std::vector<Example>& data, int max_new, EvalResult* r) const {
+    std::vector<int64_t> stop;
+    if (special_.eos) stop.push_back(*special_.eos);
+    double em = 0, f1 = 0;
+    for (const Example& ex : data) {
+      std::vector<int64_t> prompt;
+      if (special_.bos) prompt.push_back(*special_.bos);
+      for (int32_t id : tokenizer_->Encode(ex.prompt)) prompt.push_back(id);
+      if (prompt.empty()) {
+        return absl::InvalidArgumentError(
+            "Evaluate: generation needs a non-empty prompt (no bos token and an empty prompt)");
+      }
+      std::vector<int64_t> out = model_->GenerateGreedy(prompt, max_new, stop);
+      if (!out.empty() && special_.eos && out.back() == *special_.eos) out.pop_back();
+      const std::string answer =
+          tokenizer_->Decode(std::vector<int32_t>(out.begin(), out.end()), /*skip_special=*/true);
+      em += NormalizeAnswer(answer) == NormalizeAnswer(ex.response) ? 1 : 0;
+      f1 += TokenF1(answer, ex.response);
+    }
+    const double n = static_cast<double>(data.size());
+    r->generated_examples = data.size();
+    r->exact_match = em / n;
+    r->token_f1 = f1 / n;
+    return absl::OkStatus();
+  }
+
+  // The call's options with the engine's device-local settings applied (see EngineOptions).
+  TrainOptions WithEngineSettings(const TrainOptions& o) const {
+    TrainOptions out = o;
+    out.bf16_autocast = o.bf16_autocast || engine_.bf16_autocast;
+    out.pack_sequences = o.pack_sequences || engine_.pack_sequences;
+    if (out.progress_every == 0) out.progress_every = engine_.progress_every;
+    if (out.replay_fraction == 0 && out.replay.empty()) {
+      out.replay_fraction = engine_.replay_fraction;
+      out.replay = engine_.replay;
+    }
+    if (out.forgetting_probe.empty()) out.forgetting_probe = engine_.forgetting_probe;
+    return out;
+  }
+
   // Best effort: puts the pre-training adapter back (never throws).
   void Restore(const common::TensorMap& snapshot) {
     if (snapshot.empty()) return;
@@ -226,13 +346,20 @@ class TorchTrainer final : public LocalTrainer {
     if (o.grad_accum_steps < 1) return bad("grad_accum_steps", ">= 1", o.grad_accum_steps);
     if (o.progress_every < 0) return bad("progress_every", ">= 0", o.progress_every);
     if (o.checkpoint_every < 0) return bad("checkpoint_every", ">= 0", o.checkpoint_every);
+    if (!(o.replay_fraction >= 0 && o.replay_fraction < 1)) {
+      return bad("replay_fraction", "in [0, 1)", o.replay_fraction);
+    }
+    if (o.replay_fraction > 0 && o.replay.empty()) {
+      return bad("replay", "general examples when replay_fraction > 0", "none");
+    }
     return absl::OkStatus();
   }
 
   // Tokenizes every example; ids the model cannot embed (a tokenizer with
   // more added tokens than the embedding has rows) are InvalidArgument.
   absl::StatusOr<std::vector<TokenizedExample>> Tokenize(const std::vector<Example>& data,
-                                                         int max_seq_len) const {
+                                                         int max_seq_len,
+                                                         const char* what = "example") const {
     std::vector<TokenizedExample> out;
     out.reserve(data.size());
     const int64_t vocab = model_->config().vocab_size;
@@ -241,7 +368,7 @@ class TorchTrainer final : public LocalTrainer {
       for (int64_t id : out.back().ids) {
         if (id < 0 || id >= vocab) {
           return absl::InvalidArgumentError(
-              absl::StrCat("example ", i, ": token id ", id,
+              absl::StrCat(what, " ", i, ": token id ", id,
                            " is outside the model's vocabulary (vocab_size ", vocab, ")"));
         }
       }
@@ -249,32 +376,74 @@ class TorchTrainer final : public LocalTrainer {
     return out;
   }
 
-  // Summed cross-entropy over labeled positions (next-token shift) and their count.
+  // Summed cross-entropy over labeled positions (next-token shift) and their
+  // count. pack_len > 0 packs the examples first-fit into rows of at most
+  // pack_len tokens (Model::ForwardHiddenPacked); bf16 autocasts the forward.
   std::pair<torch::Tensor, int64_t> BatchLoss(const std::vector<const TokenizedExample*>& batch,
-                                              torch::Generator* gen) const {
-    size_t len = 0;
-    for (const auto* ex : batch) len = std::max(len, ex->ids.size());
-    const int64_t B = static_cast<int64_t>(batch.size()), T = static_cast<int64_t>(len);
+                                              torch::Generator* gen, int pack_len,
+                                              bool bf16) const {
+    // Rows of examples: one example per row, or packed first-fit.
+    std::vector<std::vector<const TokenizedExample*>> rows;
+    std::vector<size_t> used;
+    for (const auto* ex : batch) {
+      size_t r = rows.size();
+      if (pack_len > 0) {
+        for (size_t k = 0; k < rows.size(); ++k) {
+          if (used[k] + ex->ids.size() <= static_cast<size_t>(pack_len)) {
+            r = k;
+            break;
+          }
+        }
+      }
+      if (r == rows.size()) {
+        rows.emplace_back();
+        used.push_back(0);
+      }
+      rows[r].push_back(ex);
+      used[r] += ex->ids.size();
+    }
+    const size_t len = *std::max_element(used.begin(), used.end());
+    const int64_t B = static_cast<int64_t>(rows.size()), T = static_cast<int64_t>(len);
     // Right padding with id 0: causal attention keeps real tokens from seeing it.
     torch::Tensor ids = torch::zeros({B, T}, torch::kLong);
     torch::Tensor labels = torch::full({B, T}, kIgnoreLabel, torch::kLong);
+    torch::Tensor positions = torch::zeros({B, T}, torch::kLong);
+    torch::Tensor segments = torch::full({B, T}, -1, torch::kLong);
     auto ids_a = ids.accessor<int64_t, 2>();
     auto lab_a = labels.accessor<int64_t, 2>();
+    auto pos_a = positions.accessor<int64_t, 2>();
+    auto seg_a = segments.accessor<int64_t, 2>();
     int64_t count = 0;
     for (int64_t b = 0; b < B; ++b) {
-      const TokenizedExample& ex = *batch[static_cast<size_t>(b)];
-      for (size_t t = 0; t < ex.ids.size(); ++t) {
-        ids_a[b][static_cast<int64_t>(t)] = ex.ids[t];
-        lab_a[b][static_cast<int64_t>(t)] = ex.labels[t];
+      int64_t off = 0, seg = 0;
+      for (const TokenizedExample* ex : rows[static_cast<size_t>(b)]) {
+        for (size_t t = 0; t < ex->ids.size(); ++t) {
+          const int64_t at = off + static_cast<int64_t>(t);
+          ids_a[b][at] = ex->ids[t];
+          // An example's first token is never a target (in a packed row the
+          // previous example's last position would otherwise predict it).
+          lab_a[b][at] = t == 0 ? kIgnoreLabel : ex->labels[t];
+          pos_a[b][at] = static_cast<int64_t>(t);
+          seg_a[b][at] = seg;
+        }
+        off += static_cast<int64_t>(ex->ids.size());
+        ++seg;
+        count += ex->response_tokens();
       }
-      count += ex.response_tokens();
     }
-    torch::Tensor hidden = model_->ForwardHidden(ids, nullptr, gen);  // [B, T, H]
     // Position t predicts token t + 1: run the head only where that token is labeled.
     torch::Tensor target = labels.slice(1, 1);  // [B, T-1]
     torch::Tensor keep = target != kIgnoreLabel;
-    torch::Tensor h = hidden.slice(1, 0, T - 1).index({keep});  // [N, H]
-    torch::Tensor logits = model_->Logits(h);                   // [N, V]
+    torch::Tensor logits;
+    {
+      Bf16Autocast autocast(bf16);
+      torch::Tensor hidden = pack_len > 0
+                                 ? model_->ForwardHiddenPacked(ids, positions, segments, gen)
+                                 : model_->ForwardHidden(ids, nullptr, gen);  // [B, T, H]
+      torch::Tensor h = hidden.slice(1, 0, T - 1).index({keep});              // [N, H]
+      logits = model_->Logits(h);                                             // [N, V]
+    }
+    if (logits.scalar_type() != torch::kFloat) logits = logits.to(torch::kFloat);
     torch::Tensor sum = torch::nn::functional::cross_entropy(
         logits, target.index({keep}),
         torch::nn::functional::CrossEntropyFuncOptions().reduction(torch::kSum));
@@ -327,9 +496,10 @@ class TorchTrainer final : public LocalTrainer {
     json j;
     j["base"] = hash_;
     j["lora"] = {lora_.rank, lora_.alpha, lora_.target_modules, lora_.dropout, lora_.use_rslora};
-    j["options"] = {o.steps,        o.learning_rate,  o.batch_size,   o.max_seq_len,
-                    o.weight_decay, o.max_grad_norm,  o.warmup_steps, o.seed,
-                    o.prox_mu,      o.freeze_lora_a,  o.grad_accum_steps};
+    j["options"] = {o.steps,          o.learning_rate,  o.batch_size,       o.max_seq_len,
+                    o.weight_decay,   o.max_grad_norm,  o.warmup_steps,     o.seed,
+                    o.prox_mu,        o.freeze_lora_a,  o.grad_accum_steps, o.bf16_autocast,
+                    o.pack_sequences, o.replay_fraction};
     j["threads"] = at::get_num_threads();
     std::string buf = j.dump();
     for (const TokenizedExample& ex : tok) {
@@ -465,6 +635,25 @@ class TorchTrainer final : public LocalTrainer {
                                         const TrainOptions& options) {
     const auto start = std::chrono::steady_clock::now();
     ASSIGN_OR_RETURN(std::vector<TokenizedExample> tok, Tokenize(data, options.max_seq_len));
+    uint64_t replay_examples = 0;
+    if (options.replay_fraction > 0) {
+      ASSIGN_OR_RETURN(std::vector<TokenizedExample> general,
+                       Tokenize(options.replay, options.max_seq_len, "replay example"));
+      const double f = options.replay_fraction;
+      const auto k =
+          static_cast<size_t>(std::llround(f * static_cast<double>(data.size()) / (1 - f)));
+      std::mt19937_64 rng(options.seed ^ 0x5eedfeedull);
+      std::vector<size_t> order;
+      for (size_t i = 0; i < k; ++i) {
+        if (i % general.size() == 0) {
+          order.resize(general.size());
+          std::iota(order.begin(), order.end(), 0);
+          std::shuffle(order.begin(), order.end(), rng);
+        }
+        tok.push_back(general[order[i % general.size()]]);
+      }
+      replay_examples = k;
+    }
     std::vector<size_t> usable;
     for (size_t i = 0; i < tok.size(); ++i) {
       if (tok[i].response_tokens() > 0) usable.push_back(i);
@@ -530,7 +719,10 @@ class TorchTrainer final : public LocalTrainer {
         }
         // Token-weighted: each micro-batch's summed loss over the step's total count.
         torch::Tensor loss =
-            BatchLoss(batch, dropout ? &gen : nullptr).first / static_cast<double>(total_count);
+            BatchLoss(batch, dropout ? &gen : nullptr,
+                      options.pack_sequences ? options.max_seq_len : 0, options.bf16_autocast)
+                .first /
+            static_cast<double>(total_count);
         const double v = loss.item<double>();
         if (!std::isfinite(v)) {
           return absl::InternalError(absl::StrCat("Train: non-finite loss ", v, " at step ",
@@ -581,6 +773,7 @@ class TorchTrainer final : public LocalTrainer {
     }
     if (!options.checkpoint_path.empty()) std::remove(options.checkpoint_path.c_str());
     TrainResult result;
+    result.replay_examples = replay_examples;
     result.tokens = st.tokens;
     result.last_loss = st.last_loss;
     result.mean_loss = options.steps > 0 ? st.loss_sum / options.steps : 0;
@@ -593,6 +786,7 @@ class TorchTrainer final : public LocalTrainer {
   std::unique_ptr<Tokenizer> tokenizer_;
   SpecialTokens special_;
   std::string hash_;
+  EngineOptions engine_;
   LoraConfig lora_;
   bool has_adapter_ = false;
 };
@@ -748,6 +942,23 @@ absl::StatusOr<std::unique_ptr<LocalTrainer>> LoadTrainer(const std::string& mod
     return absl::InvalidArgumentError(
         absl::StrCat("EngineOptions.threads: expected >= 0, found ", options.threads));
   }
+  if (options.progress_every < 0) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "EngineOptions.progress_every: expected >= 0, found ", options.progress_every));
+  }
+  if (options.eval_generate_max_new_tokens < 0) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("EngineOptions.eval_generate_max_new_tokens: expected >= 0, found ",
+                     options.eval_generate_max_new_tokens));
+  }
+  if (!(options.replay_fraction >= 0 && options.replay_fraction < 1)) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "EngineOptions.replay_fraction: expected in [0, 1), found ", options.replay_fraction));
+  }
+  if (options.replay_fraction > 0 && options.replay.empty()) {
+    return absl::InvalidArgumentError(
+        "EngineOptions.replay: expected general examples when replay_fraction > 0, found none");
+  }
   try {
     ConfigureThreads(options.threads);
     ModelLoadOptions mopts;
@@ -758,8 +969,8 @@ absl::StatusOr<std::unique_ptr<LocalTrainer>> LoadTrainer(const std::string& mod
     ASSIGN_OR_RETURN(SpecialTokens special,
                      ResolveSpecialTokens(model_dir, model->config(), *tokenizer));
     ASSIGN_OR_RETURN(std::string hash, common::HashModelDirectory(model_dir));
-    return std::unique_ptr<LocalTrainer>(
-        new TorchTrainer(std::move(model), std::move(tokenizer), special, std::move(hash)));
+    return std::unique_ptr<LocalTrainer>(new TorchTrainer(std::move(model), std::move(tokenizer),
+                                                          special, std::move(hash), options));
   } catch (const c10::Error& e) {
     return TorchError(absl::StrCat("LoadTrainer ", model_dir), e);
   } catch (const std::exception& e) {

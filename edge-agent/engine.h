@@ -33,6 +33,23 @@
 //     the trained tensors is backpropagated (ProximalTerm in lora.h), before
 //     clipping. The reported losses are the data loss only.
 //   * gradient_checkpointing: Model::set_gradient_checkpointing during the call.
+//   * bf16_autocast: forward + head under CPU autocast to bf16; the logits are
+//     cast back to fp32 for the loss; backward, clipping and AdamW in fp32.
+//   * pack_sequences: each micro-batch's examples are packed first-fit (in
+//     draw order) into rows of <= max_seq_len tokens and run through
+//     Model::ForwardHiddenPacked; an example's first token is never a target,
+//     so the summed loss and the gradients equal the unpacked ones (up to
+//     float rounding; LoRA dropout draws differ because the shapes do).
+//   * replay_fraction: the replay examples are tokenized and appended to the
+//     data before shuffling (TrainResult::replay_examples says how many).
+//   * forgetting_probe: evaluated (as Evaluate) before and after; when
+//     progress goes to stderr, one "forgetting probe" line goes there too.
+// The engine's EngineOptions settings are applied on top (see trainer.h).
+//
+// Evaluate: mean response-token loss, perplexity = exp(loss); with
+// generation, each example is greedy-decoded (KV cache) from [bos] + prompt,
+// stopping at eos, and the decoded text (special tokens skipped) is compared
+// with the response (NormalizeAnswer, TokenF1).
 
 #include <cstdint>
 #include <optional>

@@ -69,7 +69,9 @@ struct LoraLinear {
 void QuantizeInt4(const torch::Tensor& w, LoraLinear* l);
 
 // y = x W^T with W stored in `weight`'s dtype (see LoraLinear): dequantized in
-// forward and again in backward instead of being saved. No gradient for W.
+// forward and again in backward instead of being saved, a block of rows at a
+// time (so a vocab-sized lm_head is never converted to fp32 whole). No
+// gradient for W.
 torch::Tensor FrozenMatmul(const torch::Tensor& x, const torch::Tensor& weight,
                            const torch::Tensor& weight_scale, int64_t int4_in);
 torch::Tensor DequantizeWeight(const torch::Tensor& weight, const torch::Tensor& weight_scale,

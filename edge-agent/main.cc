@@ -3,6 +3,9 @@
 //   fedlora-agent run --coordinator HOST:PORT --ca F --cert F --key F --model DIR
 //                     --data TRAIN.jsonl --eval HELDOUT.jsonl [--threads N]
 //                     [--max-offline SECONDS] [--seed S] [--max-seq-len N]
+//                     [--base-dtype fp32|bf16|fp16|int8|int4] [--bf16] [--pack]
+//                     [--progress-every N] [--replay GENERAL.jsonl --replay-fraction F]
+//                     [--forgetting-probe GENERAL.jsonl] [--eval-generate N]
 //   fedlora-agent model inspect|tokenize|logits|generate ...
 //   fedlora-agent export --model DIR (--adapter PEFT_DIR | --version-blob FILE) --format F ...
 //   fedlora-agent enroll --coordinator HOST:PORT --token T --ca CA.pem --name ID [--out DIR]
@@ -49,6 +52,14 @@ struct RunFlags {
   uint64_t seed = 0;
   int max_seq_len = 256;
   int64_t renew_within_days = 0;
+  std::string base_dtype = "fp32";
+  bool bf16 = false;
+  bool pack = false;
+  int progress_every = 10;
+  std::string replay;
+  float replay_fraction = 0.1f;
+  std::string forgetting_probe;
+  int eval_generate = 0;
 };
 
 // With --renew-within-days N, renews the certificate at start when it expires
@@ -91,6 +102,37 @@ int RunAgent(const RunFlags& flags) {
   }
   fedlora::edge::EngineOptions engine;
   engine.threads = flags.threads;
+  engine.base_dtype = flags.base_dtype;
+  engine.bf16_autocast = flags.bf16;
+  engine.pack_sequences = flags.pack;
+  engine.progress_every = flags.progress_every;
+  engine.eval_generate_max_new_tokens = flags.eval_generate;
+  if (!flags.replay.empty()) {
+    auto replay = fedlora::edge::LoadJsonl(flags.replay);
+    if (!replay.ok()) {
+      std::fprintf(stderr, "error: --replay: %s\n", replay.status().ToString().c_str());
+      return 2;
+    }
+    if (replay->empty()) {
+      std::fprintf(stderr, "error: --replay %s holds no examples\n", flags.replay.c_str());
+      return 2;
+    }
+    engine.replay = std::move(*replay);
+    engine.replay_fraction = flags.replay_fraction;
+  }
+  if (!flags.forgetting_probe.empty()) {
+    auto probe = fedlora::edge::LoadJsonl(flags.forgetting_probe);
+    if (!probe.ok()) {
+      std::fprintf(stderr, "error: --forgetting-probe: %s\n", probe.status().ToString().c_str());
+      return 2;
+    }
+    if (probe->empty()) {
+      std::fprintf(stderr, "error: --forgetting-probe %s holds no examples\n",
+                   flags.forgetting_probe.c_str());
+      return 2;
+    }
+    engine.forgetting_probe = std::move(*probe);
+  }
   auto trainer = fedlora::edge::LoadTrainer(flags.model, engine);
   if (!trainer.ok()) {
     std::fprintf(stderr, "error: --model %s: %s\n", flags.model.c_str(),
@@ -199,6 +241,37 @@ int main(int argc, char** argv) {
   run->add_option("--max-seq-len", flags.max_seq_len, "Longest example in tokens")
       ->capture_default_str()
       ->check(CLI::PositiveNumber);
+  run->add_option("--base-dtype", flags.base_dtype,
+                  "Storage of the frozen base weights: fp32, bf16, fp16, int8 or int4")
+      ->capture_default_str()
+      ->check(CLI::IsMember({"fp32", "bf16", "fp16", "int8", "int4"}));
+  run->add_flag("--bf16", flags.bf16,
+                "Run the training forward under CPU autocast to bfloat16 (LoRA weights and "
+                "optimizer state stay fp32)");
+  run->add_flag("--pack", flags.pack,
+                "Pack several examples into each max-seq-len row (attention does not cross "
+                "examples; same loss, less padding)");
+  run->add_option("--progress-every", flags.progress_every,
+                  "Print a progress line to stderr every N local training steps (0 = never)")
+      ->capture_default_str()
+      ->check(CLI::NonNegativeNumber);
+  run->add_option("--replay", flags.replay,
+                  "General data (JSONL; {\"text\"} lines or the --data formats) mixed into "
+                  "local training")
+      ->check(CLI::ExistingFile);
+  run->add_option("--replay-fraction", flags.replay_fraction,
+                  "Share of the local training set that --replay examples make up, in [0, 1)")
+      ->capture_default_str()
+      ->check(CLI::Range(0.0, 0.99));
+  run->add_option("--forgetting-probe", flags.forgetting_probe,
+                  "General-text set (JSONL) whose perplexity is measured before and after each "
+                  "round's local training")
+      ->check(CLI::ExistingFile);
+  run->add_option("--eval-generate", flags.eval_generate,
+                  "Also greedy-decode up to N tokens per held-out example and score exact match "
+                  "/ token F1 (0 = off)")
+      ->capture_default_str()
+      ->check(CLI::NonNegativeNumber);
   run->add_option("--rpc-timeout", flags.rpc_timeout_s,
                   "Deadline of each FetchAdapter / SubmitUpdate call, seconds")
       ->capture_default_str()

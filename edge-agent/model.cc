@@ -340,6 +340,52 @@ torch::Tensor DequantizeWeight(const torch::Tensor& weight, const torch::Tensor&
 
 namespace {
 
+// Rows of a compact weight dequantized at a time: a large matrix (the lm_head
+// or embedding, vocab x hidden) is never converted to fp32 as a whole.
+constexpr int64_t kDequantRows = 4096;
+
+torch::Tensor ScaleRows(const torch::Tensor& scale, int64_t r0, int64_t r1) {
+  return scale.defined() && scale.numel() > 0 ? scale.slice(0, r0, r1) : scale;
+}
+
+// x W^T with W dequantized kDequantRows rows at a time.
+torch::Tensor DequantMatmul(const torch::Tensor& x, const torch::Tensor& weight,
+                            const torch::Tensor& weight_scale, int64_t int4_in) {
+  const int64_t rows = weight.size(0);
+  if (rows <= kDequantRows) {
+    return torch::matmul(x, DequantizeWeight(weight, weight_scale, int4_in).t());
+  }
+  torch::Tensor out;
+  for (int64_t r0 = 0; r0 < rows; r0 += kDequantRows) {
+    const int64_t r1 = std::min(rows, r0 + kDequantRows);
+    torch::Tensor part = torch::matmul(
+        x, DequantizeWeight(weight.slice(0, r0, r1), ScaleRows(weight_scale, r0, r1), int4_in).t());
+    if (!out.defined()) {
+      std::vector<int64_t> shape(part.sizes().begin(), part.sizes().end());
+      shape.back() = rows;
+      out = torch::empty(shape, part.options());
+    }
+    out.slice(-1, r0, r1).copy_(part);
+  }
+  return out;
+}
+
+// g W (the input gradient of x W^T), W dequantized kDequantRows rows at a time.
+torch::Tensor DequantGradInput(const torch::Tensor& g, const torch::Tensor& weight,
+                               const torch::Tensor& weight_scale, int64_t int4_in) {
+  const int64_t rows = weight.size(0);
+  torch::Tensor gx;
+  for (int64_t r0 = 0; r0 < rows; r0 += kDequantRows) {
+    const int64_t r1 = std::min(rows, r0 + kDequantRows);
+    torch::Tensor w =
+        DequantizeWeight(weight.slice(0, r0, r1), ScaleRows(weight_scale, r0, r1), int4_in);
+    if (w.scalar_type() != g.scalar_type()) w = w.to(g.scalar_type());
+    torch::Tensor part = torch::matmul(g.slice(-1, r0, r1), w);
+    gx = gx.defined() ? gx.add_(part) : part;
+  }
+  return gx;
+}
+
 // y = x W^T for a frozen W kept in a compact dtype: autograd would otherwise
 // hold the converted fp32 W of every layer until backward.
 class FrozenMatmulFn : public torch::autograd::Function<FrozenMatmulFn> {
@@ -350,18 +396,14 @@ class FrozenMatmulFn : public torch::autograd::Function<FrozenMatmulFn> {
     ctx->save_for_backward({weight, weight_scale});
     ctx->saved_data["int4_in"] = int4_in;
     ctx->saved_data["x_dtype"] = static_cast<int64_t>(x.scalar_type());
-    torch::Tensor w = DequantizeWeight(weight, weight_scale, int4_in);
-    return torch::matmul(x, w.t());
+    return DequantMatmul(x, weight, weight_scale, int4_in);
   }
 
   static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
                                                  torch::autograd::variable_list grads) {
     const auto saved = ctx->get_saved_variables();
     const torch::Tensor& g = grads[0];
-    torch::Tensor w =
-        DequantizeWeight(saved[0], saved[1], ctx->saved_data["int4_in"].toInt());
-    if (w.scalar_type() != g.scalar_type()) w = w.to(g.scalar_type());
-    torch::Tensor gx = torch::matmul(g, w);
+    torch::Tensor gx = DequantGradInput(g, saved[0], saved[1], ctx->saved_data["int4_in"].toInt());
     const auto x_dtype = static_cast<torch::ScalarType>(ctx->saved_data["x_dtype"].toInt());
     if (gx.scalar_type() != x_dtype) gx = gx.to(x_dtype);
     return {gx, torch::Tensor(), torch::Tensor(), torch::Tensor()};
@@ -378,7 +420,7 @@ torch::Tensor FrozenMatmul(const torch::Tensor& x, const torch::Tensor& weight,
     return FrozenMatmulFn::apply(
         x, weight, weight_scale.defined() ? weight_scale : torch::empty({0}), int4_in);
   }
-  return torch::matmul(x, DequantizeWeight(weight, weight_scale, int4_in).t());
+  return DequantMatmul(x, weight, weight_scale, int4_in);
 }
 
 torch::Tensor LoraLinear::DenseWeight() const {
@@ -411,7 +453,8 @@ torch::Tensor Model::Rms(const torch::Tensor& x, const torch::Tensor& w) const {
 
 torch::Tensor Model::Attention(const DecoderLayer& L, int index, const torch::Tensor& h,
                                const torch::Tensor& cos, const torch::Tensor& sin, KvCache* cache,
-                               int64_t past, torch::Generator* gen) const {
+                               int64_t past, torch::Generator* gen,
+                               const torch::Tensor& masked_in) const {
   const ModelConfig& c = config_;
   const int64_t B = h.size(0), T = h.size(1), D = c.head_dim;
   const int64_t nh = c.num_attention_heads, nkv = c.num_key_value_heads;
@@ -448,7 +491,9 @@ torch::Tensor Model::Attention(const DecoderLayer& L, int index, const torch::Te
     v = v.unsqueeze(2).expand({B, nkv, rep, S, D}).reshape({B, nh, S, D});
   }
   torch::Tensor scores = torch::matmul(q, k.transpose(-1, -2)) / std::sqrt(static_cast<double>(D));
-  if (T > 1 || c.sliding_window > 0) {
+  if (masked_in.defined()) {
+    scores = scores.masked_fill(masked_in, -std::numeric_limits<float>::infinity());
+  } else if (T > 1 || c.sliding_window > 0) {
     // Query i sits at absolute position past + i; key j is visible iff
     // j <= past + i (and past + i - j < window with sliding-window attention).
     torch::Tensor qpos = torch::arange(past, past + T, torch::kLong).unsqueeze(1);
@@ -480,10 +525,10 @@ torch::Tensor Model::Mlp(const DecoderLayer& L, const torch::Tensor& h,
 
 torch::Tensor Model::Layer(size_t i, const torch::Tensor& x, const torch::Tensor& cos,
                            const torch::Tensor& sin, KvCache* cache, int64_t past,
-                           torch::Generator* gen) const {
+                           torch::Generator* gen, const torch::Tensor& masked) const {
   const DecoderLayer& L = layers_[i];
-  torch::Tensor h =
-      x + Attention(L, static_cast<int>(i), Rms(x, L.input_norm), cos, sin, cache, past, gen);
+  torch::Tensor h = x + Attention(L, static_cast<int>(i), Rms(x, L.input_norm), cos, sin, cache,
+                                  past, gen, masked);
   return h + Mlp(L, Rms(h, L.post_norm), gen);
 }
 
@@ -511,8 +556,11 @@ class CheckpointedLayerFn : public torch::autograd::Function<CheckpointedLayerFn
   static torch::Tensor forward(torch::autograd::AutogradContext* ctx, const torch::Tensor& x,
                                at::TensorList lora, const Model* model, int64_t index,
                                const torch::Tensor& cos, const torch::Tensor& sin,
-                               torch::Generator* gen) {
+                               torch::Generator* gen, const torch::Tensor& masked) {
     ctx->save_for_backward({x});
+    // An empty `masked` stands for "plain causal" (apply needs defined tensors).
+    const torch::Tensor mask = masked.numel() > 0 ? masked : torch::Tensor();
+    if (mask.defined()) ctx->saved_data["masked"] = mask;
     ctx->saved_data["model"] = static_cast<int64_t>(reinterpret_cast<intptr_t>(model));
     ctx->saved_data["index"] = index;
     ctx->saved_data["cos"] = cos;
@@ -520,7 +568,7 @@ class CheckpointedLayerFn : public torch::autograd::Function<CheckpointedLayerFn
     ctx->saved_data["n_lora"] = static_cast<int64_t>(lora.size());
     if (gen != nullptr) ctx->saved_data["gen"] = gen->clone();
     torch::NoGradGuard no_grad;
-    return model->Layer(static_cast<size_t>(index), x, cos, sin, nullptr, 0, gen);
+    return model->Layer(static_cast<size_t>(index), x, cos, sin, nullptr, 0, gen, mask);
   }
 
   static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
@@ -538,8 +586,10 @@ class CheckpointedLayerFn : public torch::autograd::Function<CheckpointedLayerFn
     torch::Tensor y;
     {
       torch::AutoGradMode grad_mode(true);
-      y = model->Layer(index, xin, ctx->saved_data["cos"].toTensor(),
-                       ctx->saved_data["sin"].toTensor(), nullptr, 0, gen ? &*gen : nullptr);
+      y = model->Layer(
+          index, xin, ctx->saved_data["cos"].toTensor(), ctx->saved_data["sin"].toTensor(), nullptr,
+          0, gen ? &*gen : nullptr,
+          ctx->saved_data.count("masked") ? ctx->saved_data["masked"].toTensor() : torch::Tensor());
     }
     std::vector<torch::Tensor> wrt;
     std::vector<size_t> where;  // position of each wrt entry in the returned list
@@ -552,8 +602,8 @@ class CheckpointedLayerFn : public torch::autograd::Function<CheckpointedLayerFn
       wrt.push_back(lora[j]);
       where.push_back(1 + j);
     }
-    // x, the LoRA tensors, then model, index, cos, sin, gen (no gradients).
-    torch::autograd::variable_list out(1 + lora.size() + 5);
+    // x, the LoRA tensors, then model, index, cos, sin, gen, masked (no gradients).
+    torch::autograd::variable_list out(1 + lora.size() + 6);
     if (wrt.empty()) return out;
     torch::autograd::variable_list g =
         torch::autograd::grad({y}, wrt, {grads[0]}, /*retain_graph=*/false,
@@ -566,10 +616,12 @@ class CheckpointedLayerFn : public torch::autograd::Function<CheckpointedLayerFn
 }  // namespace
 
 torch::Tensor Model::CheckpointedLayer(size_t i, const torch::Tensor& x, const torch::Tensor& cos,
-                                       const torch::Tensor& sin, torch::Generator* gen) const {
+                                       const torch::Tensor& sin, torch::Generator* gen,
+                                       const torch::Tensor& masked) const {
   const std::vector<torch::Tensor> lora = LayerLoraTensors(i);
   return CheckpointedLayerFn::apply(x, at::TensorList(lora), this, static_cast<int64_t>(i), cos,
-                                    sin, gen);
+                                    sin, gen,
+                                    masked.defined() ? masked : torch::empty({0}, torch::kBool));
 }
 
 torch::Tensor Model::Forward(const torch::Tensor& ids, KvCache* cache,
@@ -581,8 +633,7 @@ torch::Tensor Model::Logits(const torch::Tensor& hidden) const {
   return FrozenMatmul(hidden, lm_head_, torch::Tensor(), 0);
 }
 
-torch::Tensor Model::ForwardHidden(const torch::Tensor& ids, KvCache* cache,
-                                   torch::Generator* dropout_gen, bool last_only) const {
+void Model::CheckIds(const torch::Tensor& ids) const {
   TORCH_CHECK(ids.dim() == 2, "Forward: expected ids of shape [B, T], found ", ids.sizes());
   TORCH_CHECK(ids.size(1) > 0, "Forward: expected at least one token");
   TORCH_CHECK(ids.scalar_type() == torch::kLong, "Forward: expected int64 ids");
@@ -591,6 +642,23 @@ torch::Tensor Model::ForwardHidden(const torch::Tensor& ids, KvCache* cache,
     TORCH_CHECK(lo >= 0 && hi < config_.vocab_size, "Forward: token id out of range [0, ",
                 config_.vocab_size, "): found ", lo < 0 ? lo : hi);
   }
+}
+
+torch::Tensor Model::RunLayers(torch::Tensor x, const torch::Tensor& cos, const torch::Tensor& sin,
+                               KvCache* cache, int64_t past, torch::Generator* gen,
+                               const torch::Tensor& masked) const {
+  const bool checkpoint =
+      gradient_checkpointing_ && cache == nullptr && torch::GradMode::is_enabled();
+  for (size_t i = 0; i < layers_.size(); ++i) {
+    x = checkpoint ? CheckpointedLayer(i, x, cos, sin, gen, masked)
+                   : Layer(i, x, cos, sin, cache, past, gen, masked);
+  }
+  return x;
+}
+
+torch::Tensor Model::ForwardHidden(const torch::Tensor& ids, KvCache* cache,
+                                   torch::Generator* dropout_gen, bool last_only) const {
+  CheckIds(ids);
   const int64_t T = ids.size(1);
   int64_t past = 0;
   if (cache != nullptr) {
@@ -608,16 +676,39 @@ torch::Tensor Model::ForwardHidden(const torch::Tensor& ids, KvCache* cache,
   torch::Tensor emb = torch::cat({freqs, freqs}, -1);  // [T, D]
   torch::Tensor cos = emb.cos(), sin = emb.sin();
 
-  torch::Tensor x = Embed(ids);
-  const bool checkpoint =
-      gradient_checkpointing_ && cache == nullptr && torch::GradMode::is_enabled();
-  for (size_t i = 0; i < layers_.size(); ++i) {
-    x = checkpoint ? CheckpointedLayer(i, x, cos, sin, dropout_gen)
-                   : Layer(i, x, cos, sin, cache, past, dropout_gen);
-  }
+  torch::Tensor x = RunLayers(Embed(ids), cos, sin, cache, past, dropout_gen, torch::Tensor());
   if (cache != nullptr) cache->length = past + T;
   if (last_only) x = x.slice(1, T - 1);
   return Rms(x, norm_);
+}
+
+torch::Tensor Model::ForwardHiddenPacked(const torch::Tensor& ids, const torch::Tensor& positions,
+                                         const torch::Tensor& segments,
+                                         torch::Generator* dropout_gen) const {
+  CheckIds(ids);
+  TORCH_CHECK(positions.sizes() == ids.sizes() && segments.sizes() == ids.sizes(),
+              "ForwardHiddenPacked: expected positions and segments of shape ", ids.sizes(),
+              ", found ", positions.sizes(), " and ", segments.sizes());
+  TORCH_CHECK(positions.scalar_type() == torch::kLong && segments.scalar_type() == torch::kLong,
+              "ForwardHiddenPacked: expected int64 positions and segments");
+  const int64_t T = ids.size(1);
+  // Per-row rotary tables [B, 1, T, D] (broadcast over heads).
+  torch::Tensor freqs =
+      positions.to(torch::kFloat).unsqueeze(-1) * inv_freq_.view({1, 1, -1});  // [B, T, D/2]
+  torch::Tensor emb = torch::cat({freqs, freqs}, -1).unsqueeze(1);
+  torch::Tensor cos = emb.cos(), sin = emb.sin();
+  // Query i sees key j iff same segment and j <= i (positions are contiguous
+  // within a segment, so i - j is also the position distance).
+  torch::Tensor idx = torch::arange(T, torch::kLong);
+  torch::Tensor later = (idx.unsqueeze(0) > idx.unsqueeze(1)).unsqueeze(0);  // [1, T, T]
+  torch::Tensor other = segments.unsqueeze(2) != segments.unsqueeze(1);      // [B, T, T]
+  torch::Tensor masked = torch::logical_or(later, other);
+  if (config_.sliding_window > 0) {
+    torch::Tensor far = ((idx.unsqueeze(1) - idx.unsqueeze(0)) >= config_.sliding_window);
+    masked = torch::logical_or(masked, far.unsqueeze(0));
+  }
+  masked = masked.unsqueeze(1);  // [B, 1, T, T]
+  return Rms(RunLayers(Embed(ids), cos, sin, nullptr, 0, dropout_gen, masked), norm_);
 }
 
 std::vector<int64_t> Model::GenerateGreedy(const std::vector<int64_t>& prompt, int max_new_tokens,

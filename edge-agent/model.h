@@ -83,6 +83,15 @@ class Model {
                               torch::Generator* dropout_gen = nullptr,
                               bool last_only = false) const;
   torch::Tensor Logits(const torch::Tensor& hidden) const;
+  // Packed sequences (no KV cache): ids, positions and segments are int64
+  // [B, T]. positions restart at 0 for each example; segments number the
+  // examples of a row (any distinct values; -1 marks padding). A query sees
+  // only keys of its own segment at or before it (and within the sliding
+  // window), so each example's hidden states equal those of a separate
+  // ForwardHidden of that example alone.
+  torch::Tensor ForwardHiddenPacked(const torch::Tensor& ids, const torch::Tensor& positions,
+                                    const torch::Tensor& segments,
+                                    torch::Generator* dropout_gen = nullptr) const;
 
   // Greedy decoding with a KV cache. Returns the generated ids (at most
   // max_new_tokens); stops after emitting any id in `stop_ids`.
@@ -107,10 +116,12 @@ class Model {
   void set_gradient_checkpointing(bool on) { gradient_checkpointing_ = on; }
   bool gradient_checkpointing() const { return gradient_checkpointing_; }
 
-  // Decoder layer `i` applied to x [B, T, H] (used by the checkpointing wrapper).
+  // Decoder layer `i` applied to x [B, T, H] (used by the checkpointing
+  // wrapper). `masked`: undefined for the plain causal mask, else a bool
+  // [B, 1, T, S] that is true where a query must not see a key.
   torch::Tensor Layer(size_t i, const torch::Tensor& x, const torch::Tensor& cos,
-                      const torch::Tensor& sin, KvCache* cache, int64_t past,
-                      torch::Generator* gen) const;
+                      const torch::Tensor& sin, KvCache* cache, int64_t past, torch::Generator* gen,
+                      const torch::Tensor& masked = {}) const;
   // The LoRA tensors (A, B per adapted module) of layer `i`, in a fixed order.
   std::vector<torch::Tensor> LayerLoraTensors(size_t i) const;
 
@@ -129,10 +140,16 @@ class Model {
   torch::Tensor Rms(const torch::Tensor& x, const torch::Tensor& w) const;
   torch::Tensor Attention(const DecoderLayer& layer, int index, const torch::Tensor& h,
                           const torch::Tensor& cos, const torch::Tensor& sin, KvCache* cache,
-                          int64_t past, torch::Generator* gen) const;
+                          int64_t past, torch::Generator* gen, const torch::Tensor& masked) const;
   torch::Tensor Mlp(const DecoderLayer& layer, const torch::Tensor& h, torch::Generator* gen) const;
   torch::Tensor CheckpointedLayer(size_t i, const torch::Tensor& x, const torch::Tensor& cos,
-                                  const torch::Tensor& sin, torch::Generator* gen) const;
+                                  const torch::Tensor& sin, torch::Generator* gen,
+                                  const torch::Tensor& masked) const;
+  // The decoder stack + final norm over embedded x with the given rotary tables.
+  torch::Tensor RunLayers(torch::Tensor x, const torch::Tensor& cos, const torch::Tensor& sin,
+                          KvCache* cache, int64_t past, torch::Generator* gen,
+                          const torch::Tensor& masked) const;
+  void CheckIds(const torch::Tensor& ids) const;
 
   ModelConfig config_;
   std::string model_dir_;

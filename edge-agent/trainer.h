@@ -75,6 +75,26 @@ struct TrainOptions {
   // run is ignored and overwritten. The file is removed when training completes.
   std::string checkpoint_path;
   int checkpoint_every = 0;
+  // bf16 autocast: the forward runs under libtorch's CPU autocast to bfloat16
+  // (matmuls in bf16); the LoRA tensors, their gradients, the AdamW state and
+  // the loss stay fp32.
+  bool bf16_autocast = false;
+  // Sequence packing: each micro-batch's examples are packed first-fit into
+  // rows of at most max_seq_len tokens; attention does not cross example
+  // boundaries (block-diagonal causal mask) and positions restart at 0 for
+  // each example, so the loss equals the unpacked loss (less padding compute).
+  bool pack_sequences = false;
+  // Replay: general examples mixed into the local data so that they make up
+  // replay_fraction of it (k = round(f * N / (1 - f)) drawn from `replay`
+  // with a generator seeded by `seed`, cycling when k > replay.size()).
+  // 0 disables; must be in [0, 1) and needs a non-empty `replay` when > 0.
+  // A general-text example is {prompt "", response text} (see data.h).
+  float replay_fraction = 0.0f;
+  std::vector<Example> replay;
+  // Forgetting probe: when non-empty, Train evaluates these examples (loss
+  // and perplexity) with the adapter before and after training and reports
+  // both in TrainResult (probe_before / probe_after).
+  std::vector<Example> forgetting_probe;
 };
 
 struct TrainProgress {
@@ -87,17 +107,44 @@ struct TrainProgress {
   double eta_seconds = 0;   // at the current rate
 };
 
+struct EvalResult {
+  double loss = 0;        // mean cross-entropy over response tokens
+  double perplexity = 0;  // exp(loss)
+  uint64_t tokens = 0;    // response tokens scored
+  // Greedy generation (EvalOptions::generate_max_new_tokens > 0): the response
+  // decoded greedily from each example's prompt, compared with the reference
+  // after whitespace normalisation (NormalizeAnswer). 0 examples = not run.
+  uint64_t generated_examples = 0;
+  double exact_match = 0;  // fraction of examples whose answer equals the reference
+  double token_f1 = 0;     // mean whitespace-token F1 (SQuAD-style bag of tokens)
+};
+
 struct TrainResult {
   double mean_loss = 0;   // mean of per-step training losses
   double last_loss = 0;
   uint64_t tokens = 0;    // tokens processed (including prompt)
   double seconds = 0;
+  uint64_t replay_examples = 0;  // general examples mixed in (TrainOptions::replay_fraction)
+  // Forgetting probe (TrainOptions::forgetting_probe non-empty): perplexity on
+  // the general set before vs after this call's training.
+  bool has_probe = false;
+  EvalResult probe_before;
+  EvalResult probe_after;
 };
 
-struct EvalResult {
-  double loss = 0;        // mean cross-entropy over response tokens
-  uint64_t tokens = 0;    // response tokens scored
+struct EvalOptions {
+  int max_seq_len = 256;
+  // > 0: also greedy-decode up to this many tokens per example (stopping at
+  // eos) and fill exact_match / token_f1. 0: loss and perplexity only.
+  int generate_max_new_tokens = 0;
 };
+
+// Collapses every run of whitespace to one space and trims both ends.
+std::string NormalizeAnswer(const std::string& text);
+// SQuAD-style token F1 of two answers split on whitespace (after
+// NormalizeAnswer): 2PR/(P+R) over the multiset overlap; 1 when both are
+// empty, 0 when exactly one is.
+double TokenF1(const std::string& prediction, const std::string& reference);
 
 class LocalTrainer {
  public:
@@ -117,11 +164,32 @@ class LocalTrainer {
                                             const TrainOptions& options) = 0;
   virtual absl::StatusOr<EvalResult> Evaluate(const std::vector<Example>& data,
                                               int max_seq_len) = 0;
+  // Evaluate with generation metrics. The default implementation serves
+  // implementations without generation: Unimplemented when
+  // generate_max_new_tokens > 0, else Evaluate(data, max_seq_len).
+  virtual absl::StatusOr<EvalResult> EvaluateWith(const std::vector<Example>& data,
+                                                  const EvalOptions& options);
 };
 
+// Device-local settings of the engine, applied to every call on top of what
+// the caller (the agent, per round) asks for:
+//  * bf16_autocast / pack_sequences: on when either the call's TrainOptions or
+//    these ask for it;
+//  * progress_every: used when the call's TrainOptions.progress_every is 0;
+//  * replay / replay_fraction, forgetting_probe: used when the call's
+//    TrainOptions leave them empty / 0;
+//  * eval_generate_max_new_tokens: Evaluate(data, max_seq_len) runs as
+//    EvaluateWith(data, {max_seq_len, eval_generate_max_new_tokens}).
 struct EngineOptions {
   int threads = 0;               // 0 = all cores
   std::string base_dtype = "fp32";
+  bool bf16_autocast = false;
+  bool pack_sequences = false;
+  int progress_every = 0;
+  float replay_fraction = 0.0f;
+  std::vector<Example> replay;
+  std::vector<Example> forgetting_probe;
+  int eval_generate_max_new_tokens = 0;
 };
 
 // Loads a Hugging Face checkpoint folder into the libtorch engine.

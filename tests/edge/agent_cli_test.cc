@@ -89,6 +89,34 @@ TEST_F(AgentCliTest, MissingFlagsAndFilesAreRefused) {
   EXPECT_THAT(help.output, HasSubstr("--max-offline"));
 }
 
+TEST_F(AgentCliTest, TrainingAndEvaluationFlags) {
+  Result help = RunAgentCli("run --help");
+  EXPECT_EQ(help.exit_code, 0);
+  for (const char* flag : {"--bf16", "--pack", "--progress-every", "--replay", "--replay-fraction",
+                           "--forgetting-probe", "--eval-generate", "--base-dtype"}) {
+    EXPECT_THAT(help.output, HasSubstr(flag));
+  }
+  const std::string good = R"({"instruction":"a","input":"b","output":"c"})";
+  ASSERT_TRUE(common::WriteFileAtomic(dir_ + "/train.jsonl", good + "\n").ok());
+  ASSERT_TRUE(
+      common::WriteFileAtomic(dir_ + "/general.jsonl", "{\"text\":\"fine\"}\n{\"text\": 3}\n")
+          .ok());
+  const std::string base = RunArgs(dir_ + "/train.jsonl", dir_ + "/train.jsonl");
+  Result replay = RunAgentCli(base + " --replay " + dir_ + "/general.jsonl");
+  EXPECT_EQ(replay.exit_code, 2) << replay.output;
+  EXPECT_THAT(replay.output, HasSubstr("--replay"));
+  EXPECT_THAT(replay.output, HasSubstr("general.jsonl:2"));
+  Result probe = RunAgentCli(base + " --forgetting-probe " + dir_ + "/general.jsonl");
+  EXPECT_EQ(probe.exit_code, 2) << probe.output;
+  EXPECT_THAT(probe.output, HasSubstr("--forgetting-probe"));
+  Result fraction = RunAgentCli(base + " --replay-fraction 1.5");
+  EXPECT_NE(fraction.exit_code, 0);
+  EXPECT_THAT(fraction.output, HasSubstr("--replay-fraction"));
+  Result dtype = RunAgentCli(base + " --base-dtype int3");
+  EXPECT_NE(dtype.exit_code, 0);
+  EXPECT_THAT(dtype.output, HasSubstr("--base-dtype"));
+}
+
 TEST_F(AgentCliTest, BadModelFolderIsAClearError) {
   const std::string good = R"({"instruction":"a","input":"b","output":"c"})";
   ASSERT_TRUE(common::WriteFileAtomic(dir_ + "/train.jsonl", good + "\n").ok());

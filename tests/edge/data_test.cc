@@ -53,6 +53,19 @@ TEST_F(DataTest, InstructionFormat) {
   EXPECT_EQ((*r)[1].response, "hi");
 }
 
+TEST_F(DataTest, TextFormatIsGeneralText) {
+  Write("{\"text\": \"The heart has four chambers.\"}\n{\"text\": \"Water boils.\"}\n");
+  auto r = LoadJsonl(path_);
+  ASSERT_TRUE(r.ok()) << r.status();
+  ASSERT_EQ(r->size(), 2u);
+  EXPECT_EQ((*r)[0].prompt, "");
+  EXPECT_EQ((*r)[0].response, "The heart has four chambers.");
+  EXPECT_EQ((*r)[1].response, "Water boils.");
+  ExpectError("{\"text\": \"ok\"}\n{\"text\": \"\"}\n", 2, "field 'text'");
+  ExpectError("{\"text\": 5}\n", 1, "field 'text': expected a string");
+  ExpectError("{\"body\": \"x\"}\n", 1, "\"text\"");
+}
+
 TEST_F(DataTest, FormatInstructionPrompt) {
   EXPECT_EQ(FormatInstructionPrompt("A", "B"),
             "### Instruction:\nA\n\n### Input:\nB\n\n### Response:\n");

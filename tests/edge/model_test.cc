@@ -234,6 +234,73 @@ TEST(ModelTest, BatchWithRightPaddingMatchesSingle) {
   EXPECT_LT((batch[0] - model->Forward(a)[0]).abs().max().item<double>(), 1e-5);
 }
 
+// Two examples packed into one row (plus padding) give each the hidden states
+// it has alone; without the block-diagonal mask and restarted positions the
+// second one would differ.
+void ExpectPackedMatchesSeparate(const Model& model) {
+  torch::NoGradGuard no_grad;
+  const std::vector<int64_t> a = {5, 6, 7, 8, 9, 10, 11}, b = {20, 21, 22, 23, 24, 25};
+  std::vector<int64_t> ids = a, pos, seg;
+  ids.insert(ids.end(), b.begin(), b.end());
+  ids.push_back(0);  // padding
+  for (size_t t = 0; t < a.size(); ++t) pos.push_back(static_cast<int64_t>(t)), seg.push_back(0);
+  for (size_t t = 0; t < b.size(); ++t) pos.push_back(static_cast<int64_t>(t)), seg.push_back(1);
+  pos.push_back(0);
+  seg.push_back(-1);
+  auto row = [](const std::vector<int64_t>& v) {
+    return torch::tensor(v, torch::kLong).unsqueeze(0);
+  };
+  torch::Tensor packed = model.ForwardHiddenPacked(row(ids), row(pos), row(seg));
+  const int64_t na = static_cast<int64_t>(a.size()), nb = static_cast<int64_t>(b.size());
+  torch::Tensor ha = model.ForwardHidden(row(a));
+  torch::Tensor hb = model.ForwardHidden(row(b));
+  EXPECT_LT((packed.slice(1, 0, na) - ha).abs().max().item<double>(), 1e-5);
+  EXPECT_LT((packed.slice(1, na, na + nb) - hb).abs().max().item<double>(), 1e-5);
+  // Plain causal attention over the concatenation lets b see a.
+  torch::Tensor plain = model.ForwardHidden(row(ids));
+  EXPECT_GT((plain.slice(1, na, na + nb) - hb).abs().max().item<double>(), 1e-3);
+  // Shapes are checked.
+  EXPECT_THROW(model.ForwardHiddenPacked(row(ids), row(pos).slice(1, 1), row(seg)), c10::Error);
+}
+
+TEST(ModelTest, PackedRowMatchesSeparateExamples) {
+  auto model = LoadOrDie(FixtureDir("llama"));
+  ASSERT_NE(model, nullptr);
+  ExpectPackedMatchesSeparate(*model);
+  auto qwen = LoadOrDie(FixtureDir("qwen2"));
+  ASSERT_NE(qwen, nullptr);
+  ExpectPackedMatchesSeparate(*qwen);
+}
+
+// A compact weight taller than one dequantization block (vocab-sized heads)
+// gives the same product and input gradient as the whole-matrix conversion.
+TEST(FrozenMatmulTest, BlockwiseDequantizationMatchesWholeMatrix) {
+  torch::manual_seed(3);
+  const int64_t rows = 10000, in = 48;  // 2 full blocks of 4096 and a partial one
+  torch::Tensor w = torch::randn({rows, in}) * 0.05;
+  LoraLinear int4;
+  QuantizeInt4(w, &int4);
+  torch::Tensor int8_scale = w.abs().amax(1).clamp_min(1e-30) / 127.0;
+  torch::Tensor int8 = (w / int8_scale.unsqueeze(1)).round().clamp(-127, 127).to(torch::kChar);
+  struct Case {
+    torch::Tensor weight, scale;
+    int64_t int4_in;
+  };
+  for (const Case& c : {Case{w.to(torch::kBFloat16), torch::Tensor(), 0}, Case{int8, int8_scale, 0},
+                        Case{int4.weight, int4.weight_scale, int4.int4_in}}) {
+    torch::Tensor dense = DequantizeWeight(c.weight, c.scale, c.int4_in);
+    ASSERT_EQ(dense.size(0), rows);
+    torch::Tensor x = torch::randn({2, 5, in}).requires_grad_(true);
+    torch::Tensor y = FrozenMatmul(x, c.weight, c.scale, c.int4_in);
+    torch::Tensor want = torch::matmul(x.detach(), dense.t());
+    EXPECT_LT((y.detach() - want).abs().max().item<double>(), 1e-4) << c.weight.scalar_type();
+    torch::Tensor g = torch::randn_like(want);
+    y.backward(g);
+    EXPECT_LT((x.grad() - torch::matmul(g, dense)).abs().max().item<double>(), 1e-4)
+        << c.weight.scalar_type();
+  }
+}
+
 TEST(ModelTest, OutOfRangeIdThrows) {
   auto model = LoadOrDie(FixtureDir("llama"));
   ASSERT_NE(model, nullptr);
@@ -734,6 +801,8 @@ TEST(ArchitectureTest, MistralMatchesLlamaAndSlidingWindowMasks) {
   for (int64_t t = 0; t < ids.size(1); ++t)
     steps.push_back(sw->Forward(ids.slice(1, t, t + 1), &cache));
   EXPECT_LT((torch::cat(steps, 1) - full).abs().max().item<double>(), 1e-4);
+  // Packed rows apply the window within each example too.
+  ExpectPackedMatchesSeparate(*sw);
 }
 
 }  // namespace

@@ -1,12 +1,16 @@
 // Training features of the libtorch engine (edge-agent/engine.h, trainer.h):
 // FFA-LoRA (frozen A), FedProx's proximal term, gradient accumulation,
-// progress reporting, gradient checkpointing and checkpoint/resume.
+// progress reporting, gradient checkpointing, checkpoint/resume, sequence
+// packing, bf16 autocast, replay, the forgetting probe and evaluation
+// (perplexity, exact match / token F1 from greedy generation).
+#include <ATen/autocast_mode.h>
 #include <torch/torch.h>
 #include <unistd.h>
 
 #include <cmath>
 #include <cstdio>
 #include <string>
+#include <tuple>
 #include <vector>
 
 #include "absl/strings/str_cat.h"
@@ -21,6 +25,7 @@ namespace fedlora::edge {
 namespace {
 
 using ::testing::HasSubstr;
+using ::testing::Not;
 
 std::string FixtureDir(const std::string& model) {
   return std::string(FEDLORA_FIXTURES) + "/hf/" + model;
@@ -46,6 +51,13 @@ std::vector<Example> Data() {
       {"### Instruction:\nHeart rate at admission?\n\n### Response:\n", "88 bpm, regular"},
       {"### Instruction:\nDischarge plan?\n\n### Response:\n", "follow up in two weeks"},
   };
+}
+
+// General text (replay data / forgetting probe): empty prompt, loss on all of it.
+std::vector<Example> General() {
+  return {{"", "The quick brown fox jumps over the lazy dog."},
+          {"", "Water boils at one hundred degrees Celsius at sea level."},
+          {"", "Paris is the capital of France."}};
 }
 
 LoraConfig SmallLora() {
@@ -438,6 +450,285 @@ TEST(CheckpointResumeTest, ForeignOrCorruptCheckpointIsIgnored) {
   }
   EXPECT_EQ(MaxAbsDiff(clean(3, path), clean(3, "")), 0.0);
   EXPECT_FALSE(FileExists(path));
+}
+
+TEST(PackingTest, PackedTrainingEqualsUnpacked) {
+  // Same examples per step; packed rows of <= 64 tokens hold 2-3 examples.
+  auto run = [](bool pack, bool checkpointing) {
+    auto t = Load();
+    EXPECT_NE(t, nullptr);
+    EXPECT_TRUE(t->InitAdapter(SmallLora()).ok());
+    TrainOptions o = Options();
+    o.steps = 4;
+    o.learning_rate = 1e-3f;
+    o.batch_size = 8;
+    o.max_seq_len = 64;
+    o.pack_sequences = pack;
+    o.gradient_checkpointing = checkpointing;
+    auto r = t->Train(Data(), o);
+    EXPECT_TRUE(r.ok()) << r.status();
+    return std::make_pair(r.ok() ? *r : TrainResult{}, Adapter(*t));
+  };
+  const auto [plain, plain_adapter] = run(false, false);
+  const auto [packed, packed_adapter] = run(true, false);
+  EXPECT_NEAR(packed.mean_loss, plain.mean_loss, 1e-5);
+  EXPECT_NEAR(packed.last_loss, plain.last_loss, 1e-5);
+  EXPECT_EQ(packed.tokens, plain.tokens);
+  EXPECT_LT(MaxAbsDiff(packed_adapter, plain_adapter), 2e-5);
+  // The mask also travels through gradient checkpointing.
+  const auto [ckpt, ckpt_adapter] = run(true, true);
+  EXPECT_NEAR(ckpt.mean_loss, plain.mean_loss, 1e-5);
+  EXPECT_LT(MaxAbsDiff(ckpt_adapter, plain_adapter), 2e-5);
+}
+
+TEST(PackingTest, ManyShortExamplesInOneRowGiveTheSameLoss) {
+  // Many short examples and a long max_seq_len: packed, one row holds them
+  // all; padded, each is a row of the longest length. Same loss either way.
+  std::vector<Example> data;
+  for (int i = 0; i < 16; ++i)
+    data.push_back({"Q" + std::to_string(i) + ":", " a" + std::to_string(i)});
+  data.push_back(
+      {"### Instruction:\nA much longer prompt that sets the padded row length "
+       "for every example in the batch\n\n### Response:\n",
+       "ok"});
+  auto t = Load();
+  ASSERT_NE(t, nullptr);
+  ASSERT_TRUE(t->InitAdapter(SmallLora()).ok());
+  TrainOptions o = Options();
+  o.steps = 1;
+  o.batch_size = static_cast<int>(data.size());
+  o.max_seq_len = 256;
+  o.learning_rate = 1e-6f;
+  auto a = t->Train(data, o);
+  ASSERT_TRUE(a.ok()) << a.status();
+  ASSERT_TRUE(t->InitAdapter(SmallLora()).ok());
+  o.pack_sequences = true;
+  auto b = t->Train(data, o);
+  ASSERT_TRUE(b.ok()) << b.status();
+  EXPECT_NEAR(a->last_loss, b->last_loss, 1e-5);
+}
+
+TEST(Bf16AutocastTest, TrainsCloseToFp32AndLeavesAutocastOff) {
+  auto run = [](bool bf16) {
+    auto t = Load();
+    EXPECT_NE(t, nullptr);
+    EXPECT_TRUE(t->InitAdapter(SmallLora()).ok());
+    auto before = t->Evaluate(Data(), 64);
+    EXPECT_TRUE(before.ok());
+    TrainOptions o = Options();
+    o.steps = 8;
+    o.bf16_autocast = bf16;
+    auto r = t->Train(Data(), o);
+    EXPECT_TRUE(r.ok()) << r.status();
+    auto after = t->Evaluate(Data(), 64);
+    EXPECT_TRUE(after.ok());
+    return std::make_tuple(r.ok() ? *r : TrainResult{}, before.ok() ? before->loss : 0.0,
+                           after.ok() ? after->loss : 0.0);
+  };
+  const auto [fp32, fp32_before, fp32_after] = run(false);
+  const auto [bf16, bf16_before, bf16_after] = run(true);
+  EXPECT_FALSE(at::autocast::is_cpu_enabled());
+  // bf16 matmuls change the numbers (so autocast was really on) but only a little.
+  EXPECT_NE(bf16.mean_loss, fp32.mean_loss);
+  EXPECT_NEAR(bf16.mean_loss, fp32.mean_loss, 0.05 * fp32.mean_loss);
+  // And it trains: the (fp32) held-out loss drops as with fp32.
+  EXPECT_EQ(bf16_before, fp32_before);
+  EXPECT_LT(bf16_after, bf16_before - 0.1);
+  EXPECT_NEAR(bf16_after, fp32_after, 0.05 * fp32_after);
+}
+
+TEST(Bf16AutocastTest, EngineOptionTurnsItOn) {
+  EngineOptions opts;
+  opts.threads = 1;
+  opts.bf16_autocast = true;
+  auto t = LoadTrainer(FixtureDir("llama"), opts);
+  ASSERT_TRUE(t.ok()) << t.status();
+  ASSERT_TRUE((*t)->InitAdapter(SmallLora()).ok());
+  auto u = Load();
+  ASSERT_TRUE(u->InitAdapter(SmallLora()).ok());
+  TrainOptions o = Options();
+  auto a = (*t)->Train(Data(), o);
+  auto b = u->Train(Data(), o);
+  ASSERT_TRUE(a.ok() && b.ok());
+  EXPECT_NE(a->mean_loss, b->mean_loss);
+  EXPECT_NEAR(a->mean_loss, b->mean_loss, 0.05 * b->mean_loss);
+}
+
+TEST(ProgressTest, EngineOptionPrintsProgressToStderr) {
+  // What `fedlora-agent run --progress-every N` sets: the agent's per-round
+  // TrainOptions leave progress_every 0.
+  EngineOptions opts;
+  opts.threads = 1;
+  opts.progress_every = 2;
+  opts.forgetting_probe = General();
+  auto t = LoadTrainer(FixtureDir("llama"), opts);
+  ASSERT_TRUE(t.ok()) << t.status();
+  ASSERT_TRUE((*t)->InitAdapter(SmallLora()).ok());
+  ::testing::internal::CaptureStderr();
+  auto r = (*t)->Train(Data(), Options());
+  const std::string err = ::testing::internal::GetCapturedStderr();
+  ASSERT_TRUE(r.ok()) << r.status();
+  EXPECT_THAT(err, HasSubstr("train step 2/6 loss "));
+  EXPECT_THAT(err, HasSubstr("train step 6/6 loss "));
+  EXPECT_THAT(err, Not(HasSubstr("train step 1/6")));
+  EXPECT_THAT(err, HasSubstr("forgetting probe: perplexity "));
+  EXPECT_TRUE(r->has_probe);
+}
+
+TEST(EvalTest, PerplexityIsExpOfLoss) {
+  auto t = Load();
+  ASSERT_NE(t, nullptr);
+  ASSERT_TRUE(t->InitAdapter(SmallLora()).ok());
+  auto r = t->Evaluate(Data(), 64);
+  ASSERT_TRUE(r.ok()) << r.status();
+  EXPECT_GT(r->loss, 0);
+  EXPECT_DOUBLE_EQ(r->perplexity, std::exp(r->loss));
+  EXPECT_EQ(r->generated_examples, 0u);  // no generation unless asked
+}
+
+// Two facts the adapter can memorise.
+std::vector<Example> Memo() {
+  return {{"### Instruction:\nAllergies?\n\n### Response:\n", "penicillin"},
+          {"### Instruction:\nHow old is the patient?\n\n### Response:\n", "54 years"}};
+}
+
+TEST(GenerationEvalTest, MemorisedSetScoresExactMatch) {
+  auto t = Load();
+  ASSERT_NE(t, nullptr);
+  ASSERT_TRUE(t->InitAdapter(SmallLora()).ok());
+  EvalOptions e;
+  e.max_seq_len = 64;
+  e.generate_max_new_tokens = 12;
+  auto before = t->EvaluateWith(Memo(), e);
+  ASSERT_TRUE(before.ok()) << before.status();
+  EXPECT_EQ(before->generated_examples, 2u);
+  EXPECT_EQ(before->exact_match, 0.0);  // a random model does not know the answers
+  TrainOptions o = Options();
+  o.steps = 80;
+  o.learning_rate = 1e-2f;
+  o.batch_size = 2;
+  auto r = t->Train(Memo(), o);
+  ASSERT_TRUE(r.ok()) << r.status();
+  auto after = t->EvaluateWith(Memo(), e);
+  ASSERT_TRUE(after.ok()) << after.status();
+  // The fixture's frozen head (random, std 0.02) bounds the logits, so the
+  // loss stays high even when every answer token is the arg-max.
+  EXPECT_LT(after->loss, before->loss - 1.0);
+  EXPECT_EQ(after->exact_match, 1.0);
+  EXPECT_EQ(after->token_f1, 1.0);
+  // Swapped references: the memorised answers are now wrong (F1 0, EM 0).
+  std::vector<Example> swapped = Memo();
+  std::swap(swapped[0].response, swapped[1].response);
+  auto wrong = t->EvaluateWith(swapped, e);
+  ASSERT_TRUE(wrong.ok()) << wrong.status();
+  EXPECT_EQ(wrong->exact_match, 0.0);
+  EXPECT_EQ(wrong->token_f1, 0.0);
+  // A reference of "54" against the answer "54 years": half the answer (P 1/2, R 1).
+  std::vector<Example> partial = {Memo()[1]};
+  partial[0].response = "54";
+  auto half = t->EvaluateWith(partial, e);
+  ASSERT_TRUE(half.ok()) << half.status();
+  EXPECT_EQ(half->exact_match, 0.0);
+  EXPECT_NEAR(half->token_f1, 2.0 / 3.0, 1e-12);
+  e.generate_max_new_tokens = -1;
+  EXPECT_EQ(t->EvaluateWith(Memo(), e).status().code(), absl::StatusCode::kInvalidArgument);
+}
+
+TEST(GenerationEvalTest, EngineOptionAddsGenerationToEvaluate) {
+  EngineOptions opts;
+  opts.threads = 1;
+  opts.eval_generate_max_new_tokens = 3;
+  auto t = LoadTrainer(FixtureDir("llama"), opts);
+  ASSERT_TRUE(t.ok()) << t.status();
+  ASSERT_TRUE((*t)->InitAdapter(SmallLora()).ok());
+  auto r = (*t)->Evaluate(Memo(), 64);
+  ASSERT_TRUE(r.ok()) << r.status();
+  EXPECT_EQ(r->generated_examples, 2u);
+  opts.eval_generate_max_new_tokens = -2;
+  EXPECT_THAT(std::string(LoadTrainer(FixtureDir("llama"), opts).status().message()),
+              HasSubstr("eval_generate_max_new_tokens"));
+}
+
+TEST(ForgettingProbeTest, ReportsPerplexityBeforeAndAfter) {
+  auto t = Load();
+  ASSERT_NE(t, nullptr);
+  ASSERT_TRUE(t->InitAdapter(SmallLora()).ok());
+  auto before = t->Evaluate(General(), 64);
+  ASSERT_TRUE(before.ok());
+  TrainOptions o = Options();
+  o.steps = 20;
+  o.forgetting_probe = General();
+  auto r = t->Train(Data(), o);
+  ASSERT_TRUE(r.ok()) << r.status();
+  auto after = t->Evaluate(General(), 64);
+  ASSERT_TRUE(after.ok());
+  ASSERT_TRUE(r->has_probe);
+  EXPECT_DOUBLE_EQ(r->probe_before.perplexity, before->perplexity);
+  EXPECT_DOUBLE_EQ(r->probe_after.perplexity, after->perplexity);
+  EXPECT_NE(r->probe_after.perplexity, r->probe_before.perplexity);
+  EXPECT_EQ(r->probe_after.tokens, before->tokens);
+  // No probe, no figures.
+  o.forgetting_probe.clear();
+  auto plain = t->Train(Data(), o);
+  ASSERT_TRUE(plain.ok());
+  EXPECT_FALSE(plain->has_probe);
+  // A probe with nothing to score fails before training and changes nothing.
+  const common::TensorMap start = Adapter(*t);
+  std::string long_prompt;
+  for (int i = 0; i < 100; ++i) long_prompt += "word ";
+  o.forgetting_probe = {{long_prompt, "x"}};  // the response is cut off at max_seq_len
+  auto bad = t->Train(Data(), o);
+  EXPECT_EQ(bad.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(std::string(bad.status().message()), HasSubstr("forgetting_probe"));
+  EXPECT_EQ(MaxAbsDiff(Adapter(*t), start), 0.0);
+}
+
+TEST(ReplayTest, MixedGeneralDataReducesForgetting) {
+  auto run = [](float fraction) {
+    auto t = Load();
+    EXPECT_NE(t, nullptr);
+    EXPECT_TRUE(t->InitAdapter(SmallLora()).ok());
+    TrainOptions o = Options();
+    o.steps = 30;
+    o.replay_fraction = fraction;
+    o.replay = General();
+    o.forgetting_probe = General();
+    auto r = t->Train(Data(), o);
+    EXPECT_TRUE(r.ok()) << r.status();
+    return r.ok() ? *r : TrainResult{};
+  };
+  const TrainResult none = run(0);
+  const TrainResult half = run(0.5f);
+  EXPECT_EQ(none.replay_examples, 0u);
+  EXPECT_EQ(half.replay_examples, 8u);       // 0.5 * 8 / (1 - 0.5)
+  EXPECT_EQ(run(0.2f).replay_examples, 2u);  // round(0.2 * 8 / 0.8)
+  EXPECT_EQ(half.probe_before.perplexity, none.probe_before.perplexity);
+  // Training on the general text too keeps its perplexity lower.
+  EXPECT_LT(half.probe_after.perplexity, none.probe_after.perplexity);
+  EXPECT_LT(half.probe_after.perplexity, half.probe_before.perplexity);
+}
+
+TEST(ReplayTest, BadSettingsAreNamedAndChangeNothing) {
+  auto t = Load();
+  ASSERT_NE(t, nullptr);
+  ASSERT_TRUE(t->InitAdapter(SmallLora()).ok());
+  const common::TensorMap start = Adapter(*t);
+  TrainOptions o = Options();
+  o.replay = General();
+  o.replay_fraction = 1.0f;
+  auto r = t->Train(Data(), o);
+  EXPECT_EQ(r.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(std::string(r.status().message()), HasSubstr("replay_fraction"));
+  o.replay_fraction = 0.3f;
+  o.replay.clear();
+  r = t->Train(Data(), o);
+  EXPECT_EQ(r.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(std::string(r.status().message()), HasSubstr("replay"));
+  EXPECT_EQ(MaxAbsDiff(Adapter(*t), start), 0.0);
+  EngineOptions opts;
+  opts.replay_fraction = 0.5f;
+  EXPECT_THAT(std::string(LoadTrainer(FixtureDir("llama"), opts).status().message()),
+              HasSubstr("EngineOptions.replay"));
 }
 
 }  // namespace
