@@ -9,7 +9,10 @@
 
 #include <gtest/gtest.h>
 
+#include <grpcpp/grpcpp.h>
+
 #include "common/crypto/crypto.h"
+#include "common/net/tls.h"
 #include "common/quant/quant.h"
 
 namespace fedlora::coordinator::testing {
@@ -179,6 +182,19 @@ std::vector<VersionRecord> SeedVersionChain(StateStore* store, int n) {
     parent = v.version_id;
   }
   return out;
+}
+
+std::chrono::system_clock::time_point In(int seconds) {
+  return std::chrono::system_clock::now() + std::chrono::seconds(seconds);
+}
+
+std::shared_ptr<grpc::Channel> MakeChannel(const std::string& target, const std::string& ca,
+                                           const std::string& cert, const std::string& key) {
+  auto creds = common::MakeChannelCredentials({ca, cert, key});
+  EXPECT_TRUE(creds.ok()) << creds.status();
+  grpc::ChannelArguments args;
+  args.SetInt(GRPC_ARG_USE_LOCAL_SUBCHANNEL_POOL, 1);  // one connection per fake agent
+  return grpc::CreateCustomChannel(target, *creds, args);
 }
 
 }  // namespace fedlora::coordinator::testing

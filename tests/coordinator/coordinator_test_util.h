@@ -14,6 +14,10 @@
 #include "coordinator/round_manager.h"
 #include "fedlora/v1/fedlora.pb.h"
 
+namespace grpc {
+class Channel;
+}
+
 namespace fedlora::coordinator::testing {
 
 // 64 hex chars used as the base model hash in tests.
@@ -45,6 +49,14 @@ std::string SealUpdate(const common::TensorMap& update, const std::string& publi
 // Plain weighted mean (reference for the aggregator).
 common::TensorMap NaiveWeightedMean(const std::vector<common::TensorMap>& updates,
                                     const std::vector<double>& weights);
+
+// A deadline `seconds` from now (gRPC client contexts).
+std::chrono::system_clock::time_point In(int seconds);
+
+// A mutual-TLS channel to `target` with its own connection (local subchannel pool),
+// so that each fake agent is a separate peer.
+std::shared_ptr<grpc::Channel> MakeChannel(const std::string& target, const std::string& ca,
+                                           const std::string& cert, const std::string& key);
 
 // Polls `condition` every 5 ms until it holds or `timeout` passes.
 bool WaitFor(const std::function<bool()>& condition,

@@ -26,7 +26,9 @@ namespace {
 
 namespace v1 = ::fedlora::v1;
 using ::testing::HasSubstr;
+using testing::In;
 using testing::kBaseHash;
+using testing::MakeChannel;
 using testing::MakeHeader;
 using testing::MakeLoraUpdate;
 using testing::SealUpdate;
@@ -35,18 +37,7 @@ using testing::WaitFor;
 
 constexpr uint32_t kRank = 4;
 
-std::chrono::system_clock::time_point In(int seconds) {
-  return std::chrono::system_clock::now() + std::chrono::seconds(seconds);
-}
 
-std::shared_ptr<grpc::Channel> MakeChannel(const std::string& target, const std::string& ca,
-                                           const std::string& cert, const std::string& key) {
-  auto creds = common::MakeChannelCredentials({ca, cert, key});
-  EXPECT_TRUE(creds.ok()) << creds.status();
-  grpc::ChannelArguments args;
-  args.SetInt(GRPC_ARG_USE_LOCAL_SUBCHANNEL_POOL, 1);
-  return grpc::CreateCustomChannel(target, *creds, args);
-}
 
 // One agent's Session over its own connection.
 class Session {
