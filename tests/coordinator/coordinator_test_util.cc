@@ -4,6 +4,7 @@
 
 #include <filesystem>
 #include <random>
+#include <sstream>
 #include <stdexcept>
 #include <thread>
 
@@ -13,6 +14,7 @@
 
 #include "common/crypto/crypto.h"
 #include "common/net/tls.h"
+#include "coordinator/admin/admin_cli.h"
 #include "common/quant/quant.h"
 
 namespace fedlora::coordinator::testing {
@@ -182,6 +184,15 @@ std::vector<VersionRecord> SeedVersionChain(StateStore* store, int n) {
     parent = v.version_id;
   }
   return out;
+}
+
+CliResult RunCli(std::vector<std::string> args) {
+  args.insert(args.begin(), "fedlora-admin");
+  std::vector<const char*> argv;
+  for (const auto& a : args) argv.push_back(a.c_str());
+  std::ostringstream out, err;
+  int code = RunAdminCli(static_cast<int>(argv.size()), argv.data(), out, err);
+  return {code, out.str(), err.str()};
 }
 
 std::chrono::system_clock::time_point In(int seconds) {

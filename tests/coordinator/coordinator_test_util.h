@@ -50,6 +50,15 @@ std::string SealUpdate(const common::TensorMap& update, const std::string& publi
 common::TensorMap NaiveWeightedMean(const std::vector<common::TensorMap>& updates,
                                     const std::vector<double>& weights);
 
+// fedlora-admin run in process (coordinator/admin/admin_cli.h): exit code and output.
+struct CliResult {
+  int code;
+  std::string out;
+  std::string err;
+};
+// `args` without the program name.
+CliResult RunCli(std::vector<std::string> args);
+
 // A deadline `seconds` from now (gRPC client contexts).
 std::chrono::system_clock::time_point In(int seconds);
 

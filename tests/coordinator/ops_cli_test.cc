@@ -25,22 +25,11 @@ namespace {
 using ::testing::HasSubstr;
 using testing::kBaseHash;
 using testing::SeedVersionChain;
+using testing::CliResult;
+using testing::RunCli;
 using testing::TempDir;
 
-struct CliResult {
-  int code;
-  std::string out;
-  std::string err;
-};
 
-CliResult RunCli(std::vector<std::string> args) {
-  args.insert(args.begin(), "fedlora-admin");
-  std::vector<const char*> argv;
-  for (const auto& a : args) argv.push_back(a.c_str());
-  std::ostringstream out, err;
-  int code = RunAdminCli(static_cast<int>(argv.size()), argv.data(), out, err);
-  return {code, out.str(), err.str()};
-}
 
 class OpsCliTest : public ::testing::TestWithParam<bool> {  // param: encrypted at rest
  protected:

@@ -17,13 +17,10 @@ namespace {
 
 using ::testing::HasSubstr;
 using testing::kBaseHash;
+using testing::CliResult;
+using testing::RunCli;
 using testing::TempDir;
 
-struct CliResult {
-  int code;
-  std::string out;
-  std::string err;
-};
 
 TEST(SecurityCliTest, ParseDuration) {
   std::string error;
@@ -61,8 +58,7 @@ class SecurityCliServerTest : public ::testing::Test {
   }
 
   CliResult Run(std::vector<std::string> args, const std::string& who = "admin") {
-    std::vector<std::string> full = {"fedlora-admin",
-                                     "--coordinator",
+    std::vector<std::string> full = {"--coordinator",
                                      "127.0.0.1:" + std::to_string(server_->port()),
                                      "--ca",
                                      pki_ + "/ca.pem",
@@ -71,11 +67,7 @@ class SecurityCliServerTest : public ::testing::Test {
                                      "--key",
                                      pki_ + "/" + who + ".key"};
     full.insert(full.end(), args.begin(), args.end());
-    std::vector<const char*> argv;
-    for (const auto& a : full) argv.push_back(a.c_str());
-    std::ostringstream out, err;
-    int code = RunAdminCli(static_cast<int>(argv.size()), argv.data(), out, err);
-    return {code, out.str(), err.str()};
+    return RunCli(std::move(full));
   }
 
   TempDir dir_;
