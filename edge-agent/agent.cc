@@ -299,6 +299,15 @@ void Agent::NoteError(const std::string& message) {
   stats_.last_error = message;
 }
 
+absl::Status Agent::CountRefusal(absl::Status status) {
+  // The count and the reason move together: a stats() snapshot never shows a refusal
+  // without its reason.
+  std::lock_guard<std::mutex> lock(mu_);
+  ++stats_.adapters_refused;
+  stats_.last_error = status.ToString();
+  return status;
+}
+
 void Agent::Log(const std::string& message) const {
   std::time_t now = std::time(nullptr);
   std::tm tm{};
@@ -708,11 +717,7 @@ absl::Status Agent::ApplyVersion(const std::string& version, const LoraConfig* l
   std::string fetched_signature;
   ASSIGN_OR_RETURN(std::string blob,
                    FetchBlob(version, expected_sha256, expected_size, &fetched_signature));
-  auto refuse = [&](absl::Status status) {
-    std::lock_guard<std::mutex> lock(mu_);
-    ++stats_.adapters_refused;
-    return status;
-  };
+  auto refuse = [&](absl::Status status) { return CountRefusal(std::move(status)); };
   auto refused = [&](const std::string& why) {
     return refuse(absl::PermissionDeniedError(absl::StrCat(
         "adapter version ", version, " refused, keeping ",
@@ -799,11 +804,7 @@ absl::StatusOr<std::string> Agent::FetchBlob(const std::string& version,
   int attempts = 0;
   int failures = 0;
   absl::Status last = absl::UnavailableError("no attempt made");
-  auto refuse = [&](absl::Status status) {
-    std::lock_guard<std::mutex> lock(mu_);
-    ++stats_.adapters_refused;
-    return status;
-  };
+  auto refuse = [&](absl::Status status) { return CountRefusal(std::move(status)); };
   while (true) {
     {
       std::lock_guard<std::mutex> lock(mu_);

@@ -171,6 +171,8 @@ class Agent {
   void RegisterCall(grpc::ClientContext* ctx);
   void UnregisterCall(grpc::ClientContext* ctx);
   void NoteError(const std::string& message);
+  // Counts a refused adapter and records `status` as the last error; returns it.
+  absl::Status CountRefusal(absl::Status status);
   void Log(const std::string& message) const;
 
   const AgentOptions options_;
