@@ -1,6 +1,7 @@
 #include "edge-agent/engine.h"
 
 #include <ATen/autocast_mode.h>
+#include <malloc.h>
 #include <sys/stat.h>
 #include <torch/torch.h>
 
@@ -936,6 +937,15 @@ void ConfigureThreads(int threads) {
   if (at::get_num_threads() != n) at::set_num_threads(n);
 }
 
+void ConfigureAllocator() {
+  static std::once_flag once;
+  std::call_once(once, [] {
+    // Setting the thresholds also turns off glibc's dynamic threshold adjustment.
+    mallopt(M_MMAP_THRESHOLD, 32 << 20);
+    mallopt(M_TRIM_THRESHOLD, 1 << 30);
+  });
+}
+
 absl::StatusOr<std::unique_ptr<LocalTrainer>> LoadTrainer(const std::string& model_dir,
                                                           const EngineOptions& options) {
   if (options.threads < 0) {
@@ -961,6 +971,7 @@ absl::StatusOr<std::unique_ptr<LocalTrainer>> LoadTrainer(const std::string& mod
   }
   try {
     ConfigureThreads(options.threads);
+    ConfigureAllocator();
     ModelLoadOptions mopts;
     mopts.base_dtype = options.base_dtype;
     ASSIGN_OR_RETURN(std::unique_ptr<Model> model, Model::Load(model_dir, mopts));

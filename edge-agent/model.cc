@@ -13,6 +13,7 @@
 #include "absl/strings/str_join.h"
 #include "common/crypto/crypto.h"
 #include "common/status/status.h"
+#include "edge-agent/attention.h"
 #include "nlohmann/json.hpp"
 #include "torch/csrc/autograd/custom_function.h"
 
@@ -485,6 +486,12 @@ torch::Tensor Model::Attention(const DecoderLayer& L, int index, const torch::Te
     cv = v;
   }
   const int64_t S = k.size(2);
+  if (fused_attention_ && !masked_in.defined() && past == 0 && S == T &&
+      FusedAttentionApplies(q, k, v)) {
+    torch::Tensor out = FusedCausalAttention(q, k, v, 1.0 / std::sqrt(static_cast<double>(D)),
+                                             c.sliding_window);
+    return L.o_proj.forward(out.transpose(1, 2).reshape({B, T, nh * D}), gen);
+  }
   if (nh != nkv) {
     const int64_t rep = nh / nkv;
     k = k.unsqueeze(2).expand({B, nkv, rep, S, D}).reshape({B, nh, S, D});

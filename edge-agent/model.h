@@ -116,6 +116,12 @@ class Model {
   void set_gradient_checkpointing(bool on) { gradient_checkpointing_ = on; }
   bool gradient_checkpointing() const { return gradient_checkpointing_; }
 
+  // Fused causal attention (edge-agent/attention.h) for forwards without a packing
+  // mask or a KV-cache prefix: on by default; off runs the plain matmul / softmax
+  // path (same results to float rounding; benchmarks compare the two).
+  void set_fused_attention(bool on) { fused_attention_ = on; }
+  bool fused_attention() const { return fused_attention_; }
+
   // Decoder layer `i` applied to x [B, T, H] (used by the checkpointing
   // wrapper). `masked`: undefined for the plain causal mask, else a bool
   // [B, 1, T, S] that is true where a query must not see a key.
@@ -162,6 +168,7 @@ class Model {
   std::map<std::string, int> dtypes_;
   int64_t checkpoint_bytes_ = 0;
   bool gradient_checkpointing_ = false;
+  bool fused_attention_ = true;
 };
 
 }  // namespace fedlora::edge

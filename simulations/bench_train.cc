@@ -146,11 +146,15 @@ absl::Status CheckOptions(const TrainBenchOptions& o) {
       o.base_dtype != "int4") {
     return bad("base-dtype", "fp32, bf16, int8 or int4", absl::StrCat("\"", o.base_dtype, "\""));
   }
+  if (o.attention != "fused" && o.attention != "plain") {
+    return bad("attention", "fused or plain", absl::StrCat("\"", o.attention, "\""));
+  }
   return absl::OkStatus();
 }
 
 absl::StatusOr<TrainBenchResult> RunImpl(const TrainBenchOptions& o, const TrainBenchPreset& p) {
   edge::ConfigureThreads(o.threads);
+  edge::ConfigureAllocator();
   std::string root = o.tmp_root;
   if (root.empty()) {
     const char* env = getenv("TMPDIR");
@@ -172,6 +176,7 @@ absl::StatusOr<TrainBenchResult> RunImpl(const TrainBenchOptions& o, const Train
   edge::LoraConfig lora;  // r=8, alpha=16, q,k,v,o,gate,up,down, no dropout
   RETURN_IF_ERROR(edge::InitLora(*model, lora));
   model->set_gradient_checkpointing(o.grad_checkpoint);
+  model->set_fused_attention(o.attention == "fused");
   std::vector<torch::Tensor> params = edge::LoraParameters(*model);
 
   TrainBenchResult result;
@@ -258,6 +263,7 @@ std::string TrainBenchJson(const TrainBenchResult& r) {
   j["base_dtype"] = r.options.base_dtype;
   j["bf16"] = r.options.bf16;
   j["grad_checkpoint"] = r.options.grad_checkpoint;
+  j["attention"] = r.options.attention;
   j["steps"] = r.options.steps;
   j["tokens_per_s"] = round1(r.tokens_per_s);
   j["peak_rss_mb"] = round1(r.peak_rss_mb);

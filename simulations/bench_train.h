@@ -20,7 +20,9 @@
 // Bad options (unknown preset or dtype, non-positive sizes) are
 // InvalidArgument naming the field; bf16 autocast (options.bf16) runs the
 // forward under CPU autocast to bfloat16; grad_checkpoint turns on the
-// model's gradient checkpointing (edge::Model::set_gradient_checkpointing).
+// model's gradient checkpointing (edge::Model::set_gradient_checkpointing);
+// attention "plain" turns the fused attention kernel off (the engine's matmul /
+// softmax path, the reference's algorithm).
 
 #include <cstdint>
 #include <string>
@@ -46,6 +48,7 @@ struct TrainBenchOptions {
   std::string base_dtype = "fp32";  // fp32 | bf16 | int8 | int4
   bool bf16 = false;                // autocast the forward to bf16
   bool grad_checkpoint = false;     // edge::Model gradient checkpointing
+  std::string attention = "fused";  // fused | plain (edge::Model::set_fused_attention)
   std::string tmp_root = "";        // where the temp checkpoint goes; "" = $TMPDIR or /tmp
 };
 
@@ -62,7 +65,7 @@ struct TrainBenchResult {
 absl::StatusOr<TrainBenchResult> RunTrainBench(const TrainBenchOptions& options);
 
 // One JSON line (no trailing newline): {"bench":"train","preset":..,"seq":..,
-// "batch":..,"threads":..,"base_dtype":..,"bf16":..,"grad_checkpoint":..,"steps":..,"tokens_per_s":..,
+// "batch":..,"threads":..,"base_dtype":..,"bf16":..,"grad_checkpoint":..,"attention":..,"steps":..,"tokens_per_s":..,
 // "peak_rss_mb":..,"step_ms_mean":..,"last_loss":..,"trainable_params":..,"frozen_params":..}
 std::string TrainBenchJson(const TrainBenchResult& result);
 

@@ -152,6 +152,11 @@ int main(int argc, char** argv) {
   bench_secagg_cmd->add_option("--seed", bench_secagg.seed, "Seed")->capture_default_str();
   bench_train_cmd->add_flag("--grad-checkpoint", bench_train.grad_checkpoint,
                             "Recompute each decoder layer in backward (gradient checkpointing)");
+  bench_train_cmd
+      ->add_option("--attention", bench_train.attention,
+                   "fused: the engine's fused causal attention; plain: matmul + softmax")
+      ->capture_default_str()
+      ->check(CLI::IsMember({"fused", "plain"}));
 
   CLI11_PARSE(app, argc, argv);
 

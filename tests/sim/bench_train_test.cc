@@ -79,6 +79,18 @@ TEST(BenchTrainTest, Bf16AutocastRuns) {
   EXPECT_NE(TrainBenchJson(*result).find("\"bf16\":true"), std::string::npos);
 }
 
+TEST(BenchTrainTest, FusedAndPlainAttentionTrainTheSame) {
+  TrainBenchOptions o = SmallRun();
+  auto fused = RunTrainBench(o);
+  o.attention = "plain";
+  auto plain = RunTrainBench(o);
+  ASSERT_TRUE(fused.ok()) << fused.status();
+  ASSERT_TRUE(plain.ok()) << plain.status();
+  // Same seeds, same data: the two attention paths give the same loss after the steps.
+  EXPECT_NEAR(fused->last_loss, plain->last_loss, 1e-4);
+  EXPECT_NE(TrainBenchJson(*plain).find("\"attention\":\"plain\""), std::string::npos);
+}
+
 TEST(BenchTrainTest, BadOptionsAreRejectedWithTheField) {
   TrainBenchOptions o = SmallRun();
   o.preset = "huge";
@@ -95,6 +107,11 @@ TEST(BenchTrainTest, BadOptionsAreRejectedWithTheField) {
   r = RunTrainBench(o);
   ASSERT_FALSE(r.ok());
   EXPECT_NE(r.status().message().find("--base-dtype"), std::string::npos) << r.status();
+  o = SmallRun();
+  o.attention = "flash";
+  r = RunTrainBench(o);
+  ASSERT_FALSE(r.ok());
+  EXPECT_NE(r.status().message().find("--attention"), std::string::npos) << r.status();
 }
 
 }  // namespace

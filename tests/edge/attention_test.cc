@@ -1,0 +1,109 @@
+// FusedCausalAttention against the plain matmul / mask / softmax path, values and
+// gradients, over the shapes the supported families use.
+#include "edge-agent/attention.h"
+
+#include <cmath>
+#include <limits>
+
+#include "gtest/gtest.h"
+
+namespace fedlora::edge {
+namespace {
+
+// The plain path, written independently of the engine's.
+torch::Tensor PlainAttention(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v,
+                             double scale, int64_t window) {
+  const int64_t H = q.size(1), Hkv = k.size(1), T = q.size(2);
+  torch::Tensor kk = k.repeat_interleave(H / Hkv, 1);
+  torch::Tensor vv = v.repeat_interleave(H / Hkv, 1);
+  torch::Tensor scores = torch::matmul(q, kk.transpose(-1, -2)) * scale;
+  torch::Tensor i = torch::arange(T).unsqueeze(1), j = torch::arange(T).unsqueeze(0);
+  torch::Tensor hidden = j > i;
+  if (window > 0) hidden = torch::logical_or(hidden, (i - j) >= window);
+  scores = scores.masked_fill(hidden, -std::numeric_limits<float>::infinity());
+  return torch::matmul(torch::softmax(scores, -1), vv);
+}
+
+struct Shape {
+  int64_t B, H, Hkv, T, D, window;
+};
+
+void PrintTo(const Shape& s, std::ostream* os) {
+  *os << "B" << s.B << " H" << s.H << " Hkv" << s.Hkv << " T" << s.T << " D" << s.D << " window"
+      << s.window;
+}
+
+class FusedAttentionTest : public ::testing::TestWithParam<Shape> {};
+
+TEST_P(FusedAttentionTest, ValuesAndGradientsMatchThePlainPath) {
+  const Shape s = GetParam();
+  torch::manual_seed(7);
+  // Scaled so that some rows are peaked (large scores) and others flat.
+  auto make = [](std::vector<int64_t> sizes) {
+    return (torch::randn(sizes, torch::kFloat) * 2.0).requires_grad_(true);
+  };
+  torch::Tensor q = make({s.B, s.H, s.T, s.D}), k = make({s.B, s.Hkv, s.T, s.D}),
+                v = make({s.B, s.Hkv, s.T, s.D});
+  torch::Tensor q2 = q.detach().clone().requires_grad_(true);
+  torch::Tensor k2 = k.detach().clone().requires_grad_(true);
+  torch::Tensor v2 = v.detach().clone().requires_grad_(true);
+  const double scale = 1.0 / std::sqrt(static_cast<double>(s.D));
+  ASSERT_TRUE(FusedAttentionApplies(q, k, v));
+
+  torch::Tensor fused = FusedCausalAttention(q, k, v, scale, s.window);
+  torch::Tensor plain = PlainAttention(q2, k2, v2, scale, s.window);
+  ASSERT_EQ(fused.sizes(), plain.sizes());
+  EXPECT_LT((fused - plain).abs().max().item<float>(), 2e-5);
+
+  torch::Tensor upstream = torch::randn(plain.sizes());
+  (fused * upstream).sum().backward();
+  (plain * upstream).sum().backward();
+  EXPECT_LT((q.grad() - q2.grad()).abs().max().item<float>(), 1e-4);
+  EXPECT_LT((k.grad() - k2.grad()).abs().max().item<float>(), 1e-4);
+  EXPECT_LT((v.grad() - v2.grad()).abs().max().item<float>(), 1e-4);
+  // The gradients are not trivially zero (with one position the softmax is constant,
+  // so only v gets a gradient).
+  EXPECT_GT(v.grad().abs().max().item<float>(), 1e-3);
+  if (s.T > 1) EXPECT_GT(k.grad().abs().max().item<float>(), 1e-3);
+}
+
+INSTANTIATE_TEST_SUITE_P(
+    Shapes, FusedAttentionTest,
+    ::testing::Values(Shape{1, 1, 1, 1, 8, 0},      // one position
+                      Shape{2, 4, 4, 17, 16, 0},    // multi-head, odd length
+                      Shape{2, 8, 4, 33, 32, 0},    // grouped-query (tiny preset's layout)
+                      Shape{1, 9, 3, 40, 64, 0},    // SmolLM2-135M's 9 / 3 heads
+                      Shape{1, 4, 1, 30, 96, 0},    // Phi-3's head_dim, multi-query
+                      Shape{2, 4, 2, 29, 16, 7}));  // sliding window (Mistral)
+
+TEST(FusedAttentionTest, NonContiguousInputsAreHandled) {
+  torch::manual_seed(3);
+  // [B, T, H, D] transposed to [B, H, T, D], as the engine produces them.
+  torch::Tensor q = torch::randn({2, 12, 4, 16}).transpose(1, 2);
+  torch::Tensor k = torch::randn({2, 12, 2, 16}).transpose(1, 2);
+  torch::Tensor v = torch::randn({2, 12, 2, 16}).transpose(1, 2);
+  torch::Tensor fused = FusedCausalAttention(q, k, v, 0.25);
+  EXPECT_LT((fused - PlainAttention(q, k, v, 0.25, 0)).abs().max().item<float>(), 2e-5);
+}
+
+TEST(FusedAttentionTest, LargeScoresStayFinite) {
+  // exp of very negative arguments must underflow to 0, not to NaN or garbage.
+  torch::Tensor q = torch::full({1, 1, 6, 4}, 30.0f);
+  torch::Tensor k = torch::randn({1, 1, 6, 4}) * 30.0;
+  torch::Tensor v = torch::randn({1, 1, 6, 4});
+  torch::Tensor fused = FusedCausalAttention(q, k, v, 1.0);
+  EXPECT_TRUE(torch::isfinite(fused).all().item<bool>());
+  EXPECT_LT((fused - PlainAttention(q, k, v, 1.0, 0)).abs().max().item<float>(), 1e-5);
+}
+
+TEST(FusedAttentionTest, UnsupportedInputsAreRefused) {
+  torch::Tensor q = torch::randn({1, 3, 5, 8}), k = torch::randn({1, 2, 5, 8});
+  EXPECT_FALSE(FusedAttentionApplies(q, k, k));  // 3 heads over 2 kv heads
+  torch::Tensor qd = torch::randn({1, 2, 5, 8}, torch::kDouble);
+  EXPECT_FALSE(FusedAttentionApplies(qd, k, k));
+  EXPECT_FALSE(FusedAttentionApplies(torch::randn({1, 2, 5, 8}), k, torch::randn({1, 2, 4, 8})));
+  EXPECT_THROW(FusedCausalAttention(q, k, k, 1.0), c10::Error);
+}
+
+}  // namespace
+}  // namespace fedlora::edge
