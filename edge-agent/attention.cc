@@ -43,102 +43,179 @@ inline float ExpNonPositive(float x) {
   return y * two_n;
 }
 
+// The kernels work on 16-float vectors (GCC vector extensions: one zmm with
+// AVX-512, two ymm with AVX2, four xmm otherwise) and on blocks of kRows query
+// rows, so that every key or value vector loaded feeds kRows multiply-adds.
+// head_dim is zero-padded to a multiple of 16 and the transposed keys / values
+// ([D, T]) to a length that is one, so no loop has a scalar tail.
+typedef float Vec __attribute__((vector_size(64)));
+constexpr int64_t kW = 16;
+constexpr int64_t kRows = 4;
+
+inline Vec Load(const float* p) {
+  Vec v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+inline void Store(float* p, Vec v) { std::memcpy(p, &v, sizeof(v)); }
+inline int64_t RoundUp(int64_t n) { return (n + kW - 1) / kW * kW; }
+
 struct Dims {
-  int64_t T = 0, D = 0, window = 0;
+  int64_t T = 0, Tp = 0, D = 0, window = 0;  // D padded; Tp = RoundUp(T)
   float scale = 1.0f;
   int64_t First(int64_t i) const { return window > 0 ? std::max<int64_t>(0, i - window + 1) : 0; }
 };
 
-// All per-row loops run over keys j with j-contiguous rows of the transposed
-// keys / values ([D, T]), so every inner loop is a long unit-stride vector loop.
-
-// s[j] = scale * q . k_j for j in [lo, i], with kt the head's keys transposed [D, T].
-inline void Scores(const Dims& d, const float* __restrict q, const float* __restrict kt,
-                   int64_t lo, int64_t i, float* __restrict s) {
-  for (int64_t j = lo; j <= i; ++j) s[j] = 0.0f;
-  for (int64_t c = 0; c < d.D; ++c) {
-    const float qc = q[c] * d.scale;
-    const float* __restrict row = kt + c * d.T;
-    for (int64_t j = lo; j <= i; ++j) s[j] += qc * row[j];
+// out[r][j] = sum_c a[r][c] * bt[c][j] for the kRows rows of a ([kRows, D]) and
+// j in [j0, j1), multiples of 16; bt is [D, Tp]; out rows have stride Tp.
+inline void RowsTimesTransposed(const Dims& d, const float* __restrict a,
+                                const float* __restrict bt, int64_t j0, int64_t j1,
+                                float* __restrict out) {
+  for (int64_t j = j0; j < j1; j += kW) {
+    Vec s0 = {}, s1 = {}, s2 = {}, s3 = {};
+    for (int64_t c = 0; c < d.D; ++c) {
+      const Vec b = Load(bt + c * d.Tp + j);
+      s0 += a[c] * b;
+      s1 += a[d.D + c] * b;
+      s2 += a[2 * d.D + c] * b;
+      s3 += a[3 * d.D + c] * b;
+    }
+    Store(out + j, s0);
+    Store(out + d.Tp + j, s1);
+    Store(out + 2 * d.Tp + j, s2);
+    Store(out + 3 * d.Tp + j, s3);
   }
 }
 
-// One (batch, head): out [T, D] and lse [T] from q [T, D], kt and vt [D, T].
+// out[r][:] = sum_{j in [j0, j1)} w[r][j] * b[j][:] (w rows of stride Tp, b [T, D]).
+inline void WeightsTimesRows(const Dims& d, const float* __restrict w, const float* __restrict b,
+                             int64_t j0, int64_t j1, float* __restrict out) {
+  for (int64_t c = 0; c < d.D; c += kW) {
+    Vec o0 = {}, o1 = {}, o2 = {}, o3 = {};
+    for (int64_t j = j0; j < j1; ++j) {
+      const Vec x = Load(b + j * d.D + c);
+      o0 += w[j] * x;
+      o1 += w[d.Tp + j] * x;
+      o2 += w[2 * d.Tp + j] * x;
+      o3 += w[3 * d.Tp + j] * x;
+    }
+    Store(out + c, o0);
+    Store(out + d.D + c, o1);
+    Store(out + 2 * d.D + c, o2);
+    Store(out + 3 * d.D + c, o3);
+  }
+}
+
+// acc[j][:] += sum_r w[r][j] * a[r][:] for j in [j0, j1) (acc [T, D], a [kRows, D]).
+inline void AddWeightedRows(const Dims& d, const float* __restrict w, const float* __restrict a,
+                            int64_t j0, int64_t j1, float* __restrict acc) {
+  for (int64_t j = j0; j < j1; ++j) {
+    const float w0 = w[j], w1 = w[d.Tp + j], w2 = w[2 * d.Tp + j], w3 = w[3 * d.Tp + j];
+    float* row = acc + j * d.D;
+    for (int64_t c = 0; c < d.D; c += kW) {
+      Store(row + c, Load(row + c) + w0 * Load(a + c) + w1 * Load(a + d.D + c) +
+                         w2 * Load(a + 2 * d.D + c) + w3 * Load(a + 3 * d.D + c));
+    }
+  }
+}
+
+// Copies rows [i0, i0 + n) of x ([T, D]) into buf ([kRows, D]), zero rows after n.
+inline void GatherRows(const Dims& d, const float* x, int64_t i0, int64_t n, float* buf) {
+  std::memcpy(buf, x + i0 * d.D, static_cast<size_t>(n * d.D) * sizeof(float));
+  std::fill(buf + n * d.D, buf + kRows * d.D, 0.0f);
+}
+
+// One (batch, head): out [T, D] and lse [T] from q, v [T, D] and kt [D, Tp].
+// s: [kRows, Tp] scratch, qa and ob: [kRows, D] scratch.
 FEDLORA_MULTI_ISA
 void ForwardHead(const Dims d, const float* __restrict q, const float* __restrict kt,
-                 const float* __restrict vt, float* __restrict out, float* __restrict lse,
-                 float* __restrict s) {
-  for (int64_t i = 0; i < d.T; ++i) {
-    const int64_t lo = d.First(i);
-    Scores(d, q + i * d.D, kt, lo, i, s);
-    float m = -INFINITY;
+                 const float* __restrict v, float* __restrict out, float* __restrict lse,
+                 float* __restrict s, float* __restrict qa, float* __restrict ob) {
+  for (int64_t i0 = 0; i0 < d.T; i0 += kRows) {
+    const int64_t n = std::min(kRows, d.T - i0), hi = i0 + n - 1;
+    const int64_t j0 = d.First(i0) / kW * kW;
+    GatherRows(d, q, i0, n, qa);
+    RowsTimesTransposed(d, qa, kt, j0, RoundUp(hi + 1), s);
+    float inv[kRows] = {0, 0, 0, 0};
+    for (int64_t r = 0; r < kRows; ++r) {
+      float* row = s + r * d.Tp;
+      if (r >= n) {
+        std::fill(row + j0, row + hi + 1, 0.0f);
+        continue;
+      }
+      const int64_t i = i0 + r, lo = d.First(i);
+      float m = -INFINITY;
 #pragma omp simd reduction(max : m)
-    for (int64_t j = lo; j <= i; ++j) m = std::max(m, s[j]);
-    float sum = 0.0f;
+      for (int64_t j = lo; j <= i; ++j) m = std::max(m, row[j] * d.scale);
+      float sum = 0.0f;
 #pragma omp simd reduction(+ : sum)
-    for (int64_t j = lo; j <= i; ++j) {
-      const float p = ExpNonPositive(s[j] - m);
-      s[j] = p;
-      sum += p;
+      for (int64_t j = lo; j <= i; ++j) {
+        const float p = ExpNonPositive(row[j] * d.scale - m);
+        row[j] = p;
+        sum += p;
+      }
+      std::fill(row + j0, row + lo, 0.0f);
+      std::fill(row + i + 1, row + hi + 1, 0.0f);
+      inv[r] = 1.0f / sum;
+      lse[i] = m + std::log(sum);
     }
-    const float inv = 1.0f / sum;
-    float* __restrict o = out + i * d.D;
-    for (int64_t c = 0; c < d.D; ++c) {
-      const float* __restrict row = vt + c * d.T;
-      float acc = 0.0f;
-#pragma omp simd reduction(+ : acc)
-      for (int64_t j = lo; j <= i; ++j) acc += s[j] * row[j];
-      o[c] = acc * inv;
+    WeightsTimesRows(d, s, v, j0, hi + 1, ob);
+    for (int64_t r = 0; r < n; ++r) {
+      for (int64_t c = 0; c < d.D; ++c) out[(i0 + r) * d.D + c] = ob[r * d.D + c] * inv[r];
     }
-    lse[i] = m + std::log(sum);
   }
 }
 
-// One (batch, head) of backward. dq [T, D] is this head's; dkt and dvt [D, T]
-// are this head's contributions, transposed (summed over the group by the caller).
+// One (batch, head) of backward: dq [T, D] is this head's; dk and dv [T, D] are
+// this head's contributions (summed over the group by the caller). delta[i] =
+// dout[i] . out[i]. Scratch: s and g [kRows, Tp], qa, ga and ob [kRows, D].
 FEDLORA_MULTI_ISA
-void BackwardHead(const Dims d, const float* __restrict q, const float* __restrict kt,
-                  const float* __restrict vt, const float* __restrict out,
-                  const float* __restrict dout, const float* __restrict lse, float* __restrict dq,
-                  float* __restrict dkt, float* __restrict dvt, float* __restrict s,
-                  float* __restrict g) {
-  std::fill(dkt, dkt + d.T * d.D, 0.0f);
-  std::fill(dvt, dvt + d.T * d.D, 0.0f);
-  for (int64_t i = 0; i < d.T; ++i) {
-    const int64_t lo = d.First(i);
-    const float* __restrict qi = q + i * d.D;
-    const float* __restrict gi = dout + i * d.D;
-    const float* __restrict oi = out + i * d.D;
-    float delta = 0.0f;
-#pragma omp simd reduction(+ : delta)
-    for (int64_t c = 0; c < d.D; ++c) delta += gi[c] * oi[c];
-    Scores(d, qi, kt, lo, i, s);
-    const float l = lse[i];
-    for (int64_t j = lo; j <= i; ++j) s[j] = ExpNonPositive(s[j] - l);  // probabilities
-    for (int64_t j = lo; j <= i; ++j) g[j] = 0.0f;
-    for (int64_t c = 0; c < d.D; ++c) {  // g = dO_i . v_j
-      const float gc = gi[c];
-      const float* __restrict row = vt + c * d.T;
-      for (int64_t j = lo; j <= i; ++j) g[j] += gc * row[j];
-    }
-    // g becomes the gradient w.r.t. q_i . k_j (the softmax backward, times scale).
-    for (int64_t j = lo; j <= i; ++j) g[j] = s[j] * (g[j] - delta) * d.scale;
-    float* __restrict dqi = dq + i * d.D;
-    for (int64_t c = 0; c < d.D; ++c) {
-      const float qc = qi[c], gc = gi[c];
-      const float* __restrict krow = kt + c * d.T;
-      float* __restrict dkrow = dkt + c * d.T;
-      float* __restrict dvrow = dvt + c * d.T;
-      float acc = 0.0f;
-#pragma omp simd reduction(+ : acc)
-      for (int64_t j = lo; j <= i; ++j) {
-        dkrow[j] += g[j] * qc;
-        dvrow[j] += s[j] * gc;
-        acc += g[j] * krow[j];
+void BackwardHead(const Dims d, const float* __restrict q, const float* __restrict k,
+                  const float* __restrict kt, const float* __restrict vt,
+                  const float* __restrict dout, const float* __restrict delta,
+                  const float* __restrict lse, float* __restrict dq, float* __restrict dk,
+                  float* __restrict dv, float* __restrict s, float* __restrict g,
+                  float* __restrict qa, float* __restrict ga, float* __restrict ob) {
+  std::fill(dk, dk + d.T * d.D, 0.0f);
+  std::fill(dv, dv + d.T * d.D, 0.0f);
+  for (int64_t i0 = 0; i0 < d.T; i0 += kRows) {
+    const int64_t n = std::min(kRows, d.T - i0), hi = i0 + n - 1;
+    const int64_t j0 = d.First(i0) / kW * kW, j1 = RoundUp(hi + 1);
+    GatherRows(d, q, i0, n, qa);
+    GatherRows(d, dout, i0, n, ga);
+    RowsTimesTransposed(d, qa, kt, j0, j1, s);  // raw scores
+    RowsTimesTransposed(d, ga, vt, j0, j1, g);  // dout . v_j
+    for (int64_t r = 0; r < kRows; ++r) {
+      float* ps = s + r * d.Tp;
+      float* pg = g + r * d.Tp;
+      if (r >= n) {
+        std::fill(ps + j0, ps + hi + 1, 0.0f);
+        std::fill(pg + j0, pg + hi + 1, 0.0f);
+        continue;
       }
-      dqi[c] = acc;
+      const int64_t i = i0 + r, lo = d.First(i);
+      const float l = lse[i], dl = delta[i];
+      for (int64_t j = lo; j <= i; ++j) {
+        const float p = ExpNonPositive(ps[j] * d.scale - l);
+        ps[j] = p;                            // probability
+        pg[j] = p * (pg[j] - dl) * d.scale;   // gradient w.r.t. the raw score q_i . k_j
+      }
+      for (float* row : {ps, pg}) {
+        std::fill(row + j0, row + lo, 0.0f);
+        std::fill(row + i + 1, row + hi + 1, 0.0f);
+      }
     }
+    WeightsTimesRows(d, g, k, j0, hi + 1, ob);
+    std::memcpy(dq + i0 * d.D, ob, static_cast<size_t>(n * d.D) * sizeof(float));
+    AddWeightedRows(d, g, qa, j0, hi + 1, dk);
+    AddWeightedRows(d, s, ga, j0, hi + 1, dv);
   }
+}
+
+// x [..., D] padded with zero columns to Dp, contiguous.
+torch::Tensor PadLast(const torch::Tensor& x, int64_t to) {
+  const int64_t n = x.size(-1);
+  return n == to ? x.contiguous() : torch::constant_pad_nd(x, {0, to - n}).contiguous();
 }
 
 class FusedAttentionFn : public torch::autograd::Function<FusedAttentionFn> {
@@ -146,31 +223,32 @@ class FusedAttentionFn : public torch::autograd::Function<FusedAttentionFn> {
   static torch::Tensor forward(torch::autograd::AutogradContext* ctx, const torch::Tensor& q_in,
                                const torch::Tensor& k_in, const torch::Tensor& v_in, double scale,
                                int64_t window) {
-    const torch::Tensor q = q_in.contiguous(), k = k_in.contiguous(), v = v_in.contiguous();
-    const int64_t B = q.size(0), H = q.size(1), T = q.size(2), D = q.size(3);
-    const int64_t Hkv = k.size(1), rep = H / Hkv;
-    const torch::Tensor kt = k.transpose(-1, -2).contiguous();
-    const torch::Tensor vt = v.transpose(-1, -2).contiguous();
+    const int64_t B = q_in.size(0), H = q_in.size(1), T = q_in.size(2), D0 = q_in.size(3);
+    const int64_t Hkv = k_in.size(1), rep = H / Hkv;
+    const Dims d{T, RoundUp(T), RoundUp(D0), window, static_cast<float>(scale)};
+    const torch::Tensor q = PadLast(q_in, d.D), k = PadLast(k_in, d.D), v = PadLast(v_in, d.D);
+    const torch::Tensor kt = PadLast(k.transpose(-1, -2), d.Tp);
     torch::Tensor out = torch::empty_like(q);
     torch::Tensor lse = torch::empty({B, H, T}, q.options());
-    const Dims d{T, D, window, static_cast<float>(scale)};
     const float* qp = q.data_ptr<float>();
     const float* ktp = kt.data_ptr<float>();
-    const float* vtp = vt.data_ptr<float>();
+    const float* vp = v.data_ptr<float>();
     float* op = out.data_ptr<float>();
     float* lp = lse.data_ptr<float>();
     at::parallel_for(0, B * H, 1, [&](int64_t begin, int64_t end) {
-      std::vector<float> s(static_cast<size_t>(T));
+      std::vector<float> s(static_cast<size_t>(kRows * d.Tp));
+      std::vector<float> qa(static_cast<size_t>(kRows * d.D)), ob(qa.size());
       for (int64_t bh = begin; bh < end; ++bh) {
         const int64_t kv = (bh / H) * Hkv + (bh % H) / rep;
-        ForwardHead(d, qp + bh * T * D, ktp + kv * D * T, vtp + kv * D * T, op + bh * T * D,
-                    lp + bh * T, s.data());
+        ForwardHead(d, qp + bh * T * d.D, ktp + kv * d.D * d.Tp, vp + kv * T * d.D,
+                    op + bh * T * d.D, lp + bh * T, s.data(), qa.data(), ob.data());
       }
     });
     ctx->save_for_backward({q, k, v, out, lse});
     ctx->saved_data["scale"] = scale;
     ctx->saved_data["window"] = window;
-    return out;
+    ctx->saved_data["head_dim"] = D0;
+    return D0 == d.D ? out : out.narrow(-1, 0, D0);
   }
 
   static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
@@ -178,36 +256,45 @@ class FusedAttentionFn : public torch::autograd::Function<FusedAttentionFn> {
     const auto saved = ctx->get_saved_variables();
     const torch::Tensor &q = saved[0], &k = saved[1], &v = saved[2], &out = saved[3],
                         &lse = saved[4];
-    const torch::Tensor dout = grads[0].contiguous();
-    const int64_t B = q.size(0), H = q.size(1), T = q.size(2), D = q.size(3);
-    const int64_t Hkv = k.size(1), rep = H / Hkv;
-    const torch::Tensor kt = k.transpose(-1, -2).contiguous();
-    const torch::Tensor vt = v.transpose(-1, -2).contiguous();
-    torch::Tensor dq = torch::empty_like(q);
-    torch::Tensor dkt_heads = torch::empty({B, H, D, T}, q.options());
-    torch::Tensor dvt_heads = torch::empty({B, H, D, T}, q.options());
-    const Dims d{T, D, ctx->saved_data["window"].toInt(),
+    const int64_t B = q.size(0), H = q.size(1), T = q.size(2);
+    const int64_t Hkv = k.size(1), rep = H / Hkv, D0 = ctx->saved_data["head_dim"].toInt();
+    const Dims d{T, RoundUp(T), q.size(3), ctx->saved_data["window"].toInt(),
                  static_cast<float>(ctx->saved_data["scale"].toDouble())};
+    const torch::Tensor dout = PadLast(grads[0], d.D);
+    const torch::Tensor delta = (dout * out).sum(-1).contiguous();  // [B, H, T]
+    const torch::Tensor kt = PadLast(k.transpose(-1, -2), d.Tp);
+    const torch::Tensor vt = PadLast(v.transpose(-1, -2), d.Tp);
+    torch::Tensor dq = torch::empty_like(q);
+    torch::Tensor dk_heads = torch::empty({B, H, T, d.D}, q.options());
+    torch::Tensor dv_heads = torch::empty({B, H, T, d.D}, q.options());
     const float* qp = q.data_ptr<float>();
+    const float* kp = k.data_ptr<float>();
     const float* ktp = kt.data_ptr<float>();
     const float* vtp = vt.data_ptr<float>();
-    const float* op = out.data_ptr<float>();
     const float* gp = dout.data_ptr<float>();
+    const float* dlp = delta.data_ptr<float>();
     const float* lp = lse.data_ptr<float>();
     float* dqp = dq.data_ptr<float>();
-    float* dkp = dkt_heads.data_ptr<float>();
-    float* dvp = dvt_heads.data_ptr<float>();
+    float* dkp = dk_heads.data_ptr<float>();
+    float* dvp = dv_heads.data_ptr<float>();
     at::parallel_for(0, B * H, 1, [&](int64_t begin, int64_t end) {
-      std::vector<float> s(static_cast<size_t>(T)), g(static_cast<size_t>(T));
+      std::vector<float> s(static_cast<size_t>(kRows * d.Tp)), g(s.size());
+      std::vector<float> qa(static_cast<size_t>(kRows * d.D)), ga(qa.size()), ob(qa.size());
       for (int64_t bh = begin; bh < end; ++bh) {
         const int64_t kv = (bh / H) * Hkv + (bh % H) / rep;
-        const int64_t at = bh * T * D;
-        BackwardHead(d, qp + at, ktp + kv * D * T, vtp + kv * D * T, op + at, gp + at,
-                     lp + bh * T, dqp + at, dkp + at, dvp + at, s.data(), g.data());
+        const int64_t at = bh * T * d.D;
+        BackwardHead(d, qp + at, kp + kv * T * d.D, ktp + kv * d.D * d.Tp, vtp + kv * d.D * d.Tp,
+                     gp + at, dlp + bh * T, lp + bh * T, dqp + at, dkp + at, dvp + at, s.data(),
+                     g.data(), qa.data(), ga.data(), ob.data());
       }
     });
-    torch::Tensor dk = dkt_heads.view({B, Hkv, rep, D, T}).sum(2).transpose(-1, -2);
-    torch::Tensor dv = dvt_heads.view({B, Hkv, rep, D, T}).sum(2).transpose(-1, -2);
+    torch::Tensor dk = dk_heads.view({B, Hkv, rep, T, d.D}).sum(2);
+    torch::Tensor dv = dv_heads.view({B, Hkv, rep, T, d.D}).sum(2);
+    if (D0 != d.D) {
+      dq = dq.narrow(-1, 0, D0);
+      dk = dk.narrow(-1, 0, D0);
+      dv = dv.narrow(-1, 0, D0);
+    }
     return {dq, dk, dv, torch::Tensor(), torch::Tensor()};
   }
 };

@@ -64,7 +64,9 @@ TEST_P(FusedAttentionTest, ValuesAndGradientsMatchThePlainPath) {
   // The gradients are not trivially zero (with one position the softmax is constant,
   // so only v gets a gradient).
   EXPECT_GT(v.grad().abs().max().item<float>(), 1e-3);
-  if (s.T > 1) EXPECT_GT(k.grad().abs().max().item<float>(), 1e-3);
+  if (s.T > 1) {
+    EXPECT_GT(k.grad().abs().max().item<float>(), 1e-3);
+  }
 }
 
 INSTANTIATE_TEST_SUITE_P(
@@ -74,7 +76,9 @@ INSTANTIATE_TEST_SUITE_P(
                       Shape{2, 8, 4, 33, 32, 0},    // grouped-query (tiny preset's layout)
                       Shape{1, 9, 3, 40, 64, 0},    // SmolLM2-135M's 9 / 3 heads
                       Shape{1, 4, 1, 30, 96, 0},    // Phi-3's head_dim, multi-query
-                      Shape{2, 4, 2, 29, 16, 7}));  // sliding window (Mistral)
+                      Shape{2, 4, 2, 29, 16, 7},    // sliding window (Mistral)
+                      Shape{1, 2, 2, 70, 32, 20},   // window spanning several key blocks
+                      Shape{1, 2, 1, 3, 128, 0}));  // head_dim 128, fewer rows than a block
 
 TEST(FusedAttentionTest, NonContiguousInputsAreHandled) {
   torch::manual_seed(3);
