@@ -319,6 +319,7 @@ class RoundManager {
   // Async mode (manager thread).
   std::map<uint64_t, TaskState> async_tasks_;   // every task handed out, by id
   std::map<std::string, uint64_t> async_busy_;  // agent -> task holding its slot
+  std::map<std::string, uint64_t> async_last_task_;  // agent -> its latest task id
   uint64_t last_task_id_ = 0;
   std::vector<PendingCommit> async_pending_;  // updates waiting for the next buffer
 

@@ -3,7 +3,6 @@
 // thread except AggregateAsync (a worker).
 
 #include <algorithm>
-#include <random>
 #include <set>
 
 #include "absl/strings/str_cat.h"
@@ -23,6 +22,7 @@ namespace v1 = ::fedlora::v1;
 void RoundManager::RebuildAsyncTasks() {
   async_tasks_.clear();
   async_busy_.clear();
+  async_last_task_.clear();
   for (const auto& [id, r] : rounds_) {
     if (!r.async()) continue;
     for (const auto& [task_id, t] : r.tasks) {
@@ -31,6 +31,8 @@ void RoundManager::RebuildAsyncTasks() {
       state.agent_id = t.agent_id;
       state.deadline_unix_ms = t.deadline_unix_ms;
       last_task_id_ = std::max(last_task_id_, task_id);
+      uint64_t& last = async_last_task_[t.agent_id];
+      last = std::max(last, task_id);
     }
   }
   // Updates name their task; a task whose update was taken (in any buffer, kept,
@@ -136,10 +138,15 @@ void RoundManager::DispatchAsyncTasks() {
   }
   if (idle.empty()) return;
   if (idle.size() > free) {
-    std::mt19937_64 rng(std::random_device{}());
-    std::shuffle(idle.begin(), idle.end(), rng);
+    // Agents never tasked first, then those whose last task is oldest.
+    auto last = [&](const std::string& agent) {
+      auto it = async_last_task_.find(agent);
+      return it == async_last_task_.end() ? uint64_t{0} : it->second;
+    };
+    std::stable_sort(idle.begin(), idle.end(), [&](const std::string& x, const std::string& y) {
+      return last(x) < last(y);
+    });
     idle.resize(free);
-    std::sort(idle.begin(), idle.end());
   }
   const uint64_t now = clock_->NowUnixMs();
   const uint64_t deadline = now + config_.round_deadline_s * 1000;
@@ -161,6 +168,7 @@ void RoundManager::DispatchAsyncTasks() {
     const std::string& agent = round.tasks.at(id).agent_id;
     async_tasks_[id] = TaskState{round.round_id, agent, deadline, 0};
     async_busy_[agent] = id;
+    async_last_task_[agent] = id;
     SendAsyncTask(id);
   }
   Log(LogLevel::kInfo, "async tasks handed out",
