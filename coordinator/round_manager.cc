@@ -196,7 +196,7 @@ absl::Status RoundManager::Start() {
                rounds_[*open_round_].updates.size() >= config_.async_buffer_size) {
       StartAggregate();  // the buffer filled just before the restart
     }
-    MaybeOpenRound();
+    if (config_.async_mode()) MaybeOpenRound();  // the buffer opens without waiting for agents
     MaybeFinish();
   });
   Post([this]() { ScheduleTick(); });

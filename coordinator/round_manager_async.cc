@@ -387,6 +387,7 @@ bool RoundManager::DropAsyncUpdatesOf(const std::string& agent) {
     return false;
   }
   round = std::move(next);
+  DispatchAsyncTasks();  // the buffer needs more updates now
   return true;
 }
 

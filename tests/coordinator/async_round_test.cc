@@ -387,5 +387,36 @@ TEST_F(AsyncRoundTest, ConcurrencyLimitsTasksAndADeadlineFreesTheSlot) {
   ASSERT_TRUE(WaitForVersion("v000001"));
 }
 
+// A revoked agent's buffered updates leave the buffer (store and round record), its
+// later uploads are refused, and the buffer fills from the others.
+TEST_F(AsyncRoundTest, RevokedAgentsBufferedUpdatesAreDiscarded) {
+  config_.async_buffer_size = 3;
+  StartManager();
+  auto a = Connect("a");
+  auto b = Connect("b");
+  auto c = Connect("c");
+  const v1::RoundTask ta = LastTask(a), tb = LastTask(b), tc = LastTask(c);
+  ASSERT_TRUE(Submit("a", ta, 10, MakeLoraUpdate(4, 1, 8, 8, 1)).ok());
+  ASSERT_TRUE(Submit("b", tb, 10, MakeLoraUpdate(4, 1, 8, 8, 2)).ok());
+  std::promise<std::pair<bool, bool>> done;
+  manager_->OnAgentRevoked("a", [&](bool closed, bool discarded) {
+    done.set_value({closed, discarded});
+  });
+  EXPECT_EQ(done.get_future().get(), std::make_pair(true, true));
+  auto r1 = **store_->GetRound(1);
+  EXPECT_EQ(r1.updates.size(), 1u);
+  EXPECT_EQ(r1.updates.count(TaskKey(ta.round_id())), 0u);
+  EXPECT_EQ(r1.participants, (std::vector<std::string>{"b"}));
+  EXPECT_EQ(*store_->CountUpdates(1), 1u);
+  EXPECT_EQ(SubmitRaw("a", ta.round_id() + 100, "", 10, MakeLoraUpdate(4, 1, 8, 8, 3)).code(),
+            absl::StatusCode::kUnauthenticated);
+  // The buffer needs two more: c's, and a new task for b (a's slot is gone with it).
+  ASSERT_TRUE(Submit("c", tc, 10, MakeLoraUpdate(4, 1, 8, 8, 4)).ok());
+  ASSERT_TRUE(WaitFor([&]() { return b->Count(Kind::kRoundTask) == 2; }));
+  ASSERT_TRUE(Submit("b", LastTask(b), 10, MakeLoraUpdate(4, 1, 8, 8, 5)).ok());
+  ASSERT_TRUE(WaitForVersion("v000001"));
+  EXPECT_EQ((**store_->GetVersion("v000001")).contributors, (std::vector<std::string>{"b", "c"}));
+}
+
 }  // namespace
 }  // namespace fedlora::coordinator
