@@ -285,6 +285,8 @@ void RoundManager::CommitAsyncUpdate(IncomingUpdate update, common::TensorMap te
   }
   if (!open_round_.has_value() || rounds_[*open_round_].phase != RoundPhase::kTrain) {
     // The buffer is being aggregated: this update goes into the next one.
+    Log(LogLevel::kInfo, "update waits for the next buffer",
+        {{"task", std::to_string(task_id)}, {"agent", agent}});
     async_pending_.push_back(PendingCommit{std::move(update), std::move(tensors), std::move(done)});
     return;
   }

@@ -418,5 +418,37 @@ TEST_F(AsyncRoundTest, RevokedAgentsBufferedUpdatesAreDiscarded) {
   EXPECT_EQ((**store_->GetVersion("v000001")).contributors, (std::vector<std::string>{"b", "c"}));
 }
 
+// Two updates race for a one-update buffer: whichever comes second either waits
+// while the first is aggregated or arrives after the publish; both ways it lands in
+// the next buffer, one version stale, and both are published once.
+TEST_F(AsyncRoundTest, UpdateArrivingDuringAggregationGoesIntoTheNextBuffer) {
+  config_.async_buffer_size = 1;
+  StartManager();
+  auto a = Connect("a");
+  auto b = Connect("b");
+  ASSERT_TRUE(Submit("a", LastTask(a), 10, MakeLoraUpdate(4, 1, 8, 8, 1)).ok());  // fresh: 1 task
+  ASSERT_TRUE(WaitForVersion("v000001"));
+  ASSERT_TRUE(WaitFor([&]() {
+    return a->Count(Kind::kRoundTask) == 2 && b->Count(Kind::kRoundTask) == 1;
+  }));
+  const v1::RoundTask ta = LastTask(a), tb = LastTask(b);
+  ASSERT_EQ(ta.base_version(), "v000001");
+  ASSERT_EQ(tb.base_version(), "v000001");
+  auto fa = std::async(std::launch::async,
+                       [&]() { return Submit("a", ta, 10, MakeLoraUpdate(4, 1, 8, 8, 2)); });
+  auto fb = std::async(std::launch::async,
+                       [&]() { return Submit("b", tb, 10, MakeLoraUpdate(4, 1, 8, 8, 3)); });
+  ASSERT_TRUE(fa.get().ok());
+  ASSERT_TRUE(fb.get().ok());
+  ASSERT_TRUE(WaitForVersion("v000003"));
+  auto r2 = **store_->GetRound(2), r3 = **store_->GetRound(3);
+  ASSERT_EQ(r2.updates.size(), 1u);
+  ASSERT_EQ(r3.updates.size(), 1u);
+  EXPECT_EQ(r2.updates.begin()->second.staleness, 0u);
+  EXPECT_EQ(r3.updates.begin()->second.staleness, 1u);  // its base v000001, applied to v000002
+  EXPECT_EQ(r3.base_version, "v000002");
+  EXPECT_NE(r2.updates.begin()->second.agent_id, r3.updates.begin()->second.agent_id);
+}
+
 }  // namespace
 }  // namespace fedlora::coordinator
