@@ -450,5 +450,49 @@ TEST_F(AsyncRoundTest, UpdateArrivingDuringAggregationGoesIntoTheNextBuffer) {
   EXPECT_NE(r2.updates.begin()->second.agent_id, r3.updates.begin()->second.agent_id);
 }
 
+// Admin.Status and ListVersions read async buffers as rounds and their versions.
+TEST_F(AsyncRoundTest, StatusAndVersionsListTheBuffers) {
+  StartManager();
+  auto a = Connect("a");
+  auto b = Connect("b");
+  ASSERT_TRUE(Submit("a", LastTask(a), 10, MakeLoraUpdate(4, 1, 8, 8, 1)).ok());
+  ASSERT_TRUE(Submit("b", LastTask(b), 10, MakeLoraUpdate(4, 1, 8, 8, 2)).ok());
+  ASSERT_TRUE(WaitForVersion("v000001"));
+  std::promise<v1::StatusResponse> status;
+  manager_->GetStatus([&](v1::StatusResponse r) { status.set_value(std::move(r)); });
+  const v1::StatusResponse st = status.get_future().get();
+  EXPECT_EQ(st.current_version(), "v000001");
+  EXPECT_EQ(st.current_round(), 2u);  // the next buffer
+  EXPECT_EQ(st.current_phase(), "TRAIN");
+  ASSERT_EQ(st.rounds_size(), 2);
+  EXPECT_EQ(st.rounds(0).version_id(), "v000001");
+  EXPECT_EQ(st.rounds(0).aggregation(), "fedbuff");
+  EXPECT_EQ(st.rounds(0).updates_received(), 2u);
+  EXPECT_EQ(st.rounds(0).participants(), 2u);
+  EXPECT_FALSE(st.rounds(0).secure_aggregation());
+  std::promise<absl::StatusOr<v1::ListVersionsResponse>> versions;
+  manager_->ListVersions(
+      [&](absl::StatusOr<v1::ListVersionsResponse> r) { versions.set_value(std::move(r)); });
+  auto list = versions.get_future().get();
+  ASSERT_TRUE(list.ok()) << list.status();
+  ASSERT_EQ(list->versions_size(), 1);
+  EXPECT_EQ(list->versions(0).version_id(), "v000001");
+}
+
+// Restarting in the other mode aborts the open round (and drops its buffer).
+TEST_F(AsyncRoundTest, RestartInSyncModeAbortsTheOpenBuffer) {
+  config_.async_buffer_size = 3;
+  StartManager();
+  auto a = Connect("a");
+  ASSERT_TRUE(Submit("a", LastTask(a), 10, MakeLoraUpdate(4, 1, 8, 8, 1)).ok());
+  StopManager();
+  config_.mode = "sync";
+  StartManager();
+  auto r1 = **store_->GetRound(1);
+  EXPECT_EQ(r1.phase, RoundPhase::kAborted);
+  EXPECT_THAT(r1.abort_reason, HasSubstr("restarted in mode sync"));
+  EXPECT_EQ(*store_->CountUpdates(1), 0u);
+}
+
 }  // namespace
 }  // namespace fedlora::coordinator
