@@ -89,16 +89,17 @@ absl::Status FedBuffAggregator::Add(const common::TensorMap& update, const commo
   }
   if (current_ != nullptr && base == nullptr) {
     return absl::FailedPreconditionError(absl::StrCat(
-        what, ": trained from a fresh adapter, whose initialisation the coordinator does not "
-              "know, so its delta to the current version cannot be formed"));
+        what,
+        ": trained from a fresh adapter, whose initialisation the coordinator does not "
+        "know, so its delta to the current version cannot be formed"));
   }
   if (current_ != nullptr) {
     const auto reference = Shapes(*current_);
     if (absl::Status s = CheckLike(update, what, reference, "the current version"); !s.ok()) {
       return s;
     }
-    if (absl::Status s = CheckLike(*base, what + ": its base version", reference,
-                                   "the current version");
+    if (absl::Status s =
+            CheckLike(*base, what + ": its base version", reference, "the current version");
         !s.ok()) {
       return s;
     }

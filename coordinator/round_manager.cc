@@ -565,7 +565,7 @@ void RoundManager::OnAgentRevoked(std::string agent_id, std::function<void(bool,
     if (config_.async_mode()) {
       update_discarded = DropAsyncUpdatesOf(agent_id);
     } else if (open_round_.has_value() && rounds_[*open_round_].phase == RoundPhase::kTrain &&
-        rounds_[*open_round_].updates.count(agent_id) > 0) {
+               rounds_[*open_round_].updates.count(agent_id) > 0) {
       RoundRecord next = rounds_[*open_round_];
       next.updates.erase(agent_id);
       absl::Status s = store_->DiscardUpdate(next, agent_id);

@@ -275,7 +275,7 @@ class RoundManager {
   // A refused update ends its task (frees the agent's slot) unless the refusal is
   // UNAVAILABLE (the agent retries).
   void OnAsyncRefusal(const std::string& agent, uint64_t task_id, const absl::Status& status);
-  bool DropAsyncUpdatesOf(const std::string& agent);  // revocation
+  bool DropAsyncUpdatesOf(const std::string& agent);                    // revocation
   absl::StatusOr<Aggregated> AggregateAsync(const RoundRecord& round);  // worker thread
 
   const CoordinatorConfig config_;
@@ -317,8 +317,8 @@ class RoundManager {
   std::string dp_refusal_logged_;      // last budget refusal logged (once each)
 
   // Async mode (manager thread).
-  std::map<uint64_t, TaskState> async_tasks_;   // every task handed out, by id
-  std::map<std::string, uint64_t> async_busy_;  // agent -> task holding its slot
+  std::map<uint64_t, TaskState> async_tasks_;        // every task handed out, by id
+  std::map<std::string, uint64_t> async_busy_;       // agent -> task holding its slot
   std::map<std::string, uint64_t> async_last_task_;  // agent -> its latest task id
   uint64_t last_task_id_ = 0;
   std::vector<PendingCommit> async_pending_;  // updates waiting for the next buffer

@@ -143,9 +143,8 @@ void RoundManager::DispatchAsyncTasks() {
       auto it = async_last_task_.find(agent);
       return it == async_last_task_.end() ? uint64_t{0} : it->second;
     };
-    std::stable_sort(idle.begin(), idle.end(), [&](const std::string& x, const std::string& y) {
-      return last(x) < last(y);
-    });
+    std::stable_sort(idle.begin(), idle.end(),
+                     [&](const std::string& x, const std::string& y) { return last(x) < last(y); });
     idle.resize(free);
   }
   const uint64_t now = clock_->NowUnixMs();
@@ -220,9 +219,8 @@ absl::Status RoundManager::PrecheckAsyncLocked(const std::string& peer_cn,
   }
   if (task.accepted_in != 0) {
     return absl::AlreadyExistsError(absl::StrCat("agent '", peer_cn,
-                                                 "' already submitted an update for task ",
-                                                 task_id, " (buffered in round ",
-                                                 task.accepted_in, ")"));
+                                                 "' already submitted an update for task ", task_id,
+                                                 " (buffered in round ", task.accepted_in, ")"));
   }
   if (config_.rounds > 0) {
     uint64_t published = 0;
@@ -247,8 +245,8 @@ absl::Status RoundManager::PrecheckAsyncLocked(const std::string& peer_cn,
   const uint64_t staleness = StalenessOf(task.round_id);
   if (staleness > config_.async_max_staleness) {
     return absl::FailedPreconditionError(absl::StrCat(
-        "update for task ", task_id, " is stale: its base version '", given.base_version,
-        "' is ", staleness, " versions behind the current version '", current_version_,
+        "update for task ", task_id, " is stale: its base version '", given.base_version, "' is ",
+        staleness, " versions behind the current version '", current_version_,
         "'; async_max_staleness is ", config_.async_max_staleness));
   }
   if (given.base_version.empty() && !current_version_.empty()) {
@@ -401,8 +399,9 @@ absl::StatusOr<RoundManager::Aggregated> RoundManager::AggregateAsync(const Roun
     if (it != bases.end()) return &it->second;
     ASSIGN_OR_RETURN(auto version, store_->GetVersion(version_id));
     if (!version.has_value()) {
-      return absl::DataLossError(absl::StrCat("round ", round.round_id, " holds an update from "
-                                              "version '", version_id, "', which is not stored"));
+      return absl::DataLossError(absl::StrCat("round ", round.round_id,
+                                              " holds an update from version '", version_id,
+                                              "', which is not stored"));
     }
     ASSIGN_OR_RETURN(std::string blob, store_->GetBlob(version->sha256));
     ASSIGN_OR_RETURN(common::TensorMap tensors, common::DecodeAdapterBlob(blob));
@@ -441,9 +440,9 @@ absl::StatusOr<RoundManager::Aggregated> RoundManager::AggregateAsync(const Roun
     const uint64_t staleness = summary->second.staleness;
     const double w = static_cast<double>(u.summary.num_examples);
     RETURN_IF_ERROR(aggregator.Add(tensors, base, w, staleness, u.agent_id));
-    weights.push_back(absl::StrFormat(
-        "%s:tau=%d:w=%.6g", u.agent_id, staleness,
-        w * StalenessFactor(options.weight, options.exponent, staleness)));
+    weights.push_back(
+        absl::StrFormat("%s:tau=%d:w=%.6g", u.agent_id, staleness,
+                        w * StalenessFactor(options.weight, options.exponent, staleness)));
     out.num_examples += u.summary.num_examples;
     contributors.insert(u.agent_id);
     return absl::OkStatus();

@@ -73,11 +73,11 @@ ShapeMap ShapesFromJson(const json& j) {
 
 json SummaryToJson(const UpdateSummary& s) {
   json j{{"num_examples", s.num_examples},
-              {"train_loss", PutDouble(s.train_loss)},
-              {"eval_loss_before", PutDouble(s.eval_loss_before)},
-              {"train_tokens", s.train_tokens},
-              {"train_seconds", PutDouble(s.train_seconds)},
-              {"bytes", s.bytes}};
+         {"train_loss", PutDouble(s.train_loss)},
+         {"eval_loss_before", PutDouble(s.eval_loss_before)},
+         {"train_tokens", s.train_tokens},
+         {"train_seconds", PutDouble(s.train_seconds)},
+         {"bytes", s.bytes}};
   if (s.task_id != 0) {
     j["agent_id"] = s.agent_id;
     j["task_id"] = s.task_id;
@@ -371,8 +371,8 @@ absl::StatusOr<RoundRecord> DecodeRound(const std::string& text, const std::stri
     // Absent in records written before the async mode existed.
     r.mode = j.value("mode", std::string("sync"));
     if (r.mode != "sync" && r.mode != "async") {
-      return absl::InvalidArgumentError(absl::StrCat("mode: expected sync or async, found '",
-                                                     r.mode, "'"));
+      return absl::InvalidArgumentError(
+          absl::StrCat("mode: expected sync or async, found '", r.mode, "'"));
     }
     if (j.contains("tasks")) {
       const json& tasks = j.at("tasks");
@@ -757,8 +757,8 @@ absl::Status StateStore::StartRound(const RoundRecord& round) {
 
 absl::Status StateStore::AcceptUpdate(const UpdateRecord& update, const RoundRecord& round) {
   common::Store::Batch batch(store_.get());
-  const std::string key = UpdateKey(
-      update.round_id, update.task_id != 0 ? TaskKey(update.task_id) : update.agent_id);
+  const std::string key =
+      UpdateKey(update.round_id, update.task_id != 0 ? TaskKey(update.task_id) : update.agent_id);
   ASSIGN_OR_RETURN(std::string value, SealValue(kUpdates, key, EncodeUpdate(update)));
   batch.Put(kUpdates, key, value);
   batch.Put(kRounds, RoundKey(round.round_id), EncodeRound(round));

@@ -428,9 +428,8 @@ TEST_F(AsyncRoundTest, UpdateArrivingDuringAggregationGoesIntoTheNextBuffer) {
   auto b = Connect("b");
   ASSERT_TRUE(Submit("a", LastTask(a), 10, MakeLoraUpdate(4, 1, 8, 8, 1)).ok());  // fresh: 1 task
   ASSERT_TRUE(WaitForVersion("v000001"));
-  ASSERT_TRUE(WaitFor([&]() {
-    return a->Count(Kind::kRoundTask) == 2 && b->Count(Kind::kRoundTask) == 1;
-  }));
+  ASSERT_TRUE(WaitFor(
+      [&]() { return a->Count(Kind::kRoundTask) == 2 && b->Count(Kind::kRoundTask) == 1; }));
   const v1::RoundTask ta = LastTask(a), tb = LastTask(b);
   ASSERT_EQ(ta.base_version(), "v000001");
   ASSERT_EQ(tb.base_version(), "v000001");

@@ -338,10 +338,21 @@ TEST(ConfigTest, AsyncModeKeysFlagsAndRules) {
 
   // Flags, and the help text.
   const std::string hash(64, 'a');
-  std::vector<const char*> argv = {"fedlora-coordinator", "--tls-ca", "ca.pem", "--tls-cert",
-                                   "c.pem", "--tls-key", "c.key", "--base-model-hash",
-                                   hash.c_str(), "--mode", "async", "--async-buffer-size", "4",
-                                   "--async-staleness-exponent", "0.25"};
+  std::vector<const char*> argv = {"fedlora-coordinator",
+                                   "--tls-ca",
+                                   "ca.pem",
+                                   "--tls-cert",
+                                   "c.pem",
+                                   "--tls-key",
+                                   "c.key",
+                                   "--base-model-hash",
+                                   hash.c_str(),
+                                   "--mode",
+                                   "async",
+                                   "--async-buffer-size",
+                                   "4",
+                                   "--async-staleness-exponent",
+                                   "0.25"};
   auto parsed = ParseCoordinatorFlags(static_cast<int>(argv.size()), argv.data());
   ASSERT_TRUE(parsed.ok()) << parsed.status();
   EXPECT_TRUE(parsed->async_mode());
@@ -353,9 +364,9 @@ TEST(ConfigTest, AsyncModeKeysFlagsAndRules) {
   bad.push_back("on");
   auto refused = ParseCoordinatorFlags(static_cast<int>(bad.size()), bad.data());
   EXPECT_THAT(std::string(refused.status().message()), HasSubstr("secure_aggregation"));
-  for (const char* flag : {"--mode", "--async-buffer-size", "--async-concurrency",
-                           "--async-max-staleness", "--async-staleness-weight",
-                           "--async-staleness-exponent", "--async-server-lr"}) {
+  for (const char* flag :
+       {"--mode", "--async-buffer-size", "--async-concurrency", "--async-max-staleness",
+        "--async-staleness-weight", "--async-staleness-exponent", "--async-server-lr"}) {
     EXPECT_THAT(CoordinatorHelp(), HasSubstr(flag));
   }
 }

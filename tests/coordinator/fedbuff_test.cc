@@ -48,7 +48,8 @@ TEST(FedBuffTest, MatchesAPlainReferenceWithMixedStaleness) {
     options.exponent = a;
     FedBuffAggregator agg(options, &current);
     for (size_t i = 0; i < ins.size(); ++i) {
-      ASSERT_TRUE(agg.Add(ins[i].u, ins[i].base, ins[i].w, ins[i].tau, "a" + std::to_string(i)).ok());
+      ASSERT_TRUE(
+          agg.Add(ins[i].u, ins[i].base, ins[i].w, ins[i].tau, "a" + std::to_string(i)).ok());
     }
     auto got = agg.Finish();
     ASSERT_TRUE(got.ok()) << got.status();
@@ -60,9 +61,8 @@ TEST(FedBuffTest, MatchesAPlainReferenceWithMixedStaleness) {
       total += ws.back();
     }
     EXPECT_NEAR(agg.total_weight(), total, 1e-9);
-    EXPECT_NEAR(agg.total_weight(), 30 + 10 / std::pow(2.0, a) + 50 / std::pow(4.0, a) +
-                                        20 / std::pow(2.0, a),
-                1e-9);
+    EXPECT_NEAR(agg.total_weight(),
+                30 + 10 / std::pow(2.0, a) + 50 / std::pow(4.0, a) + 20 / std::pow(2.0, a), 1e-9);
     ASSERT_EQ(got->size(), current.size());
     double max_err = 0, max_move = 0;
     for (const auto& [name, x] : current) {
@@ -71,7 +71,8 @@ TEST(FedBuffTest, MatchesAPlainReferenceWithMixedStaleness) {
       for (size_t k = 0; k < x.data.size(); ++k) {
         double num = 0;
         for (size_t i = 0; i < ins.size(); ++i) {
-          num += ws[i] * (double(ins[i].u.at(name).data[k]) - double(ins[i].base->at(name).data[k]));
+          num +=
+              ws[i] * (double(ins[i].u.at(name).data[k]) - double(ins[i].base->at(name).data[k]));
         }
         const double want = double(x.data[k]) + 0.7 * num / total;
         max_err = std::max(max_err, std::abs(double(y.data[k]) - want));
@@ -94,7 +95,8 @@ TEST(FedBuffTest, ConstantWeightIgnoresStalenessAndDiffersFromPolynomial) {
     FedBuffAggregator agg(options, &current);
     EXPECT_TRUE(agg.Add(fresh_u, &current, 10, 0, "a").ok());
     EXPECT_TRUE(agg.Add(stale_u, &old_base, 10, 8, "b").ok());
-    EXPECT_DOUBLE_EQ(agg.total_weight(), weight == StalenessWeight::kConstant ? 20.0 : 10 + 10.0 / 3);
+    EXPECT_DOUBLE_EQ(agg.total_weight(),
+                     weight == StalenessWeight::kConstant ? 20.0 : 10 + 10.0 / 3);
     return *agg.Finish();
   };
   const common::TensorMap constant = run(StalenessWeight::kConstant);

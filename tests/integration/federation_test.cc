@@ -294,8 +294,8 @@ TEST_F(FederationTest, AsyncModePublishesBuffersAndSurvivesKill9) {
   ASSERT_NO_FATAL_FAILURE(MakeFleet(3));
   max_offline_s_ = 60;
   eval_grace_s_ = 5;
-  extra_coordinator_args_ = {"--mode", "async", "--async-buffer-size", "2",
-                             "--async-max-staleness", "3"};
+  extra_coordinator_args_ = {"--mode", "async", "--async-buffer-size", "2", "--async-max-staleness",
+                             "3"};
   int port = PickFreePort();
   Process coordinator = StartCoordinator(port, /*rounds=*/3, /*min_participants=*/1);
   Process agent0 = StartAgent(port, 0);
