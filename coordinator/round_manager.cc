@@ -312,7 +312,10 @@ void RoundManager::MaybeOpenRound() {
   if (config_.rounds > 0) {
     uint64_t published = 0;
     for (const auto& [id, r] : rounds_) published += r.phase == RoundPhase::kDone;
-    if (published >= config_.rounds) return;
+    if (published >= config_.rounds) {
+      if (!async_pending_.empty()) RunPendingAsyncCommits();  // refused: no buffer will open
+      return;
+    }
   }
   if (config_.async_mode()) {
     OpenAsyncRound();

@@ -493,5 +493,30 @@ TEST_F(AsyncRoundTest, RestartInSyncModeAbortsTheOpenBuffer) {
   EXPECT_EQ(*store_->CountUpdates(1), 0u);
 }
 
+// An update trained from the fresh adapter cannot be merged once a version exists
+// (the coordinator does not know the seeded initialisation): refused, nothing stored.
+TEST_F(AsyncRoundTest, FreshAdapterUpdateAfterTheFirstVersionIsRefused) {
+  config_.async_buffer_size = 1;
+  config_.async_concurrency = 2;
+  StartManager();
+  auto a = Connect("a");
+  auto b = Connect("b");
+  ASSERT_EQ(a->Count(Kind::kRoundTask), 1u);  // fresh: one task for a one-update buffer
+  ASSERT_EQ(b->Count(Kind::kRoundTask), 0u);
+  clock_.Advance(100 * 1000);  // a's task expires; b gets the fresh task instead
+  manager_->Tick();
+  ASSERT_EQ(b->Count(Kind::kRoundTask), 1u);
+  const v1::RoundTask tb = LastTask(b);
+  ASSERT_TRUE(Submit("a", LastTask(a), 10, MakeLoraUpdate(4, 1, 8, 8, 1)).ok());  // late, taken
+  ASSERT_TRUE(WaitForVersion("v000001"));
+  absl::Status s = Submit("b", tb, 10, MakeLoraUpdate(4, 1, 8, 8, 2));
+  EXPECT_EQ(s.code(), absl::StatusCode::kFailedPrecondition);
+  EXPECT_THAT(std::string(s.message()), HasSubstr("trained from the fresh adapter"));
+  manager_->Sync();
+  EXPECT_TRUE((**store_->GetRound(2)).updates.empty());
+  EXPECT_EQ(*store_->CountUpdates(2), 0u);
+  EXPECT_EQ(LastTask(b).base_version(), "v000001");  // b's next task starts from the version
+}
+
 }  // namespace
 }  // namespace fedlora::coordinator
