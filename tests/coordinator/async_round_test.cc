@@ -518,5 +518,33 @@ TEST_F(AsyncRoundTest, FreshAdapterUpdateAfterTheFirstVersionIsRefused) {
   EXPECT_EQ(LastTask(b).base_version(), "v000001");  // b's next task starts from the version
 }
 
+// With `rounds` set, the update that loses the race for the last buffer is refused
+// (whether it waited for a next buffer or came after the publish): no extra version.
+TEST_F(AsyncRoundTest, RoundsLimitRefusesTheUpdatesAfterTheLastVersion) {
+  config_.async_buffer_size = 1;
+  config_.rounds = 2;
+  StartManager();
+  auto a = Connect("a");
+  auto b = Connect("b");
+  ASSERT_TRUE(Submit("a", LastTask(a), 10, MakeLoraUpdate(4, 1, 8, 8, 1)).ok());
+  ASSERT_TRUE(WaitForVersion("v000001"));
+  ASSERT_TRUE(WaitFor([&]() {
+    return a->Count(Kind::kRoundTask) == 2 && b->Count(Kind::kRoundTask) == 1;
+  }));
+  const v1::RoundTask ta = LastTask(a), tb = LastTask(b);
+  auto fa = std::async(std::launch::async,
+                       [&]() { return Submit("a", ta, 10, MakeLoraUpdate(4, 1, 8, 8, 2)); });
+  auto fb = std::async(std::launch::async,
+                       [&]() { return Submit("b", tb, 10, MakeLoraUpdate(4, 1, 8, 8, 3)); });
+  const absl::Status sa = fa.get(), sb = fb.get();
+  EXPECT_NE(sa.ok(), sb.ok()) << sa << " / " << sb;
+  const absl::Status& refused = sa.ok() ? sb : sa;
+  EXPECT_EQ(refused.code(), absl::StatusCode::kFailedPrecondition);
+  EXPECT_THAT(std::string(refused.message()), HasSubstr("published its 2 rounds"));
+  ASSERT_TRUE(WaitForVersion("v000002"));
+  EXPECT_FALSE(store_->GetRound(3).value_or(std::nullopt).has_value());
+  EXPECT_FALSE(store_->GetVersion("v000003").value_or(std::nullopt).has_value());
+}
+
 }  // namespace
 }  // namespace fedlora::coordinator
