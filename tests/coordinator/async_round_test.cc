@@ -528,9 +528,8 @@ TEST_F(AsyncRoundTest, RoundsLimitRefusesTheUpdatesAfterTheLastVersion) {
   auto b = Connect("b");
   ASSERT_TRUE(Submit("a", LastTask(a), 10, MakeLoraUpdate(4, 1, 8, 8, 1)).ok());
   ASSERT_TRUE(WaitForVersion("v000001"));
-  ASSERT_TRUE(WaitFor([&]() {
-    return a->Count(Kind::kRoundTask) == 2 && b->Count(Kind::kRoundTask) == 1;
-  }));
+  ASSERT_TRUE(WaitFor(
+      [&]() { return a->Count(Kind::kRoundTask) == 2 && b->Count(Kind::kRoundTask) == 1; }));
   const v1::RoundTask ta = LastTask(a), tb = LastTask(b);
   auto fa = std::async(std::launch::async,
                        [&]() { return Submit("a", ta, 10, MakeLoraUpdate(4, 1, 8, 8, 2)); });
