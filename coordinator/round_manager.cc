@@ -185,6 +185,7 @@ absl::Status RoundManager::Start() {
   metrics_.SetGauge(kMetricAgents, kHelpAgents, 0);
   metrics_.SetGauge(kMetricRound, kHelpRound,
                     static_cast<double>(open_round_.value_or(last_round_id_)));
+  if (config_.async_mode()) UpdateAsyncGauges();
   guard_.emplace(io_.get_executor());
   workers_ = std::make_unique<boost::asio::thread_pool>(config_.worker_threads);
   started_ = true;

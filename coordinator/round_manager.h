@@ -262,6 +262,7 @@ class RoundManager {
     StatusCallback done;
   };
   void RebuildAsyncTasks();  // Start(), before the manager thread runs
+  void UpdateAsyncGauges();  // fedlora_async_* (docs/operations.md)
   void OpenAsyncRound();
   void AsyncTick(uint64_t now);
   void DispatchAsyncTasks();

@@ -19,6 +19,23 @@ namespace fedlora::coordinator {
 
 namespace v1 = ::fedlora::v1;
 
+namespace {
+constexpr char kMetricBuffered[] = "fedlora_async_buffered_updates";
+constexpr char kHelpBuffered[] = "Async mode: updates in the open buffer";
+constexpr char kMetricTasks[] = "fedlora_async_tasks_in_flight";
+constexpr char kHelpTasks[] = "Async mode: agents holding a task (training slots in use)";
+}  // namespace
+
+void RoundManager::UpdateAsyncGauges() {
+  size_t buffered = 0;
+  if (open_round_.has_value()) {
+    const RoundRecord& r = rounds_[*open_round_];
+    if (r.async()) buffered = r.updates.size();
+  }
+  metrics_.SetGauge(kMetricBuffered, kHelpBuffered, static_cast<double>(buffered));
+  metrics_.SetGauge(kMetricTasks, kHelpTasks, static_cast<double>(async_busy_.size()));
+}
+
 void RoundManager::RebuildAsyncTasks() {
   async_tasks_.clear();
   async_busy_.clear();
@@ -79,6 +96,7 @@ void RoundManager::OpenAsyncRound() {
   open_round_ = r.round_id;
   rounds_[r.round_id] = r;
   NoteRoundOpened(r.round_id);
+  UpdateAsyncGauges();
   Log(LogLevel::kInfo, "round opened",
       {{"round", std::to_string(r.round_id)},
        {"mode", "async"},
@@ -99,6 +117,7 @@ void RoundManager::AsyncTick(uint64_t now) {
       ++it;
     }
   }
+  UpdateAsyncGauges();
   if (open_round_.has_value()) {
     const RoundRecord& r = rounds_[*open_round_];
     if (r.phase == RoundPhase::kTrain && r.updates.size() >= config_.async_buffer_size) {
@@ -170,6 +189,7 @@ void RoundManager::DispatchAsyncTasks() {
     async_last_task_[agent] = id;
     SendAsyncTask(id);
   }
+  UpdateAsyncGauges();
   Log(LogLevel::kInfo, "async tasks handed out",
       {{"round", std::to_string(round.round_id)},
        {"tasks", std::to_string(handed.size())},
@@ -265,6 +285,7 @@ void RoundManager::OnAsyncRefusal(const std::string& agent, uint64_t task_id,
   auto it = async_busy_.find(agent);
   if (it == async_busy_.end() || it->second != task_id) return;
   async_busy_.erase(it);
+  UpdateAsyncGauges();
   DispatchAsyncTasks();
 }
 
@@ -339,6 +360,7 @@ void RoundManager::CommitAsyncUpdate(IncomingUpdate update, common::TensorMap te
   auto busy = async_busy_.find(agent);
   if (busy != async_busy_.end() && busy->second == task_id) async_busy_.erase(busy);
   NoteUpdateAccepted();
+  UpdateAsyncGauges();
   Log(LogLevel::kInfo, "update accepted",
       {{"round", std::to_string(round.round_id)},
        {"task", std::to_string(task_id)},
@@ -387,6 +409,7 @@ bool RoundManager::DropAsyncUpdatesOf(const std::string& agent) {
     return false;
   }
   round = std::move(next);
+  UpdateAsyncGauges();
   DispatchAsyncTasks();  // the buffer needs more updates now
   return true;
 }

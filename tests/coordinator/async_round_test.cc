@@ -270,7 +270,12 @@ TEST_F(AsyncRoundTest, DuplicatesAndForeignTasksAreRefused) {
   auto a = Connect("a");
   auto b = Connect("b");
   const v1::RoundTask ta = LastTask(a), tb = LastTask(b);
+  EXPECT_EQ(manager_->metrics().Value("fedlora_async_tasks_in_flight"), 2);
+  EXPECT_EQ(manager_->metrics().Value("fedlora_async_buffered_updates"), 0);
   ASSERT_TRUE(Submit("a", ta, 10, MakeLoraUpdate(4, 1, 8, 8, 1)).ok());
+  manager_->Sync();
+  EXPECT_EQ(manager_->metrics().Value("fedlora_async_buffered_updates"), 1);
+  EXPECT_EQ(manager_->metrics().Value("fedlora_async_tasks_in_flight"), 2);  // a got a new task
   absl::Status dup = Submit("a", ta, 10, MakeLoraUpdate(4, 1, 8, 8, 1));
   EXPECT_EQ(dup.code(), absl::StatusCode::kAlreadyExists);
   EXPECT_THAT(std::string(dup.message()), HasSubstr("already submitted an update for task"));
