@@ -132,6 +132,24 @@ const std::vector<Field>& Fields() {
                 &C::robust_norm_bound),
       MakeField("robust_norm_bound_value", "The bound B, or the multiple of the median norm",
                 &C::robust_norm_bound_value),
+      MakeField("mode",
+                "Rounds: sync (selected agents, deadline) | async (FedBuff: buffered, "
+                "staleness-weighted)",
+                &C::mode),
+      MakeField("async_buffer_size", "async: updates aggregated into each published version (K)",
+                &C::async_buffer_size),
+      MakeField("async_concurrency", "async: most agents training at once", &C::async_concurrency),
+      MakeField("async_max_staleness",
+                "async: refuse updates whose base version is more than this many versions old",
+                &C::async_max_staleness),
+      MakeField("async_staleness_weight",
+                "async: staleness weight s(tau): constant | polynomial (1/(1+tau)^a)",
+                &C::async_staleness_weight),
+      MakeField("async_staleness_exponent", "async: exponent a of the polynomial staleness weight",
+                &C::async_staleness_exponent),
+      MakeField("async_server_lr",
+                "async: server learning rate (next = current + lr * weighted mean delta)",
+                &C::async_server_lr),
       MakeField("log_format", "Log format on stderr: text | json", &C::log_format),
       MakeField("log_level", "Log level: debug | info | warn | error", &C::log_level),
       MakeField("publish_quant",
@@ -317,6 +335,40 @@ absl::Status CoordinatorConfig::Validate() const {
                "factors; secure aggregation reveals only their sum)",
                "'" + secure_aggregation + "'");
   }
+  if (mode != "sync" && mode != "async") return bad("mode", "sync or async", "'" + mode + "'");
+  if (async_buffer_size < 1) return bad("async_buffer_size", ">= 1", "0");
+  if (async_concurrency < 1) return bad("async_concurrency", ">= 1", "0");
+  if (!ParseStalenessWeight(async_staleness_weight).ok()) {
+    return bad("async_staleness_weight", "constant or polynomial",
+               "'" + async_staleness_weight + "'");
+  }
+  if (!(async_staleness_exponent >= 0) || !std::isfinite(async_staleness_exponent)) {
+    return bad("async_staleness_exponent", "a finite number >= 0",
+               absl::StrCat(async_staleness_exponent));
+  }
+  if (!(async_server_lr > 0) || !std::isfinite(async_server_lr)) {
+    return bad("async_server_lr", "a finite number > 0", absl::StrCat(async_server_lr));
+  }
+  if (async_mode()) {
+    if (secure_aggregation == "on") {
+      return bad("secure_aggregation",
+                 "auto or off with mode async (secure aggregation needs a cohort that reports "
+                 "together; auto means off in async mode)",
+                 "'on'");
+    }
+    if (aggregation.strategy != Strategy::kFedAvg && aggregation.strategy != Strategy::kFedProx) {
+      return bad("aggregation.strategy",
+                 "fedavg or fedprox with mode async (the buffer is aggregated by FedBuff)",
+                 absl::StrCat("'", StrategyName(aggregation.strategy), "'"));
+    }
+    if (robust_rule != "none") {
+      return bad("robust_rule", "none with mode async", "'" + robust_rule + "'");
+    }
+    if (dp_clip_norm != 0) {
+      return bad("dp_clip_norm", "0 with mode async (DP needs secure aggregation)",
+                 absl::StrCat(dp_clip_norm));
+    }
+  }
   if (robust_rule != "none") {
     auto robust = RobustOptionsFromConfig(*this);
     if (!robust.ok()) return absl::InvalidArgumentError(absl::StrCat("config field ", robust.status().message()));
@@ -387,8 +439,17 @@ absl::StatusOr<RobustOptions> RobustOptionsFromConfig(const CoordinatorConfig& c
   return o;
 }
 
+FedBuffOptions CoordinatorConfig::fedbuff() const {
+  FedBuffOptions o;
+  o.server_lr = async_server_lr;
+  o.weight = ParseStalenessWeight(async_staleness_weight).value_or(StalenessWeight::kPolynomial);
+  o.exponent = async_staleness_exponent;
+  return o;
+}
+
 bool CoordinatorConfig::SecureAggregationFor(size_t participants) const {
   if (secure_aggregation == "off") return false;
+  if (async_mode()) return false;  // no cohort reports together (Validate refuses "on")
   if (robust_rule != "none") return false;  // robust rules need each update
   if (aggregation.strategy == Strategy::kLoraProduct ||
       aggregation.strategy == Strategy::kFfaLora) {

@@ -16,6 +16,7 @@
 
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
+#include "coordinator/fedbuff.h"
 #include "coordinator/robust_aggregator.h"
 #include "coordinator/strategy.h"
 
@@ -82,6 +83,24 @@ struct CoordinatorConfig {
 
   // How updates become the next version (coordinator/strategy.h).
   StrategyParams aggregation;
+
+  // Round mode (docs/protocol.md): "sync" = rounds of selected agents with a
+  // deadline; "async" = FedBuff (coordinator/fedbuff.h): idle agents get a task
+  // whenever fewer than async_concurrency are training, accepted updates fill a
+  // buffer and every async_buffer_size updates are aggregated (staleness-weighted)
+  // into a new version. Async needs strategy fedavg or fedprox, no secure
+  // aggregation ("auto" = off, "on" is refused), no DP and robust_rule none.
+  std::string mode = "sync";
+  uint32_t async_buffer_size = 10;   // K: updates per published version
+  uint32_t async_concurrency = 100;  // agents training at once
+  // Updates whose base version is more than this many versions behind are refused.
+  uint32_t async_max_staleness = 10;
+  std::string async_staleness_weight = "polynomial";  // constant | polynomial
+  double async_staleness_exponent = 0.5;              // a in s(tau) = 1/(1+tau)^a
+  double async_server_lr = 1.0;                       // x' = x + server_lr * weighted mean delta
+  bool async_mode() const { return mode == "async"; }
+  // The FedBuff options of a valid config.
+  FedBuffOptions fedbuff() const;
 
   // Secure aggregation (docs/privacy.md): "auto" = on for rounds of >= 3 agents,
   // "on" = every round (>= 3 agents, else the round waits), "off" = sealed updates.

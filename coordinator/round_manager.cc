@@ -58,6 +58,13 @@ nlohmann::ordered_json JsonNum(double v) {
   return std::isfinite(v) ? nlohmann::ordered_json(v) : nlohmann::ordered_json(nullptr);
 }
 
+// " mode=async updates=N max_staleness=T" for the round line of a FedBuff buffer.
+std::string AsyncRoundSuffix(const RoundRecord& r) {
+  uint64_t max_staleness = 0;
+  for (const auto& [key, u] : r.updates) max_staleness = std::max(max_staleness, u.staleness);
+  return absl::StrCat(" mode=async updates=", r.updates.size(), " max_staleness=", max_staleness);
+}
+
 bool IsHex64(const std::string& s) {
   if (s.size() != 64) return false;
   for (char c : s) {
@@ -141,6 +148,18 @@ absl::Status RoundManager::Start() {
     ASSIGN_OR_RETURN(DpBudget budget, DpBudget::Create(options, state));
     dp_budget_.emplace(std::move(budget));
   }
+  if (open_round_.has_value() && rounds_[*open_round_].async() != config_.async_mode()) {
+    RoundRecord& r = rounds_[*open_round_];
+    r.phase = RoundPhase::kAborted;
+    r.abort_reason = absl::StrCat("the coordinator restarted in mode ", config_.mode,
+                                  "; the open round was ", r.mode);
+    r.finished_unix_ms = clock_->NowUnixMs();
+    RETURN_IF_ERROR(store_->Abort(r));
+    Log(LogLevel::kWarn, "round aborted",
+        {{"round", std::to_string(r.round_id)}, {"reason", r.abort_reason}});
+    open_round_.reset();
+  }
+  RebuildAsyncTasks();
   if (open_round_.has_value() && rounds_[*open_round_].secure_aggregation &&
       rounds_[*open_round_].phase != RoundPhase::kTrain) {
     // The protocol's keys and the masked sum were in memory only.
@@ -166,6 +185,7 @@ absl::Status RoundManager::Start() {
   metrics_.SetGauge(kMetricAgents, kHelpAgents, 0);
   metrics_.SetGauge(kMetricRound, kHelpRound,
                     static_cast<double>(open_round_.value_or(last_round_id_)));
+  if (config_.async_mode()) UpdateAsyncGauges();
   guard_.emplace(io_.get_executor());
   workers_ = std::make_unique<boost::asio::thread_pool>(config_.worker_threads);
   started_ = true;
@@ -173,7 +193,11 @@ absl::Status RoundManager::Start() {
   Post([this]() {
     if (open_round_.has_value() && rounds_[*open_round_].phase == RoundPhase::kAggregate) {
       StartAggregate();
+    } else if (open_round_.has_value() && rounds_[*open_round_].async() &&
+               rounds_[*open_round_].updates.size() >= config_.async_buffer_size) {
+      StartAggregate();  // the buffer filled just before the restart
     }
+    if (config_.async_mode()) MaybeOpenRound();  // the buffer opens without waiting for agents
     MaybeFinish();
   });
   Post([this]() { ScheduleTick(); });
@@ -192,6 +216,11 @@ void RoundManager::Stop() {
       if (!s.ok()) Log(LogLevel::kWarn, "cannot persist round figures", {{"error", s.ToString()}});
     }
     dirty_rounds_.clear();
+    std::vector<PendingCommit> pending = std::move(async_pending_);
+    async_pending_.clear();
+    for (PendingCommit& p : pending) {
+      p.done(absl::UnavailableError("the coordinator is shutting down"));
+    }
     std::lock_guard<std::mutex> lock(rejection_mu_);
     for (const auto& [code, n] : rejections_by_code_) {
       Log(LogLevel::kInfo, "updates rejected", {{"code", code}, {"count", std::to_string(n)}});
@@ -244,7 +273,9 @@ void RoundManager::TickLocked() {
     if (!s.ok()) Log(LogLevel::kWarn, "cannot persist round figures", {{"error", s.ToString()}});
   }
   dirty_rounds_.clear();
-  if (open_round_.has_value()) {
+  if (open_round_.has_value() && rounds_[*open_round_].async()) {
+    AsyncTick(now);
+  } else if (open_round_.has_value()) {
     const RoundRecord& r = rounds_[*open_round_];
     if (r.phase == RoundPhase::kTrain) {
       if (r.updates.size() >= r.participants.size()) {
@@ -282,7 +313,14 @@ void RoundManager::MaybeOpenRound() {
   if (config_.rounds > 0) {
     uint64_t published = 0;
     for (const auto& [id, r] : rounds_) published += r.phase == RoundPhase::kDone;
-    if (published >= config_.rounds) return;
+    if (published >= config_.rounds) {
+      if (!async_pending_.empty()) RunPendingAsyncCommits();  // refused: no buffer will open
+      return;
+    }
+  }
+  if (config_.async_mode()) {
+    OpenAsyncRound();
+    return;
   }
   const uint64_t now = clock_->NowUnixMs();
   std::vector<std::string> online;
@@ -344,7 +382,7 @@ void RoundManager::MaybeOpenRound() {
   last_round_id_ = r.round_id;
   open_round_ = r.round_id;
   rounds_[r.round_id] = r;
-  metrics_.SetGauge(kMetricRound, kHelpRound, static_cast<double>(r.round_id));
+  NoteRoundOpened(r.round_id);
   Log(LogLevel::kInfo, "round opened",
       {{"round", std::to_string(r.round_id)},
        {"participants", std::to_string(r.participants.size())},
@@ -438,6 +476,13 @@ void RoundManager::OnHello(std::shared_ptr<AgentLink> link, v1::Hello hello) {
         {{"agent", cn},
          {"examples", std::to_string(hello.num_train_examples())},
          {"version", hello.current_version()}});
+    if (config_.async_mode()) {
+      auto busy = async_busy_.find(cn);
+      if (busy != async_busy_.end()) SendAsyncTask(busy->second);  // its task, again
+      MaybeOpenRound();
+      DispatchAsyncTasks();
+      return;
+    }
     if (open_round_.has_value()) {
       const RoundRecord& r = rounds_[*open_round_];
       if (r.phase == RoundPhase::kTrain && r.IsParticipant(cn) && !r.updates.count(cn) &&
@@ -521,8 +566,10 @@ void RoundManager::OnAgentRevoked(std::string agent_id, std::function<void(bool,
     // The agent stays a participant that will never report (as if it had dropped):
     // the round aggregates at the deadline only if min_participants others reported,
     // never on fewer updates than the selection promised.
-    if (open_round_.has_value() && rounds_[*open_round_].phase == RoundPhase::kTrain &&
-        rounds_[*open_round_].updates.count(agent_id) > 0) {
+    if (config_.async_mode()) {
+      update_discarded = DropAsyncUpdatesOf(agent_id);
+    } else if (open_round_.has_value() && rounds_[*open_round_].phase == RoundPhase::kTrain &&
+               rounds_[*open_round_].updates.count(agent_id) > 0) {
       RoundRecord next = rounds_[*open_round_];
       next.updates.erase(agent_id);
       absl::Status s = store_->DiscardUpdate(next, agent_id);
@@ -567,6 +614,7 @@ void RoundManager::CountRejection(const absl::Status& status) {
 
 absl::Status RoundManager::PrecheckLocked(const std::string& peer_cn,
                                           const v1::UpdateHeader& header) const {
+  if (config_.async_mode()) return PrecheckAsyncLocked(peer_cn, header);
   if (revoked_.count(peer_cn) > 0) {  // an upload that began before the revocation
     return absl::UnauthenticatedError(
         absl::StrCat("certificate revoked: agent '", peer_cn, "' was revoked by an admin"));
@@ -640,10 +688,15 @@ absl::Status RoundManager::PrecheckLocked(const std::string& peer_cn,
                                                       header.base_version(), "', expected '",
                                                       r.base_version, "' for round ", r.round_id));
   }
-  if (header.total_size() > r.max_update_bytes) {
+  return CheckHeaderFields(header, r.max_update_bytes);
+}
+
+absl::Status RoundManager::CheckHeaderFields(const v1::UpdateHeader& header,
+                                             uint64_t max_update_bytes) {
+  if (header.total_size() > max_update_bytes) {
     return absl::ResourceExhaustedError(
         absl::StrCat("UpdateHeader.total_size ", header.total_size(), " exceeds max_update_bytes ",
-                     r.max_update_bytes));
+                     max_update_bytes));
   }
   if (header.total_size() == 0) {
     return absl::InvalidArgumentError("UpdateHeader.total_size is 0; expected a sealed payload");
@@ -674,7 +727,9 @@ void RoundManager::CheckUpdateHeader(std::string peer_cn, v1::UpdateHeader heade
       done(absl::UnavailableError("the coordinator is shutting down"));
       return;
     }
-    done(PrecheckLocked(peer_cn, header));
+    absl::Status s = PrecheckLocked(peer_cn, header);
+    if (!s.ok() && config_.async_mode()) OnAsyncRefusal(peer_cn, header.round_id(), s);
+    done(s);
   });
 }
 
@@ -732,6 +787,10 @@ void RoundManager::SubmitUpdate(IncomingUpdate update, StatusCallback done) {
           absl::StrCat("update payload could not be processed: ", e.what()));
     }
     if (!tensors.ok()) {
+      if (config_.async_mode()) {
+        Post([this, agent = shared->peer_cn, task = shared->header.round_id(),
+              status = tensors.status()]() { OnAsyncRefusal(agent, task, status); });
+      }
       done(tensors.status());
       return;
     }
@@ -748,6 +807,10 @@ void RoundManager::SubmitUpdate(IncomingUpdate update, StatusCallback done) {
 
 void RoundManager::CommitUpdate(IncomingUpdate update, common::TensorMap tensors,
                                 StatusCallback done) {
+  if (config_.async_mode()) {
+    CommitAsyncUpdate(std::move(update), std::move(tensors), std::move(done));
+    return;
+  }
   if (stopping_) {
     done(absl::UnavailableError("the coordinator is shutting down"));
     return;
@@ -791,7 +854,7 @@ void RoundManager::CommitUpdate(IncomingUpdate update, common::TensorMap tensors
     return;
   }
   round = std::move(next);
-  metrics_.AddCounter(kMetricAccepted, kHelpAccepted, 1);
+  NoteUpdateAccepted();
   Log(LogLevel::kInfo, "update accepted",
       {{"round", std::to_string(round.round_id)},
        {"agent", agent},
@@ -1190,29 +1253,13 @@ void RoundManager::RunAggregation(RoundRecord round,
       ASSIGN_OR_RETURN(out.server_state_sha256,
                        store_->PutBlob(EncodeServerState(*result.server_state, params.strategy)));
     }
-    common::Metadata metadata{
-        {"fedlora.version", VersionId(round.round_id)},
-        {"fedlora.round", std::to_string(round.round_id)},
-        {"fedlora.parent_version", round.base_version},
-        {"fedlora.base_model_hash", base_model_hash_},
-        {"fedlora.aggregation", out.strategy},
-        {"fedlora.lora.rank", std::to_string(round.lora_rank)},
-        {"fedlora.lora.alpha", absl::StrCat(round.lora_alpha)},
-        {"fedlora.lora.target_modules", absl::StrJoin(round.lora_target_modules, ",")},
-        {"fedlora.lora.init_seed", std::to_string(round.lora_init_seed)}};
-    if (out.discarded_energy.has_value()) {
-      metadata["fedlora.discarded_energy"] = absl::StrFormat("%.9g", *out.discarded_energy);
-    }
-    ASSIGN_OR_RETURN(common::Quant quant, common::ParseQuant(config_.publish_quant));
-    out.quant = common::QuantName(quant);
-    out.blob = common::EncodeAdapterBlob(mean, quant, metadata, &out.quant_report);
-    out.sha256 = common::Sha256Hex(out.blob);
+    RETURN_IF_ERROR(EncodeAggregate(round, mean, &out));
     return out;
   };
   absl::StatusOr<Aggregated> result;
   const auto started = std::chrono::steady_clock::now();
   try {
-    result = aggregate();
+    result = round.async() ? AggregateAsync(round) : aggregate();
   } catch (const std::exception& e) {
     result = absl::InternalError(absl::StrCat("aggregation threw: ", e.what()));
   }
@@ -1222,6 +1269,36 @@ void RoundManager::RunAggregation(RoundRecord round,
   Post([this, id = round.round_id, result = std::move(result)]() mutable {
     FinishAggregation(id, std::move(result));
   });
+}
+
+absl::Status RoundManager::EncodeAggregate(const RoundRecord& round,
+                                           const common::TensorMap& adapter,
+                                           Aggregated* out) const {
+  out->shapes = ShapesOf(adapter);
+  common::Metadata metadata{
+      {"fedlora.version", VersionId(round.round_id)},
+      {"fedlora.round", std::to_string(round.round_id)},
+      {"fedlora.parent_version", round.base_version},
+      {"fedlora.base_model_hash", base_model_hash_},
+      {"fedlora.aggregation", out->strategy},
+      {"fedlora.lora.rank", std::to_string(round.lora_rank)},
+      {"fedlora.lora.alpha", absl::StrCat(round.lora_alpha)},
+      {"fedlora.lora.target_modules", absl::StrJoin(round.lora_target_modules, ",")},
+      {"fedlora.lora.init_seed", std::to_string(round.lora_init_seed)}};
+  if (out->discarded_energy.has_value()) {
+    metadata["fedlora.discarded_energy"] = absl::StrFormat("%.9g", *out->discarded_energy);
+  }
+  ASSIGN_OR_RETURN(common::Quant quant, common::ParseQuant(config_.publish_quant));
+  out->quant = common::QuantName(quant);
+  out->blob = common::EncodeAdapterBlob(adapter, quant, metadata, &out->quant_report);
+  out->sha256 = common::Sha256Hex(out->blob);
+  return absl::OkStatus();
+}
+
+void RoundManager::NoteUpdateAccepted() { metrics_.AddCounter(kMetricAccepted, kHelpAccepted, 1); }
+
+void RoundManager::NoteRoundOpened(uint64_t round_id) {
+  metrics_.SetGauge(kMetricRound, kHelpRound, static_cast<double>(round_id));
 }
 
 void RoundManager::FinishAggregation(uint64_t round_id, absl::StatusOr<Aggregated> result) {
@@ -1360,7 +1437,7 @@ void RoundManager::PrintRoundLine(const RoundRecord& r) {
       " strategy=", r.strategy, r.secure_aggregation ? " secagg=on" : "",
       r.dp_epsilon ? absl::StrFormat(" epsilon=%.4g", *r.dp_epsilon) : "",
       r.discarded_energy ? absl::StrFormat(" discarded_energy=%.6g", *r.discarded_energy) : "",
-      "\n");
+      r.async() ? AsyncRoundSuffix(r) : "", "\n");
   if (out_ != nullptr) {
     *out_ << line;
     out_->flush();

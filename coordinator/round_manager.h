@@ -15,6 +15,24 @@
 // effect; Start() resumes an open round from the store (a TRAIN round keeps its
 // stored updates; an AGGREGATE round is aggregated again).
 //
+// Async mode (config mode: async; FedBuff, coordinator/fedbuff.h, docs/protocol.md
+// "Async rounds"): the open round is a buffer. Whenever an online agent has no
+// task and fewer than async_concurrency agents are training, it gets a task from
+// the current version (the task, with its deadline, is written to the round
+// synced before it is sent; RoundTask.round_id carries the task id). An update is
+// checked against its task (owner, not yet submitted: else ALREADY_EXISTS; base
+// version; staleness tau = versions published since the task's base, at most
+// async_max_staleness: else FAILED_PRECONDITION) and stored synced in the open
+// buffer. Every async_buffer_size updates the buffer goes TRAIN -> AGGREGATE
+// (synced), is aggregated (new = current + server_lr * staleness-weighted mean of
+// update - its base version) and published like a sync round (strategy
+// "fedbuff"); the next buffer opens at once and idle agents get new tasks.
+// Updates arriving while a buffer is being aggregated wait (in memory, their RPC
+// open) for the next buffer. A restart keeps the stored buffer (each update once)
+// and redoes an aggregation in progress; tasks are rebuilt from the rounds. While
+// no version exists, at most async_buffer_size tasks are out (an update trained
+// from the fresh adapter cannot be merged once a version exists: refused).
+//
 // Deadlines use the injected Clock; a periodic timer (tick_ms) checks them, and
 // Tick() runs one check synchronously (tests with a FakeClock).
 //
@@ -42,6 +60,7 @@
 #include <set>
 #include <string>
 #include <thread>
+#include <vector>
 
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
@@ -220,6 +239,45 @@ class RoundManager {
   void PrintRoundLine(const RoundRecord& round);
   RoundRecord* FindRoundByVersion(const std::string& version_id);
   void CacheBlob(const std::string& version_id, BlobRef ref);
+  // Size, hash and metric checks of an update header (both modes).
+  static absl::Status CheckHeaderFields(const fedlora::v1::UpdateHeader& header,
+                                        uint64_t max_update_bytes);
+  // Version metadata, quantization and blob of an aggregate (worker thread).
+  absl::Status EncodeAggregate(const RoundRecord& round, const common::TensorMap& adapter,
+                               Aggregated* out) const;
+  void NoteUpdateAccepted();
+  void NoteRoundOpened(uint64_t round_id);
+
+  // --- Async (FedBuff) mode, coordinator/round_manager_async.cc (manager thread
+  // unless said otherwise).
+  struct TaskState {
+    uint64_t round_id = 0;  // the round open when it was handed out (its base version)
+    std::string agent_id;
+    uint64_t deadline_unix_ms = 0;
+    uint64_t accepted_in = 0;  // round whose buffer took its update (0 = none yet)
+  };
+  struct PendingCommit {
+    IncomingUpdate update;
+    common::TensorMap tensors;
+    StatusCallback done;
+  };
+  void RebuildAsyncTasks();  // Start(), before the manager thread runs
+  void UpdateAsyncGauges();  // fedlora_async_* (docs/operations.md)
+  void OpenAsyncRound();
+  void AsyncTick(uint64_t now);
+  void DispatchAsyncTasks();
+  void SendAsyncTask(uint64_t task_id);
+  // Versions published since the base of tasks handed out in round `task_round`.
+  uint64_t StalenessOf(uint64_t task_round) const;
+  absl::Status PrecheckAsyncLocked(const std::string& peer_cn,
+                                   const fedlora::v1::UpdateHeader& header) const;
+  void CommitAsyncUpdate(IncomingUpdate update, common::TensorMap tensors, StatusCallback done);
+  void RunPendingAsyncCommits();
+  // A refused update ends its task (frees the agent's slot) unless the refusal is
+  // UNAVAILABLE (the agent retries).
+  void OnAsyncRefusal(const std::string& agent, uint64_t task_id, const absl::Status& status);
+  bool DropAsyncUpdatesOf(const std::string& agent);                    // revocation
+  absl::StatusOr<Aggregated> AggregateAsync(const RoundRecord& round);  // worker thread
 
   const CoordinatorConfig config_;
   StateStore* const store_;
@@ -258,6 +316,13 @@ class RoundManager {
   uint64_t secagg_deadline_ms_ = 0;
   std::optional<DpBudget> dp_budget_;  // when config_.dp_clip_norm > 0
   std::string dp_refusal_logged_;      // last budget refusal logged (once each)
+
+  // Async mode (manager thread).
+  std::map<uint64_t, TaskState> async_tasks_;        // every task handed out, by id
+  std::map<std::string, uint64_t> async_busy_;       // agent -> task holding its slot
+  std::map<std::string, uint64_t> async_last_task_;  // agent -> its latest task id
+  uint64_t last_task_id_ = 0;
+  std::vector<PendingCommit> async_pending_;  // updates waiting for the next buffer
 
   std::mutex rejection_mu_;
   std::map<std::string, uint64_t> rejections_by_code_;

@@ -72,12 +72,19 @@ ShapeMap ShapesFromJson(const json& j) {
 }
 
 json SummaryToJson(const UpdateSummary& s) {
-  return json{{"num_examples", s.num_examples},
-              {"train_loss", PutDouble(s.train_loss)},
-              {"eval_loss_before", PutDouble(s.eval_loss_before)},
-              {"train_tokens", s.train_tokens},
-              {"train_seconds", PutDouble(s.train_seconds)},
-              {"bytes", s.bytes}};
+  json j{{"num_examples", s.num_examples},
+         {"train_loss", PutDouble(s.train_loss)},
+         {"eval_loss_before", PutDouble(s.eval_loss_before)},
+         {"train_tokens", s.train_tokens},
+         {"train_seconds", PutDouble(s.train_seconds)},
+         {"bytes", s.bytes}};
+  if (s.task_id != 0) {
+    j["agent_id"] = s.agent_id;
+    j["task_id"] = s.task_id;
+    j["base_version"] = s.base_version;
+    j["staleness"] = s.staleness;
+  }
+  return j;
 }
 UpdateSummary SummaryFromJson(const json& j) {
   UpdateSummary s;
@@ -87,6 +94,11 @@ UpdateSummary SummaryFromJson(const json& j) {
   s.train_tokens = j.at("train_tokens").get<uint64_t>();
   s.train_seconds = GetDouble(j, "train_seconds");
   s.bytes = j.at("bytes").get<uint64_t>();
+  // Async rounds only.
+  s.agent_id = j.value("agent_id", std::string());
+  s.task_id = j.value("task_id", uint64_t{0});
+  s.base_version = j.value("base_version", std::string());
+  s.staleness = j.value("staleness", uint64_t{0});
   return s;
 }
 
@@ -254,6 +266,8 @@ std::string UpdateKey(uint64_t round_id, const std::string& agent_id) {
   return RoundKey(round_id) + "/" + agent_id;
 }
 
+std::string TaskKey(uint64_t task_id) { return RoundKey(task_id); }
+
 std::string VersionId(uint64_t round_id) {
   char buf[32];
   std::snprintf(buf, sizeof(buf), "v%06" PRIu64, round_id);
@@ -265,6 +279,10 @@ std::string EncodeRound(const RoundRecord& r) {
   for (const auto& [id, u] : r.updates) updates[id] = SummaryToJson(u);
   json evals = json::object();
   for (const auto& [id, loss] : r.eval_after) evals[id] = PutDouble(loss);
+  json tasks = json::object();
+  for (const auto& [id, t] : r.tasks) {
+    tasks[TaskKey(id)] = json{{"agent_id", t.agent_id}, {"deadline_unix_ms", t.deadline_unix_ms}};
+  }
   json j{{"round_id", r.round_id},
          {"phase", RoundPhaseName(r.phase)},
          {"participants", r.participants},
@@ -296,7 +314,9 @@ std::string EncodeRound(const RoundRecord& r) {
          {"dp_clip_norm", r.dp_clip_norm},
          {"dp_noise_multiplier", r.dp_noise_multiplier},
          {"dp_accountant_state", r.dp_accountant_state},
-         {"dp_epsilon", r.dp_epsilon ? json(*r.dp_epsilon) : json(nullptr)}};
+         {"dp_epsilon", r.dp_epsilon ? json(*r.dp_epsilon) : json(nullptr)},
+         {"mode", r.mode},
+         {"tasks", tasks}};
   return j.dump(-1, ' ', false, json::error_handler_t::replace);
 }
 
@@ -348,6 +368,25 @@ absl::StatusOr<RoundRecord> DecodeRound(const std::string& text, const std::stri
     if (j.contains("dp_epsilon") && !j.at("dp_epsilon").is_null()) {
       r.dp_epsilon = j.at("dp_epsilon").get<double>();
     }
+    // Absent in records written before the async mode existed.
+    r.mode = j.value("mode", std::string("sync"));
+    if (r.mode != "sync" && r.mode != "async") {
+      return absl::InvalidArgumentError(
+          absl::StrCat("mode: expected sync or async, found '", r.mode, "'"));
+    }
+    if (j.contains("tasks")) {
+      const json& tasks = j.at("tasks");
+      for (auto it = tasks.begin(); it != tasks.end(); ++it) {
+        uint64_t id = 0;
+        if (!absl::SimpleAtoi(it.key(), &id) || id == 0) {
+          return absl::InvalidArgumentError(absl::StrCat("tasks: bad task id '", it.key(), "'"));
+        }
+        AsyncTask t;
+        t.agent_id = it.value().at("agent_id").get<std::string>();
+        t.deadline_unix_ms = it.value().at("deadline_unix_ms").get<uint64_t>();
+        r.tasks[id] = std::move(t);
+      }
+    }
     return r;
   });
 }
@@ -359,6 +398,7 @@ std::string EncodeUpdate(const UpdateRecord& u) {
          {"summary", SummaryToJson(u.summary)},
          {"payload_sha256", u.payload_sha256},
          {"received_unix_ms", u.received_unix_ms}};
+  if (u.task_id != 0) j["task_id"] = u.task_id;
   std::string meta = j.dump(-1, ' ', false, json::error_handler_t::replace);
   std::string out(8, '\0');
   uint64_t n = meta.size();
@@ -390,6 +430,7 @@ absl::StatusOr<UpdateRecord> DecodeUpdate(const std::string& bytes, const std::s
                              u.summary = SummaryFromJson(j.at("summary"));
                              u.payload_sha256 = j.at("payload_sha256").get<std::string>();
                              u.received_unix_ms = j.at("received_unix_ms").get<uint64_t>();
+                             u.task_id = j.value("task_id", uint64_t{0});
                              return u;
                            }));
   u.sealed = bytes.substr(8 + n);
@@ -716,7 +757,8 @@ absl::Status StateStore::StartRound(const RoundRecord& round) {
 
 absl::Status StateStore::AcceptUpdate(const UpdateRecord& update, const RoundRecord& round) {
   common::Store::Batch batch(store_.get());
-  const std::string key = UpdateKey(update.round_id, update.agent_id);
+  const std::string key =
+      UpdateKey(update.round_id, update.task_id != 0 ? TaskKey(update.task_id) : update.agent_id);
   ASSIGN_OR_RETURN(std::string value, SealValue(kUpdates, key, EncodeUpdate(update)));
   batch.Put(kUpdates, key, value);
   batch.Put(kRounds, RoundKey(round.round_id), EncodeRound(round));
@@ -925,8 +967,13 @@ absl::Status StateStore::PutSecurityRecordsAudited(
 }
 
 absl::Status StateStore::DiscardUpdate(const RoundRecord& round, const std::string& agent_id) {
+  return DiscardUpdates(round, {agent_id});
+}
+
+absl::Status StateStore::DiscardUpdates(const RoundRecord& round,
+                                        const std::vector<std::string>& entries) {
   common::Store::Batch batch(store_.get());
-  batch.Delete(kUpdates, UpdateKey(round.round_id, agent_id));
+  for (const std::string& entry : entries) batch.Delete(kUpdates, UpdateKey(round.round_id, entry));
   batch.Put(kRounds, RoundKey(round.round_id), EncodeRound(round));
   return batch.Commit(/*sync=*/true);
 }

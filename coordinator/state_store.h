@@ -8,8 +8,9 @@
 //             "audit_head" (coordinator/audit.h).
 //   agents    agent id -> AgentRecord as JSON.
 //   rounds    round id as 20 zero-padded decimal digits -> RoundRecord as JSON.
-//   updates   "<round 20 digits>/<agent id>" -> 8-byte little-endian length of the
-//             UpdateRecord JSON, the JSON, then the sealed payload bytes.
+//   updates   "<round 20 digits>/<agent id>" (async rounds: "<round>/<task 20 digits>")
+//             -> 8-byte little-endian length of the UpdateRecord JSON, the JSON, then
+//             the sealed payload bytes.
 //   versions  version id ("v000001") -> VersionRecord as JSON.
 //   blobs     hex SHA-256 of the blob -> adapter blob (common::EncodeAdapterBlob).
 //   audit     seq (20 digits) -> hash-chained audit record (coordinator/audit.h).
@@ -84,6 +85,19 @@ struct UpdateSummary {
   uint64_t train_tokens = 0;
   double train_seconds = 0;
   uint64_t bytes = 0;  // sealed payload size
+  // Async (FedBuff) rounds only, where `RoundRecord::updates` is keyed by TaskKey:
+  // the agent, the task (RoundTask.round_id of the update), the version the task
+  // started from and its staleness tau when accepted (versions published since).
+  std::string agent_id;
+  uint64_t task_id = 0;
+  std::string base_version;
+  uint64_t staleness = 0;
+};
+
+// An async task handed out while a round was open (RoundRecord::tasks).
+struct AsyncTask {
+  std::string agent_id;
+  uint64_t deadline_unix_ms = 0;  // the agent's training slot frees after this
 };
 
 struct RoundRecord {
@@ -129,6 +143,15 @@ struct RoundRecord {
   double dp_noise_multiplier = 0;
   std::string dp_accountant_state;
   std::optional<double> dp_epsilon;
+  // Round mode: "sync", or "async" for a FedBuff buffer (coordinator/fedbuff.h):
+  // the round is the buffer of updates that becomes version_id; `participants`
+  // are the agents whose updates are in it, `updates` is keyed by TaskKey (one
+  // entry per update; an agent may contribute several), `tasks` the tasks handed
+  // out while it was open (task id -> task; RoundTask.round_id carries the task
+  // id, and a task starts from this round's base_version). deadline_unix_ms is 0.
+  std::string mode = "sync";
+  std::map<uint64_t, AsyncTask> tasks;
+  bool async() const { return mode == "async"; }
 
   uint64_t bytes_up() const;
   double mean_train_loss() const;        // NaN when no update
@@ -145,6 +168,9 @@ struct UpdateRecord {
   std::string payload_sha256;
   uint64_t received_unix_ms = 0;
   std::string sealed;  // the sealed payload as received
+  // Async rounds: the task id the payload is sealed with (UpdateAad's round); the
+  // record is stored under UpdateKey(round_id, TaskKey(task_id)). 0 = sync.
+  uint64_t task_id = 0;
 };
 
 struct VersionRecord {
@@ -191,6 +217,7 @@ common::AdapterStatement VersionStatement(const VersionRecord& version);
 std::string RoundKey(uint64_t round_id);
 std::string UpdateKey(uint64_t round_id, const std::string& agent_id);
 std::string VersionId(uint64_t round_id);  // "v%06d"
+std::string TaskKey(uint64_t task_id);     // 20 zero-padded decimal digits
 
 class StateStore {
  public:
@@ -286,6 +313,9 @@ class StateStore {
   // Revocation: deletes the agent's stored update of `round` and writes `round`
   // (without it), one synced batch.
   absl::Status DiscardUpdate(const RoundRecord& round, const std::string& agent_id);
+  // The same for several entries of `round` (agent ids, or TaskKeys in an async
+  // round), one synced batch.
+  absl::Status DiscardUpdates(const RoundRecord& round, const std::vector<std::string>& entries);
 
  private:
   StateStore(std::unique_ptr<common::Store> store, StateStoreOptions options);

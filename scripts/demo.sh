@@ -9,7 +9,8 @@
 #      the last line is one JSON object summing up the run.
 # Idempotent: reuses the build, starts from clean state every time. Stops all it started.
 # Environment: ROUNDS (3), STEPS (local steps per round, 40), LR (3e-3), PORT (random free port),
-#              DEMO_DIR (build/demo), JOBS (build parallelism).
+#              DEMO_DIR (build/demo), JOBS (build parallelism),
+#              MODE (sync | async: FedBuff, a version every BUFFER (2) updates; docs/aggregation.md).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$(pwd)
@@ -62,6 +63,7 @@ echo "demo: coordinator on 127.0.0.1:$PORT, $SITES agents, $ROUNDS rounds (logs 
   --base-model-dir "$DEMO/model" --min-participants $SITES --rounds "$ROUNDS" \
   --local-steps "$STEPS" --learning-rate "${LR:-3e-3}" \
   --lora-target-modules q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj \
+  --mode "${MODE:-sync}" --async-buffer-size "${BUFFER:-2}" \
   >"$DEMO/logs/coordinator.out" 2>"$DEMO/logs/coordinator.log" &
 COORD=$!
 PIDS+=($COORD)

@@ -275,5 +275,101 @@ TEST(ConfigTest, RobustRuleRules) {
   EXPECT_THAT(std::string(cfg.Validate().message()), HasSubstr("robust_norm_bound"));
 }
 
+TEST(ConfigTest, AsyncModeKeysFlagsAndRules) {
+  CoordinatorConfig cfg;
+  cfg.tls_ca = cfg.tls_cert = cfg.tls_key = "x";
+  cfg.base_model_hash = std::string(64, 'a');
+  EXPECT_EQ(cfg.mode, "sync");  // the default keeps synchronous rounds
+  ASSERT_TRUE(LoadYamlString("mode: async\nasync_buffer_size: 3\nasync_concurrency: 5\n"
+                             "async_max_staleness: 2\nasync_staleness_weight: constant\n"
+                             "async_staleness_exponent: 1.5\nasync_server_lr: 0.8\n",
+                             "a.yaml", &cfg)
+                  .ok());
+  ASSERT_TRUE(cfg.Validate().ok()) << cfg.Validate();
+  EXPECT_TRUE(cfg.async_mode());
+  EXPECT_EQ(cfg.async_buffer_size, 3u);
+  EXPECT_EQ(cfg.async_concurrency, 5u);
+  EXPECT_EQ(cfg.async_max_staleness, 2u);
+  EXPECT_EQ(cfg.fedbuff().weight, StalenessWeight::kConstant);
+  EXPECT_DOUBLE_EQ(cfg.fedbuff().exponent, 1.5);
+  EXPECT_DOUBLE_EQ(cfg.fedbuff().server_lr, 0.8);
+  // secure_aggregation auto (the default) means off in async mode, whatever the cohort.
+  EXPECT_FALSE(cfg.SecureAggregationFor(50));
+
+  auto expect_field = [&](CoordinatorConfig c, const std::string& field) {
+    absl::Status s = c.Validate();
+    EXPECT_EQ(s.code(), absl::StatusCode::kInvalidArgument) << field;
+    EXPECT_THAT(std::string(s.message()), HasSubstr("config field '" + field + "'")) << s;
+  };
+  CoordinatorConfig c = cfg;
+  c.mode = "asynchronous";
+  expect_field(c, "mode");
+  c = cfg;
+  c.async_buffer_size = 0;
+  expect_field(c, "async_buffer_size");
+  c = cfg;
+  c.async_concurrency = 0;
+  expect_field(c, "async_concurrency");
+  c = cfg;
+  c.async_staleness_weight = "hinge";
+  expect_field(c, "async_staleness_weight");
+  c = cfg;
+  c.async_staleness_exponent = -0.5;
+  expect_field(c, "async_staleness_exponent");
+  c = cfg;
+  c.async_server_lr = 0;
+  expect_field(c, "async_server_lr");
+  c = cfg;
+  c.secure_aggregation = "on";  // no cohort reports together
+  expect_field(c, "secure_aggregation");
+  c.mode = "sync";  // the same setting is fine in sync mode
+  EXPECT_TRUE(c.Validate().ok()) << c.Validate();
+  c = cfg;
+  c.aggregation.strategy = Strategy::kFedAdam;
+  expect_field(c, "aggregation.strategy");
+  c.aggregation.strategy = Strategy::kFedProx;  // the agent-side proximal term still applies
+  EXPECT_TRUE(c.Validate().ok()) << c.Validate();
+  c = cfg;
+  c.robust_rule = "median";
+  expect_field(c, "robust_rule");
+  c = cfg;
+  c.dp_clip_norm = 1.0;
+  expect_field(c, "dp_clip_norm");
+
+  // Flags, and the help text.
+  const std::string hash(64, 'a');
+  std::vector<const char*> argv = {"fedlora-coordinator",
+                                   "--tls-ca",
+                                   "ca.pem",
+                                   "--tls-cert",
+                                   "c.pem",
+                                   "--tls-key",
+                                   "c.key",
+                                   "--base-model-hash",
+                                   hash.c_str(),
+                                   "--mode",
+                                   "async",
+                                   "--async-buffer-size",
+                                   "4",
+                                   "--async-staleness-exponent",
+                                   "0.25"};
+  auto parsed = ParseCoordinatorFlags(static_cast<int>(argv.size()), argv.data());
+  ASSERT_TRUE(parsed.ok()) << parsed.status();
+  EXPECT_TRUE(parsed->async_mode());
+  EXPECT_EQ(parsed->async_buffer_size, 4u);
+  EXPECT_DOUBLE_EQ(parsed->async_staleness_exponent, 0.25);
+  EXPECT_EQ(parsed->async_staleness_weight, "polynomial");  // FedBuff's default
+  std::vector<const char*> bad = argv;
+  bad.push_back("--secure-aggregation");
+  bad.push_back("on");
+  auto refused = ParseCoordinatorFlags(static_cast<int>(bad.size()), bad.data());
+  EXPECT_THAT(std::string(refused.status().message()), HasSubstr("secure_aggregation"));
+  for (const char* flag :
+       {"--mode", "--async-buffer-size", "--async-concurrency", "--async-max-staleness",
+        "--async-staleness-weight", "--async-staleness-exponent", "--async-server-lr"}) {
+    EXPECT_THAT(CoordinatorHelp(), HasSubstr(flag));
+  }
+}
+
 }  // namespace
 }  // namespace fedlora::coordinator

@@ -4,6 +4,7 @@
 #include <gtest/gtest.h>
 
 #include <cmath>
+#include <nlohmann/json.hpp>
 
 #include "tests/coordinator/coordinator_test_util.h"
 
@@ -155,6 +156,61 @@ TEST(StateStoreTest, RoundCodecRoundTripsNaN) {
   EXPECT_TRUE(std::isnan(back->eval_after.at("a")));
   EXPECT_DOUBLE_EQ(back->eval_after.at("b"), 2.5);
   EXPECT_FALSE(DecodeUpdate("short", "x").ok());
+}
+
+TEST(StateStoreTest, AsyncRoundFieldsRoundTripAndOldRecordsReadAsSync) {
+  RoundRecord r = SampleRound(4);
+  r.mode = "async";
+  r.tasks[7] = AsyncTask{"a", 111};
+  r.tasks[12] = AsyncTask{"b", 222};
+  UpdateSummary u;
+  u.num_examples = 5;
+  u.agent_id = "a";
+  u.task_id = 7;
+  u.base_version = "v000002";
+  u.staleness = 1;
+  r.updates[TaskKey(7)] = u;
+  auto back = DecodeRound(EncodeRound(r), "test");
+  ASSERT_TRUE(back.ok()) << back.status();
+  EXPECT_TRUE(back->async());
+  ASSERT_EQ(back->tasks.size(), 2u);
+  EXPECT_EQ(back->tasks.at(12).agent_id, "b");
+  EXPECT_EQ(back->tasks.at(12).deadline_unix_ms, 222u);
+  const UpdateSummary& got = back->updates.at(TaskKey(7));
+  EXPECT_EQ(got.agent_id, "a");
+  EXPECT_EQ(got.task_id, 7u);
+  EXPECT_EQ(got.base_version, "v000002");
+  EXPECT_EQ(got.staleness, 1u);
+  // A record written before the async mode: no mode, no tasks.
+  nlohmann::json j = nlohmann::json::parse(EncodeRound(SampleRound(5)));
+  j.erase("mode");
+  j.erase("tasks");
+  auto old = DecodeRound(j.dump(), "old");
+  ASSERT_TRUE(old.ok()) << old.status();
+  EXPECT_FALSE(old->async());
+  EXPECT_TRUE(old->tasks.empty());
+  j["mode"] = "eventual";
+  EXPECT_FALSE(DecodeRound(j.dump(), "bad").ok());
+
+  // An async update record keeps its task id and is stored under the task's key.
+  TempDir dir;
+  auto store = StateStore::Open(dir.path());
+  ASSERT_TRUE(store.ok());
+  UpdateRecord rec;
+  rec.round_id = 4;
+  rec.agent_id = "a";
+  rec.task_id = 7;
+  rec.summary = u;
+  rec.sealed = "sealed-bytes";
+  ASSERT_TRUE((*store)->AcceptUpdate(rec, r).ok());
+  auto stored = (*store)->GetUpdate(4, TaskKey(7));
+  ASSERT_TRUE(stored.ok() && stored->has_value());
+  EXPECT_EQ((*stored)->task_id, 7u);
+  EXPECT_EQ((*stored)->sealed, "sealed-bytes");
+  EXPECT_FALSE((*store)->GetUpdate(4, "a")->has_value());
+  r.updates.clear();
+  ASSERT_TRUE((*store)->DiscardUpdates(r, {TaskKey(7)}).ok());
+  EXPECT_EQ(*(*store)->CountUpdates(4), 0u);
 }
 
 }  // namespace

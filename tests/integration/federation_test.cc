@@ -286,6 +286,86 @@ TEST_F(FederationTest, CoordinatorKilledDuringAggregateRedoesIt) {
   ExpectOneCleanVersion();
 }
 
+// Async mode (FedBuff): three agents, buffers of two updates, three versions. The
+// coordinator is killed with SIGKILL as soon as `marker` is logged and restarted on
+// the same directory: every version holds exactly two updates (none lost, none
+// counted twice), all three are published once, strategy fedbuff.
+class AsyncFederationTest : public FederationTest {
+ protected:
+  void CrashAndRestartAsyncWhenLogged(const std::string& marker) {
+    ASSERT_NO_FATAL_FAILURE(MakeFleet(3));
+    max_offline_s_ = 60;
+    eval_grace_s_ = 5;
+    extra_coordinator_args_ = {
+        "--mode", "async", "--async-buffer-size", "2", "--async-max-staleness", "3"};
+    int port = PickFreePort();
+    Process coordinator = StartCoordinator(port, /*rounds=*/3, /*min_participants=*/1);
+    Process agent0 = StartAgent(port, 0);
+    Process agent1 = StartAgent(port, 1);
+    Process agent2 = StartAgent(port, 2);
+    bool seen = false;
+    for (int i = 0; i < 6000 && coordinator.running(); ++i) {  // up to ~5 min
+      if (ReadTextFile(dir_ + "/coordinator.err").find(marker) != std::string::npos) {
+        seen = true;
+        break;
+      }
+      std::this_thread::sleep_for(std::chrono::milliseconds(50));
+    }
+    ASSERT_TRUE(seen) << "never logged '" << marker << "'" << Logs();
+    coordinator.Kill();  // SIGKILL: no shutdown path runs
+    Process restarted = StartCoordinator(port, /*rounds=*/3, /*min_participants=*/1, "-restarted");
+    auto code = restarted.Wait(seconds(400));
+    ASSERT_TRUE(code.has_value()) << "restarted coordinator did not finish"
+                                  << ReadTextFile(dir_ + "/coordinator-restarted.err") << Logs();
+    ASSERT_EQ(*code, 0) << ReadTextFile(dir_ + "/coordinator-restarted.err");
+  }
+
+  void ExpectThreeCleanAsyncVersions() {
+    const std::string out = ReadTextFile(dir_ + "/coordinator-restarted.out");
+    EXPECT_THAT(out, HasSubstr("strategy=fedbuff mode=async updates=2"));
+    auto summary = nlohmann::json::parse(LastNonEmptyLine(out), nullptr, false);
+    ASSERT_FALSE(summary.is_discarded()) << out;
+    EXPECT_EQ(summary["versions"], nlohmann::json::array({"v000001", "v000002", "v000003"}));
+    auto store = coordinator::StateStore::Open(dir_ + "/coordinator");
+    ASSERT_TRUE(store.ok()) << store.status();
+    EXPECT_EQ((*store)->CurrentVersion().value_or(""), "v000003");
+    auto rounds = (*store)->ListRounds();
+    ASSERT_TRUE(rounds.ok());
+    ASSERT_EQ(rounds->size(), 3u) << "a crash must not open or publish an extra buffer";
+    for (const coordinator::RoundRecord& r : *rounds) {
+      SCOPED_TRACE(r.round_id);
+      EXPECT_EQ(r.mode, "async");
+      EXPECT_EQ(r.phase, coordinator::RoundPhase::kDone);
+      EXPECT_EQ(r.updates.size(), 2u);
+      EXPECT_EQ((*store)->CountUpdates(r.round_id).value_or(99), 0u);
+      auto version = (*store)->GetVersion(r.version_id);
+      ASSERT_TRUE(version.ok() && version->has_value());
+      EXPECT_EQ((*version)->strategy, "fedbuff");
+      EXPECT_EQ((*version)->num_examples, 96u) << "an update was lost or counted twice";
+      auto blob = (*store)->GetBlob((*version)->sha256);
+      ASSERT_TRUE(blob.ok()) << blob.status();
+      auto tensors = common::DecodeAdapterBlob(*blob);
+      ASSERT_TRUE(tensors.ok()) << tensors.status();
+      for (const auto& [name, t] : *tensors) {
+        for (float x : t.data) ASSERT_TRUE(std::isfinite(x)) << name;
+      }
+    }
+    EXPECT_FALSE((*store)->GetVersion("v000004").value_or(std::nullopt).has_value());
+  }
+};
+
+// kill -9 as soon as the first update is buffered.
+TEST_F(AsyncFederationTest, KilledWithAnUpdateBufferedKeepsItAndPublishesEachOnce) {
+  ASSERT_NO_FATAL_FAILURE(CrashAndRestartAsyncWhenLogged("update accepted"));
+  ExpectThreeCleanAsyncVersions();
+}
+
+// kill -9 once a buffer went TRAIN -> AGGREGATE: the flush is redone, published once.
+TEST_F(AsyncFederationTest, KilledDuringAFlushRedoesIt) {
+  ASSERT_NO_FATAL_FAILURE(CrashAndRestartAsyncWhenLogged("aggregating"));
+  ExpectThreeCleanAsyncVersions();
+}
+
 }  // namespace
 }  // namespace fedlora::testing
 
