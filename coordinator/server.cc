@@ -34,6 +34,8 @@ absl::StatusOr<std::unique_ptr<CoordinatorServer>> CoordinatorServer::Start(
     ASSIGN_OR_RETURN(identity_options.ca, common::LoadCa(config.tls_ca, config.ca_key));
   }
   identity_options.cert_validity_days = static_cast<int>(config.cert_validity_days);
+  ASSIGN_OR_RETURN(identity_options.approval,
+                   ParseEnrollmentApproval(config.enrollment_approval));
   server->identity_ = std::make_unique<IdentityRegistry>(server->store_.get(), clock,
                                                          std::move(identity_options));
   RETURN_IF_ERROR(server->identity_->Load());
