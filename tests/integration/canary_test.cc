@@ -210,7 +210,8 @@ TEST_P(CanaryTest, MarkersNeverLeaveAnAgent) {
   config.learning_rate = 0.003;
   config.batch_size = 4;
   config.lora_rank = 4;
-  config.eval_grace_s = 60;
+  config.eval_grace_s = 30;
+  config.round_deadline_s = 300;
   config.heartbeat_interval_ms = 500;
   config.secure_aggregation = secure_aggregation;
   std::mutex mu;
@@ -245,7 +246,7 @@ TEST_P(CanaryTest, MarkersNeverLeaveAnAgent) {
              dir_ + "/pki/" + names[i] + ".key"};
     o.train = std::move(*train);
     o.eval = std::move(*eval);
-    o.max_seq_len = 64;
+    o.max_seq_len = 256;
     o.seed = static_cast<uint64_t>(i);
     o.channel_interceptors = [&capture, name = names[i]]() {
       std::vector<std::unique_ptr<grpc::experimental::ClientInterceptorFactoryInterface>> v;
@@ -263,7 +264,7 @@ TEST_P(CanaryTest, MarkersNeverLeaveAnAgent) {
   }
   {
     std::unique_lock<std::mutex> lock(mu);
-    cv.wait_for(lock, std::chrono::seconds(500), [&]() { return finished; });
+    cv.wait_for(lock, std::chrono::seconds(400), [&]() { return finished; });
   }
   for (auto& agent : agents) agent->Stop();
   for (auto& t : threads) t.join();

@@ -110,8 +110,11 @@ TEST_F(EnrollmentTest, EnrollRenewRevokeWithTheRealBinaries) {
 
   ASSERT_EQ(Run(Admin({"agents", "revoke", "site-a", "--reason", "test"}), "revoke"), 0)
       << Err("revoke");
+  // Refused in the TLS handshake: the agent sees UNAVAILABLE, the coordinator logs why.
   EXPECT_EQ(Run(renew_cmd, "renew-revoked"), 1);
-  EXPECT_THAT(Err("renew-revoked"), HasSubstr("certificate revoked"));
+  EXPECT_THAT(Err("renew-revoked"), HasSubstr("UNAVAILABLE"));
+  EXPECT_THAT(ReadTextFile(dir_ + "/coordinator.err"),
+              HasSubstr("TLS handshake refused: certificate revoked"));
 
   coordinator.Signal(SIGTERM);
   EXPECT_EQ(coordinator.Wait(std::chrono::seconds(30)), 0) << ReadTextFile(dir_ + "/coordinator.err");
