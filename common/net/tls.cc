@@ -21,8 +21,9 @@
 #include "common/crypto/pki.h"
 #include "common/status/status.h"
 
-// gRPC 1.51 (Debian 12) keeps the TLS version range of SSL server credentials in
-// core (grpc_ssl_server_credentials::set_min_tls_version, an exported, non-virtual
+// The server-auth-only (enrollment) port: gRPC 1.51 (Debian 12) keeps the TLS
+// version range of SSL server credentials in core
+// (grpc_ssl_server_credentials::set_min_tls_version, an exported, non-virtual
 // member) but offers no C or C++ API to set it. We declare just that member and
 // call it on the credentials that grpc_ssl_server_credentials_create_with_options
 // returns (a grpc_ssl_server_credentials; single inheritance, same address). The
