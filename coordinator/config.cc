@@ -74,6 +74,10 @@ const std::vector<Field>& Fields() {
                 &C::enroll_address),
       MakeField("cert_validity_days", "Validity of enrolled and renewed agent certificates",
                 &C::cert_validity_days),
+      MakeField("enrollment_approval",
+                "token: enroll with one-time tokens only; admin: also accept token-less "
+                "requests that wait for `fedlora-admin enroll approve`",
+                &C::enrollment_approval),
       MakeField("base_model_hash", "Hex SHA-256 of the base model agents must hold",
                 &C::base_model_hash),
       MakeField("base_model_dir", "Base model directory to hash instead of --base-model-hash",
@@ -272,6 +276,12 @@ absl::Status CoordinatorConfig::Validate() const {
   }
   if (!enroll_address.empty() && ca_key.empty()) {
     return bad("ca_key", "the CA key file when enroll_address is set", "''");
+  }
+  if (enrollment_approval != "token" && enrollment_approval != "admin") {
+    return bad("enrollment_approval", "'token' or 'admin'", "'" + enrollment_approval + "'");
+  }
+  if (enrollment_approval == "admin" && enroll_address.empty()) {
+    return bad("enroll_address", "HOST:PORT when enrollment_approval is admin", "''");
   }
   if (cert_validity_days < 1 || cert_validity_days > 3650) {
     return bad("cert_validity_days", "1..3650", absl::StrCat(cert_validity_days));

@@ -47,6 +47,10 @@ struct CoordinatorConfig {
   std::string ca_key = "";
   std::string enroll_address = "";
   uint32_t cert_validity_days = 90;
+  // How enrollment is approved: "token" (a one-time token from `fedlora-admin
+  // enroll create` only) or "admin" (also token-less requests that wait for
+  // `fedlora-admin enroll approve`; needs enroll_address).
+  std::string enrollment_approval = "token";
   // The base model agents must hold: its hash, or a directory to hash
   // (common::HashModelDirectory). Exactly one is required.
   std::string base_model_hash = "";

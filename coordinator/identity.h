@@ -10,7 +10,19 @@
 //   cert/<hex SHA-256 of the certificate DER> -> {"agent_id","issued_unix_ms",
 //        "not_after_unix","how": "enroll"|"renew"}
 //   revoked/<agent id> -> {"agent_id","revoked_unix_ms","actor","reason"}
+//   enroll_request/<32 hex id> -> {"agent_id","csr_pem","key_fingerprint","peer",
+//        "requested_unix_ms","expires_unix_ms","state": "pending"|"approved"|"denied",
+//        "decided_by","decided_unix_ms","reason","certificate_pem","not_after_unix"}
 // The raw token (32 random bytes, 64 hex chars) is returned once and never stored.
+//
+// Admin-approval mode (IdentityOptions::approval = kAdmin, config
+// `enrollment_approval: admin`): a CSR may come without a token. It is filed as a
+// pending request (the CSR, its key fingerprint, the requester's address) and
+// gets no certificate until an admin approves it; a denial or the request's
+// expiry (request_ttl_s) ends it. Tokens keep working in this mode (an admin who
+// created a token has approved ahead). At most max_pending_requests unexpired
+// requests wait at once (ResourceExhausted beyond), so callers without any
+// credential cannot grow the store without bound.
 //
 // A revocation names an agent id (certificate CN): every certificate with that CN
 // is refused from then on, whichever was presented (the enrolled one, a renewed
@@ -30,6 +42,7 @@
 #include <optional>
 #include <set>
 #include <string>
+#include <vector>
 
 #include <boost/asio/thread_pool.hpp>
 
@@ -40,9 +53,17 @@
 
 namespace fedlora::coordinator {
 
+enum class EnrollmentApproval { kToken, kAdmin };
+
+// "token" / "admin" (config enrollment_approval); InvalidArgument otherwise.
+absl::StatusOr<EnrollmentApproval> ParseEnrollmentApproval(const std::string& text);
+
 struct IdentityOptions {
   // Signs CSRs (enrollment and renewal); none = both are FailedPrecondition.
   std::optional<common::CaMaterial> ca;
+  EnrollmentApproval approval = EnrollmentApproval::kToken;
+  uint64_t request_ttl_s = 24 * 3600;
+  size_t max_pending_requests = 100;
   int cert_validity_days = 90;
   uint64_t default_token_ttl_s = 24 * 3600;
   uint64_t max_token_ttl_s = 30 * 24 * 3600;
@@ -59,6 +80,23 @@ struct IssuedCertificate {
   std::string ca_pem;
   std::string fingerprint;
   int64_t not_after_unix = 0;
+};
+
+// One enrollment request of admin-approval mode, as stored (state "expired" is
+// reported for a pending one past expires_unix_ms).
+struct EnrollmentRequestInfo {
+  std::string id;
+  std::string agent_id;
+  std::string key_fingerprint;
+  std::string peer;
+  std::string state;  // "pending", "approved", "denied", "expired"
+  uint64_t requested_unix_ms = 0;
+  uint64_t expires_unix_ms = 0;
+  std::string decided_by;
+  std::string reason;
+  std::string certificate_pem;  // approved only
+  std::string ca_pem;           // approved only
+  int64_t not_after_unix = 0;   // approved only
 };
 
 class IdentityRegistry {
@@ -93,6 +131,25 @@ class IdentityRegistry {
   // A new agent certificate for `agent_id` (the caller's verified, unrevoked CN)
   // from a CSR with that CN. The old certificate stays valid until it expires.
   absl::StatusOr<IssuedCertificate> Renew(const std::string& agent_id, const std::string& csr_pem);
+
+  // --- Admin-approval mode (FailedPrecondition in token mode).
+  // Files `csr_pem` (self-signature and CN checked; CN not revoked) as a pending
+  // request from `peer`; synced and audited "enroll.requested".
+  absl::StatusOr<EnrollmentRequestInfo> RequestEnrollment(const std::string& csr_pem,
+                                                          const std::string& peer);
+  // The request `id` (NotFound if unknown or malformed).
+  absl::StatusOr<EnrollmentRequestInfo> GetEnrollmentRequest(const std::string& id) const;
+  // The pending, unexpired requests, oldest first.
+  absl::StatusOr<std::vector<EnrollmentRequestInfo>> ListPendingRequests() const;
+  // Approves (signs the CSR: role agent) or denies the pending request `id`, in
+  // one synced batch audited "enroll.approved" / "enroll.denied" by `actor`.
+  // NotFound: unknown id; FailedPrecondition: decided already, expired, or (on
+  // approval) the name was revoked meanwhile. A refusal writes nothing.
+  absl::StatusOr<EnrollmentRequestInfo> DecideEnrollmentRequest(const std::string& id,
+                                                                bool approve,
+                                                                const std::string& reason,
+                                                                const std::string& actor);
+  EnrollmentApproval approval() const { return options_.approval; }
 
   // Records the revocation of `agent_id` (synced, audited) and adds it to the
   // in-memory set. Returns false when it was already revoked (nothing written).

@@ -3,11 +3,14 @@
 // its store and signing work to the IdentityRegistry's worker thread; reactors
 // never block.
 //
-//   EnrollmentService  Enrollment.Enroll, on the enrollment port only (no client
-//                      certificate): token + CSR -> certificate (role agent).
+//   EnrollmentService  Enrollment.*, on the enrollment port only (no client
+//                      certificate): token + CSR -> certificate (role agent); in
+//                      admin-approval mode also RequestEnrollment (CSR -> pending
+//                      request) and GetEnrollmentRequest (poll by request id).
 //   CertificatesService Certificates.Renew, main port, role agent, not revoked: a
 //                      new certificate for the caller's own CN.
-//   SecurityAdminService SecurityAdmin.CreateEnrollmentToken / RevokeAgent, main
+//   SecurityAdminService SecurityAdmin.CreateEnrollmentToken / RevokeAgent /
+//                      ListEnrollmentRequests / DecideEnrollmentRequest, main
 //                      port, role admin only (viewers are refused). RevokeAgent
 //                      stores the revocation, then cuts the agent's session and
 //                      discards its pending update (RoundManager::OnAgentRevoked).
@@ -27,6 +30,13 @@ class EnrollmentService final : public fedlora::v1::Enrollment::CallbackService 
   grpc::ServerUnaryReactor* Enroll(grpc::CallbackServerContext* context,
                                    const fedlora::v1::EnrollRequest* request,
                                    fedlora::v1::CertificateResponse* response) override;
+  grpc::ServerUnaryReactor* RequestEnrollment(
+      grpc::CallbackServerContext* context, const fedlora::v1::RequestEnrollmentRequest* request,
+      fedlora::v1::EnrollmentRequestState* response) override;
+  grpc::ServerUnaryReactor* GetEnrollmentRequest(
+      grpc::CallbackServerContext* context,
+      const fedlora::v1::GetEnrollmentRequestRequest* request,
+      fedlora::v1::EnrollmentRequestState* response) override;
 
  private:
   IdentityRegistry* const identity_;
@@ -54,6 +64,14 @@ class SecurityAdminService final : public fedlora::v1::SecurityAdmin::CallbackSe
   grpc::ServerUnaryReactor* RevokeAgent(grpc::CallbackServerContext* context,
                                         const fedlora::v1::RevokeAgentRequest* request,
                                         fedlora::v1::RevokeAgentResponse* response) override;
+  grpc::ServerUnaryReactor* ListEnrollmentRequests(
+      grpc::CallbackServerContext* context,
+      const fedlora::v1::ListEnrollmentRequestsRequest* request,
+      fedlora::v1::ListEnrollmentRequestsResponse* response) override;
+  grpc::ServerUnaryReactor* DecideEnrollmentRequest(
+      grpc::CallbackServerContext* context,
+      const fedlora::v1::DecideEnrollmentRequestRequest* request,
+      fedlora::v1::EnrollmentRequestState* response) override;
 
  private:
   IdentityRegistry* const identity_;

@@ -21,8 +21,6 @@ absl::StatusOr<std::unique_ptr<CoordinatorServer>> CoordinatorServer::Start(
   } else {
     server->base_model_hash_ = config.base_model_hash;
   }
-  ASSIGN_OR_RETURN(auto creds,
-                   common::MakeServerCredentials({config.tls_ca, config.tls_cert, config.tls_key}));
   ASSIGN_OR_RETURN(StateStoreOptions store_options, StateStoreOptionsFromConfig(config));
   ASSIGN_OR_RETURN(server->store_, StateStore::Open(config.data_dir, std::move(store_options)));
   const Clock* clock = options.clock != nullptr ? options.clock : SystemClock::Get();
@@ -36,9 +34,25 @@ absl::StatusOr<std::unique_ptr<CoordinatorServer>> CoordinatorServer::Start(
     ASSIGN_OR_RETURN(identity_options.ca, common::LoadCa(config.tls_ca, config.ca_key));
   }
   identity_options.cert_validity_days = static_cast<int>(config.cert_validity_days);
+  ASSIGN_OR_RETURN(identity_options.approval,
+                   ParseEnrollmentApproval(config.enrollment_approval));
   server->identity_ = std::make_unique<IdentityRegistry>(server->store_.get(), clock,
                                                          std::move(identity_options));
   RETURN_IF_ERROR(server->identity_->Load());
+  // Revoked certificates fail the TLS handshake itself (the per-call check in
+  // AuthorizePeer stays for connections opened before the revocation).
+  const IdentityRegistry* identity = server->identity_.get();
+  ASSIGN_OR_RETURN(
+      auto creds,
+      common::MakeServerCredentials(
+          {config.tls_ca, config.tls_cert, config.tls_key},
+          [identity](const std::string& common_name, const std::string&) -> absl::Status {
+            if (!identity->IsRevoked(common_name)) return absl::OkStatus();
+            Log(LogLevel::kWarn, "TLS handshake refused: certificate revoked",
+                {{"agent", common_name}});
+            return absl::UnauthenticatedError(
+                absl::StrCat("certificate revoked: '", common_name, "' was revoked by an admin"));
+          }));
   RETURN_IF_ERROR(server->manager_->Start());
 
   server->coordinator_service_ = std::make_unique<CoordinatorService>(

@@ -15,7 +15,9 @@
 // Every gRPC port is TLS 1.3 only. The main port also serves Certificates.Renew and
 // SecurityAdmin (coordinator/identity_service.h); with config.enroll_address set,
 // Enrollment.Enroll is served there (server-auth TLS, no client certificate) and
-// enroll_port() reports it. Revoked agents are refused on every call.
+// enroll_port() reports it. A revoked agent's certificate fails the TLS handshake
+// on the main port (a new connection never reaches a service), and every call on a
+// connection opened before the revocation is refused (AuthorizePeer).
 
 #include <grpcpp/grpcpp.h>
 

@@ -182,7 +182,10 @@ absl::StatusOr<std::unique_ptr<Agent>> Agent::Create(AgentOptions options, Local
   if (!options.tls_server_name.empty()) {
     args.SetSslTargetNameOverride(options.tls_server_name);
   }
-  auto channel = grpc::CreateCustomChannel(options.coordinator, creds, args);
+  auto channel = options.channel_interceptors
+                     ? grpc::experimental::CreateCustomChannelWithInterceptors(
+                           options.coordinator, creds, args, options.channel_interceptors())
+                     : grpc::CreateCustomChannel(options.coordinator, creds, args);
   std::string agent_id = identity->common_name;
   std::string signing_pub = options.signing_public_key;
   bool explicit_key = !signing_pub.empty();

@@ -41,12 +41,15 @@
 #include <chrono>
 #include <condition_variable>
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <mutex>
 #include <optional>
 #include <set>
 #include <string>
 #include <vector>
+
+#include <grpcpp/support/client_interceptor.h>
 
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
@@ -95,6 +98,11 @@ struct AgentOptions {
   // Coordinator signing public key (PEM). "" = coordinator-signing.pub beside
   // tls.ca_cert when that file exists, else versions are not signature-checked.
   std::string signing_public_key;
+  // Tests only (never set by fedlora-agent): client interceptors for the agent's
+  // channel, e.g. to record every message it sends (the canary test). Called
+  // once, in Create().
+  std::function<std::vector<std::unique_ptr<grpc::experimental::ClientInterceptorFactoryInterface>>()>
+      channel_interceptors;
 };
 
 struct AgentStats {

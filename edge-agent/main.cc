@@ -8,9 +8,12 @@
 //                     [--forgetting-probe GENERAL.jsonl] [--eval-generate N]
 //   fedlora-agent model inspect|tokenize|logits|generate ...
 //   fedlora-agent export --model DIR (--adapter PEFT_DIR | --version-blob FILE) --format F ...
-//   fedlora-agent enroll --coordinator HOST:PORT --token T --ca CA.pem --name ID [--out DIR]
+//   fedlora-agent enroll --coordinator HOST:PORT [--token T] --ca CA.pem --name ID [--out DIR]
+//                        [--wait-s N] [--poll-s N]
 //     Generates this agent's key here (it never leaves), enrolls with a one-time token
 //     on the coordinator's enrollment port; writes DIR/ID.key (0600) and DIR/ID.pem.
+//     Without --token (coordinator in enrollment_approval: admin) files a request and
+//     waits, printing progress, until an admin approves or denies it.
 //   fedlora-agent renew --coordinator HOST:PORT --ca F --cert F --key F [--within-days N]
 //     (run --renew-within-days N does the same once at start)
 //     Renews the certificate with the current one (new key, files replaced atomically).
@@ -298,12 +301,24 @@ int main(int argc, char** argv) {
   CLI::App* enroll = app.add_subcommand(
       "enroll",
       "Enroll this agent: generate its key locally, send a CSR with a one-time token to the "
-      "coordinator's enrollment port, and write <out>/<name>.key and <out>/<name>.pem");
+      "coordinator's enrollment port, and write <out>/<name>.key and <out>/<name>.pem. "
+      "Without --token (coordinator with enrollment_approval: admin) the CSR waits for "
+      "`fedlora-admin enroll approve`; this command polls and prints progress until then "
+      "(rerun it to resume an interrupted wait)");
   enroll->add_option("--coordinator", enroll_options.coordinator,
                      "Coordinator enrollment address HOST:PORT")
       ->required();
-  enroll->add_option("--token", enroll_options.token, "One-time token (fedlora-admin enroll create)")
-      ->required();
+  enroll->add_option("--token", enroll_options.token,
+                     "One-time token (fedlora-admin enroll create); omit to ask an admin to "
+                     "approve (enrollment_approval: admin)");
+  enroll->add_option("--wait-s", enroll_options.wait_s,
+                     "Without --token: give up after N seconds still pending (files kept)")
+      ->capture_default_str()
+      ->check(CLI::PositiveNumber);
+  int enroll_poll_s = 5;
+  enroll->add_option("--poll-s", enroll_poll_s, "Without --token: seconds between polls")
+      ->capture_default_str()
+      ->check(CLI::Range(1, 3600));
   enroll->add_option("--ca", enroll_options.ca_cert, "Fleet CA certificate (PEM)")
       ->required()
       ->check(CLI::ExistingFile);
@@ -340,6 +355,11 @@ int main(int argc, char** argv) {
   CLI11_PARSE(app, argc, argv);
   if (run->parsed()) return RunAgent(flags);
   if (enroll->parsed()) {
+    enroll_options.poll_interval_ms = enroll_poll_s * 1000;
+    enroll_options.progress = [](const std::string& line) {
+      std::printf("fedlora-agent enroll: %s\n", line.c_str());
+      std::fflush(stdout);
+    };
     auto files = fedlora::common::EnrollAgent(enroll_options);
     if (!files.ok()) {
       std::fprintf(stderr, "fedlora-agent enroll: %s\n", files.status().ToString().c_str());

@@ -414,13 +414,15 @@ absl::StatusOr<CaMaterial> LoadCa(const std::string& ca_cert_path,
   return ca;
 }
 
-absl::StatusOr<std::string> SignCsr(const CaMaterial& ca, const std::string& csr_pem,
-                                    const std::string& expected_cn, CertRole role,
-                                    int validity_days) {
-  RETURN_IF_ERROR(CheckValidity(validity_days));
-  if (role == CertRole::kServer) {
-    return absl::InvalidArgumentError("SignCsr: issues client certificates only, not server");
-  }
+namespace {
+
+struct ParsedCsr {
+  EvpPkeyPtr pub;
+  std::string common_name;
+};
+
+// Parses a PEM CSR and checks its self-signature.
+absl::StatusOr<ParsedCsr> ParseCsr(const std::string& csr_pem) {
   if (csr_pem.size() > 16384) {
     return absl::InvalidArgumentError(
         absl::StrCat("CSR: expected at most 16384 bytes of PEM, found ", csr_pem.size()));
@@ -443,7 +445,39 @@ absl::StatusOr<std::string> SignCsr(const CaMaterial& ca, const std::string& csr
     return absl::InvalidArgumentError(
         "CSR signature does not verify under the CSR's own public key");
   }
-  ASSIGN_OR_RETURN(std::string cn, NameEntry(X509_REQ_get_subject_name(req.get()), NID_commonName));
+  ParsedCsr out;
+  ASSIGN_OR_RETURN(out.common_name,
+                   NameEntry(X509_REQ_get_subject_name(req.get()), NID_commonName));
+  out.pub = std::move(pub);
+  return out;
+}
+
+}  // namespace
+
+absl::StatusOr<CsrInfo> ReadCsr(const std::string& csr_pem) {
+  ASSIGN_OR_RETURN(ParsedCsr parsed, ParseCsr(csr_pem));
+  RETURN_IF_ERROR(CheckNameImpl(parsed.common_name));
+  unsigned char* der = nullptr;
+  const int len = i2d_PUBKEY(parsed.pub.get(), &der);
+  if (len <= 0) return OpenSslError("encoding the CSR public key");
+  CsrInfo info;
+  info.common_name = parsed.common_name;
+  info.key_fingerprint =
+      Sha256Hex(std::string_view(reinterpret_cast<const char*>(der), static_cast<size_t>(len)));
+  OPENSSL_free(der);
+  return info;
+}
+
+absl::StatusOr<std::string> SignCsr(const CaMaterial& ca, const std::string& csr_pem,
+                                    const std::string& expected_cn, CertRole role,
+                                    int validity_days) {
+  RETURN_IF_ERROR(CheckValidity(validity_days));
+  if (role == CertRole::kServer) {
+    return absl::InvalidArgumentError("SignCsr: issues client certificates only, not server");
+  }
+  ASSIGN_OR_RETURN(ParsedCsr parsed, ParseCsr(csr_pem));
+  EvpPkeyPtr pub = std::move(parsed.pub);
+  const std::string cn = parsed.common_name;
   if (cn != expected_cn) {
     return absl::PermissionDeniedError(absl::StrCat("CSR: expected subject CN '", expected_cn,
                                                     "', found '", cn, "'"));

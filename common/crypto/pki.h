@@ -60,6 +60,16 @@ struct CaMaterial {
 };
 absl::StatusOr<CaMaterial> LoadCa(const std::string& ca_cert_path, const std::string& ca_key_path);
 
+// Reads a CSR for admin review (approval-mode enrollment): checks its
+// self-signature (InvalidArgument) and its CN (CheckCertName), and returns the
+// CN and the key fingerprint: hex SHA-256 of the DER SubjectPublicKeyInfo, which
+// the agent prints and the admin compares before approving.
+struct CsrInfo {
+  std::string common_name;
+  std::string key_fingerprint;
+};
+absl::StatusOr<CsrInfo> ReadCsr(const std::string& csr_pem);
+
 // Signs a CSR: checks its self-signature (InvalidArgument "CSR signature does not
 // verify") and that its subject CN equals `expected_cn` (PermissionDenied), then
 // issues a client certificate for that CN with `role` in the OU whatever the CSR

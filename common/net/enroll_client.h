@@ -9,6 +9,18 @@
 // writes <out_dir>/<name>.key (0600) and <out_dir>/<name>.pem. Refuses to
 // overwrite an existing key or certificate (AlreadyExists).
 //
+// Without a token (the coordinator runs `enrollment_approval: admin`), EnrollAgent
+// files the CSR as a request for an admin to decide: it writes <name>.key (0600)
+// and <name>.request (the request id) first, reports the request id and the key
+// fingerprint through `progress` (the admin compares the fingerprint with
+// `fedlora-admin enroll pending`), then polls every poll_interval_ms. Approved:
+// the certificate is checked as above, <name>.pem written, <name>.request removed.
+// Denied or expired: the key and request files are removed and the error says why
+// (PermissionDenied / FailedPrecondition). Still pending after wait_s:
+// DeadlineExceeded, files kept; running the same command again (no token) resumes
+// waiting on the same request. UNAVAILABLE while polling (coordinator restarting)
+// is reported and retried.
+//
 // RenewAgentCertificate calls Certificates.Renew on the main port with the
 // current certificate and a CSR for a fresh key, checks the answer the same way,
 // and replaces `key` and `cert`: both new files are written beside them and
@@ -18,6 +30,7 @@
 // Every call has a deadline of timeout_s.
 
 #include <cstdint>
+#include <functional>
 #include <string>
 
 #include "absl/status/statusor.h"
@@ -31,7 +44,11 @@ struct EnrollRequestOptions {
   std::string ca_cert;          // fleet CA (PEM path)
   std::string out_dir;
   std::string tls_server_name;  // "" = HOST of coordinator
-  int timeout_s = 30;
+  int timeout_s = 30;           // per call
+  // Admin-approval mode (token empty) only:
+  int poll_interval_ms = 5000;
+  int64_t wait_s = 3600;
+  std::function<void(const std::string& line)> progress;  // may be empty
 };
 
 struct EnrolledFiles {

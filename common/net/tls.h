@@ -7,7 +7,13 @@
 // the handshake. (gRPC 1.51's public C++ API has no minimum-version setting;
 // see tls.cc for how it is set.) The enrollment port is the one exception to
 // mutual TLS: server authentication only (MakeServerAuthOnlyCredentials).
+//
+// A mutual-TLS server may add a PeerCertificateCheck: it runs inside every TLS
+// handshake, after the client's chain verified against the CA, and a non-OK
+// answer fails that handshake (the client's call ends UNAVAILABLE; no RPC reaches
+// a service). The coordinator refuses revoked agents this way (docs/security.md).
 
+#include <functional>
 #include <memory>
 #include <string>
 
@@ -27,7 +33,15 @@ struct TlsFiles {
   std::string key;      // own private key (PEM)
 };
 
-absl::StatusOr<std::shared_ptr<grpc::ServerCredentials>> MakeServerCredentials(const TlsFiles& files);
+// The verified client certificate's subject CN and PEM -> OK to accept the
+// connection, or the reason to refuse it (logged by gRPC). Called on gRPC's
+// handshake threads, concurrently: must be thread-safe and must not block.
+using PeerCertificateCheck =
+    std::function<absl::Status(const std::string& common_name, const std::string& cert_pem)>;
+
+// Mutual TLS 1.3; `check` (may be empty) runs in every handshake as above.
+absl::StatusOr<std::shared_ptr<grpc::ServerCredentials>> MakeServerCredentials(
+    const TlsFiles& files, PeerCertificateCheck check = nullptr);
 absl::StatusOr<std::shared_ptr<grpc::ChannelCredentials>> MakeChannelCredentials(const TlsFiles& files);
 
 // TLS 1.3 server credentials that request no client certificate (the enrollment

@@ -238,7 +238,7 @@ int RunAdminCli(int argc, const char* const* argv, std::ostream& out, std::ostre
   bool json = false;
   status->add_flag("--json", json, "Print the StatusResponse as JSON");
 
-  SecurityCommands security(app);  // enroll create, agents revoke
+  SecurityCommands security(app);  // enroll create/pending/approve/deny, agents revoke
 
   CLI::App* models = app.add_subcommand("models", "Published adapter versions (coordinator host)");
   models->require_subcommand(1);

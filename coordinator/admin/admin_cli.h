@@ -15,6 +15,7 @@
 //     (actor "local:<user>"); while it runs (the data dir is locked) the export
 //     proceeds read-only and says that it was not recorded.
 //   fedlora-admin ... enroll create --name SITE [--expires 24h]   (admin/security_cli.h)
+//   fedlora-admin ... enroll pending | approve ID | deny ID [--reason TEXT]
 //   fedlora-admin ... agents revoke ID [--reason TEXT]
 //   fedlora-admin keys create-at-rest FILE        32 random bytes (hex), mode 0600
 //   fedlora-admin keys create-signing DIR         DIR/coordinator-signing.key (0600) + .pub

@@ -50,7 +50,7 @@ std::optional<uint64_t> ParseDurationSeconds(const std::string& text, std::strin
 }
 
 SecurityCommands::SecurityCommands(CLI::App& app) {
-  CLI::App* enroll = app.add_subcommand("enroll", "Enrollment tokens for new agents");
+  CLI::App* enroll = app.add_subcommand("enroll", "Enrollment of new agents: tokens, and requests waiting for approval");
   enroll->require_subcommand(1);
   enroll_create_ = enroll->add_subcommand(
       "create",
@@ -59,6 +59,19 @@ SecurityCommands::SecurityCommands(CLI::App& app) {
   enroll_create_->add_option("--name", name_, "Agent id (its certificate CN)")->required();
   enroll_create_->add_option("--expires", expires_, "Token lifetime: N s|m|h|d")
       ->capture_default_str();
+  enroll_pending_ = enroll->add_subcommand(
+      "pending",
+      "List enrollment requests waiting for an admin (enrollment_approval: admin): id, name, "
+      "key fingerprint, time, requester");
+  enroll_approve_ = enroll->add_subcommand(
+      "approve",
+      "Approve enrollment request ID: sign its CSR (role agent); compare the key fingerprint "
+      "with the one the agent printed first");
+  enroll_approve_->add_option("ID", request_id_, "Request id (enroll pending)")->required();
+  enroll_approve_->add_option("--reason", reason_, "Recorded in the audit log");
+  enroll_deny_ = enroll->add_subcommand("deny", "Deny enrollment request ID");
+  enroll_deny_->add_option("ID", request_id_, "Request id (enroll pending)")->required();
+  enroll_deny_->add_option("--reason", reason_, "Recorded in the audit log and shown to the agent");
   CLI::App* agents = app.add_subcommand("agents", "Agent identities");
   agents->require_subcommand(1);
   agents_revoke_ = agents->add_subcommand(
@@ -73,8 +86,15 @@ std::optional<int> SecurityCommands::Run(const AdminConnection& c, std::ostream&
                                          std::ostream& err) const {
   const bool create = enroll_create_->parsed();
   const bool revoke = agents_revoke_->parsed();
-  if (!create && !revoke) return std::nullopt;
-  const char* cmd = create ? "fedlora-admin enroll create" : "fedlora-admin agents revoke";
+  const bool pending = enroll_pending_->parsed();
+  const bool approve = enroll_approve_->parsed();
+  const bool deny = enroll_deny_->parsed();
+  if (!create && !revoke && !pending && !approve && !deny) return std::nullopt;
+  const char* cmd = create    ? "fedlora-admin enroll create"
+                    : revoke  ? "fedlora-admin agents revoke"
+                    : pending ? "fedlora-admin enroll pending"
+                    : approve ? "fedlora-admin enroll approve"
+                              : "fedlora-admin enroll deny";
   uint64_t ttl_s = 0;
   if (create) {
     std::string error;
@@ -109,6 +129,37 @@ std::optional<int> SecurityCommands::Run(const AdminConnection& c, std::ostream&
       out << "enrollment token for '" << name_ << "' (single use, expires "
           << Utc(response.expires_unix_ms()) << "; shown only now):\n"
           << response.token() << "\n";
+      return 0;
+    }
+  } else if (pending) {
+    v1::ListEnrollmentRequestsResponse response;
+    rpc = stub->ListEnrollmentRequests(&context, v1::ListEnrollmentRequestsRequest(), &response);
+    if (rpc.ok()) {
+      if (response.requests().empty()) {
+        out << "no enrollment requests pending\n";
+        return 0;
+      }
+      out << "ID                                NAME  KEY_FINGERPRINT  REQUESTED  EXPIRES  FROM\n";
+      for (const v1::EnrollmentRequestState& r : response.requests()) {
+        out << r.request_id() << "  " << r.agent_id() << "  " << r.key_fingerprint() << "  "
+            << Utc(r.requested_unix_ms()) << "  " << Utc(r.expires_unix_ms()) << "  " << r.peer()
+            << "\n";
+      }
+      return 0;
+    }
+  } else if (approve || deny) {
+    v1::DecideEnrollmentRequestRequest request;
+    request.set_request_id(request_id_);
+    request.set_approve(approve);
+    request.set_reason(reason_);
+    v1::EnrollmentRequestState response;
+    rpc = stub->DecideEnrollmentRequest(&context, request, &response);
+    if (rpc.ok()) {
+      out << "enrollment request " << response.request_id() << " for '" << response.agent_id()
+          << "' (key " << response.key_fingerprint() << ") "
+          << (approve ? "approved: the agent picks up its certificate at its next poll"
+                      : "denied")
+          << "\n";
       return 0;
     }
   } else {

@@ -6,6 +6,12 @@
 //   fedlora-admin ... enroll create --name SITE [--expires 24h]
 //     Prints the one-time enrollment token (shown once; the coordinator stores
 //     only its SHA-256) and its expiry. --expires: N followed by s, m, h or d.
+//   fedlora-admin ... enroll pending
+//     Lists the enrollment requests waiting for a decision (enrollment_approval:
+//     admin): id, agent name, key fingerprint, time, requester address.
+//   fedlora-admin ... enroll approve ID [--reason TEXT]
+//   fedlora-admin ... enroll deny ID [--reason TEXT]
+//     Decides request ID (audited); approve signs the agent's CSR (role agent).
 //   fedlora-admin ... agents revoke ID [--reason TEXT]
 //     Revokes every certificate of agent ID at once: its session is cut, its
 //     pending update in an open round discarded, later calls refused.
@@ -34,6 +40,10 @@ class SecurityCommands {
 
  private:
   CLI::App* enroll_create_ = nullptr;
+  CLI::App* enroll_pending_ = nullptr;
+  CLI::App* enroll_approve_ = nullptr;
+  CLI::App* enroll_deny_ = nullptr;
+  std::string request_id_;
   CLI::App* agents_revoke_ = nullptr;
   std::string name_;
   std::string expires_ = "24h";

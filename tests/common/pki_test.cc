@@ -411,6 +411,23 @@ TEST(PkiCsr, GeneratedKeyAndCsrRoundTripAndIssuedCertificateIsChecked) {
   EXPECT_FALSE(GenerateKeyAndCsr("../evil").ok());
 }
 
+TEST(PkiCsr, ReadCsrGivesTheNameAndAStableKeyFingerprint) {
+  auto a = GenerateKeyAndCsr("site-x");
+  auto b = GenerateKeyAndCsr("site-x");
+  ASSERT_TRUE(a.ok() && b.ok());
+  auto info = ReadCsr(a->csr_pem);
+  ASSERT_TRUE(info.ok()) << info.status();
+  EXPECT_EQ(info->common_name, "site-x");
+  EXPECT_EQ(info->key_fingerprint.size(), 64u);
+  EXPECT_EQ(ReadCsr(a->csr_pem)->key_fingerprint, info->key_fingerprint);
+  EXPECT_NE(ReadCsr(b->csr_pem)->key_fingerprint, info->key_fingerprint) << "a new key";
+  EXPECT_EQ(ReadCsr("not a csr").status().code(), absl::StatusCode::kInvalidArgument);
+  auto bad_name = GenerateKeyAndCsr("site x");
+  if (bad_name.ok()) {
+    EXPECT_FALSE(ReadCsr(bad_name->csr_pem).ok());
+  }
+}
+
 TEST(PkiCsr, IssueCertificateWindowAndFingerprint) {
   TempDir dir;
   ASSERT_TRUE(InitPki(dir.path()).ok());

@@ -13,7 +13,10 @@
 #include <sys/socket.h>
 #include <unistd.h>
 
+#include <chrono>
 #include <filesystem>
+#include <mutex>
+#include <set>
 #include <string>
 #include <vector>
 
@@ -96,6 +99,52 @@ TEST_F(TlsVersionTest, MutualTlsPortRefusesTls12) {
   const std::string cert = pki_ + "/agent-1.pem", key = pki_ + "/agent-1.key";
   EXPECT_EQ(Handshake(port, TLS1_2_VERSION, cert, key), 0) << "a TLS 1.2-only client got in";
   EXPECT_EQ(Handshake(port, TLS1_3_VERSION, cert, key), TLS1_3_VERSION);
+  server->Shutdown();
+}
+
+// A PeerCertificateCheck refuses in the handshake: the refused client's call
+// ends UNAVAILABLE (no service is reached), an accepted one reaches the service
+// (UNIMPLEMENTED here), and the check sees each verified client's CN.
+TEST_F(TlsVersionTest, PeerCheckRefusesInTheHandshake) {
+  ASSERT_TRUE(IssueCertificate(pki_, "agent-2", CertRole::kAgent, pki_).ok());
+  std::mutex mu;
+  std::set<std::string> seen;
+  auto creds = MakeServerCredentials(
+      {pki_ + "/ca.pem", pki_ + "/coordinator.pem", pki_ + "/coordinator.key"},
+      [&](const std::string& cn, const std::string& pem) -> absl::Status {
+        std::lock_guard<std::mutex> lock(mu);
+        seen.insert(cn);
+        if (pem.find("BEGIN CERTIFICATE") == std::string::npos) {
+          return absl::InvalidArgumentError("no PEM");
+        }
+        return cn == "agent-1" ? absl::PermissionDeniedError("agent-1 is refused")
+                               : absl::OkStatus();
+      });
+  ASSERT_TRUE(creds.ok()) << creds.status();
+  int port = 0;
+  auto server = Serve(*creds, &port);
+  ASSERT_NE(server, nullptr);
+  auto call = [&](const std::string& name) {
+    auto channel_creds = MakeChannelCredentials(
+        {pki_ + "/ca.pem", pki_ + "/" + name + ".pem", pki_ + "/" + name + ".key"});
+    EXPECT_TRUE(channel_creds.ok());
+    grpc::ChannelArguments args;
+    args.SetInt(GRPC_ARG_USE_LOCAL_SUBCHANNEL_POOL, 1);
+    auto stub = fedlora::v1::Admin::NewStub(
+        grpc::CreateCustomChannel("127.0.0.1:" + std::to_string(port), *channel_creds, args));
+    grpc::ClientContext ctx;
+    ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(20));
+    fedlora::v1::StatusResponse response;
+    return stub->Status(&ctx, fedlora::v1::StatusRequest(), &response).error_code();
+  };
+  EXPECT_EQ(call("agent-1"), grpc::StatusCode::UNAVAILABLE);
+  EXPECT_EQ(call("agent-2"), grpc::StatusCode::UNIMPLEMENTED);
+  {
+    std::lock_guard<std::mutex> lock(mu);
+    EXPECT_EQ(seen, (std::set<std::string>{"agent-1", "agent-2"}));
+  }
+  // Still TLS 1.3 only, with the check installed.
+  EXPECT_EQ(Handshake(port, TLS1_2_VERSION, pki_ + "/agent-2.pem", pki_ + "/agent-2.key"), 0);
   server->Shutdown();
 }
 

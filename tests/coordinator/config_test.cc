@@ -99,7 +99,16 @@ TEST(ConfigTest, EnrollmentFieldsAreValidated) {
   EXPECT_THAT(std::string(cfg.Validate().message()), HasSubstr("cert_validity_days"));
   cfg.cert_validity_days = 30;
   EXPECT_TRUE(cfg.Validate().ok());
+  cfg.enrollment_approval = "admins";
+  EXPECT_THAT(std::string(cfg.Validate().message()), HasSubstr("enrollment_approval"));
+  cfg.enrollment_approval = "admin";  // needs the enrollment port
+  EXPECT_THAT(std::string(cfg.Validate().message()), HasSubstr("enroll_address"));
+  cfg.enroll_address = "0.0.0.0:7444";
+  EXPECT_TRUE(cfg.Validate().ok());
+  cfg.enroll_address = "";
+  cfg.enrollment_approval = "token";
   const std::string help = CoordinatorHelp();
+  EXPECT_THAT(help, HasSubstr("--enrollment-approval"));
   EXPECT_THAT(help, HasSubstr("--enroll-address"));
   EXPECT_THAT(help, HasSubstr("--ca-key"));
   EXPECT_THAT(help, HasSubstr("--cert-validity-days"));

@@ -10,7 +10,11 @@
 #include <chrono>
 #include <ctime>
 #include <filesystem>
+#include <mutex>
+#include <optional>
 #include <sstream>
+#include <thread>
+#include <vector>
 
 #include "common/crypto/crypto.h"
 #include "common/crypto/pki.h"
@@ -344,19 +348,20 @@ TEST_F(IdentityTest, RevocationCutsSessionDiscardsUpdateAndPersists) {
   EXPECT_EQ((*round)->phase, RoundPhase::kTrain);
   EXPECT_THAT(SecurityAndAudit(), HasSubstr("agent.revoked"));
 
-  // Every later call with that certificate is refused, also after a restart.
+  // Every later connection with that certificate fails its TLS handshake (no
+  // call reaches a service), also after a restart.
   for (int pass = 0; pass < 2; ++pass) {
     Session again(Channel("agent-1"));
     grpc::Status c = again.Connect("agent-1");
-    EXPECT_EQ(c.error_code(), grpc::StatusCode::UNAUTHENTICATED) << pass;
-    EXPECT_THAT(c.error_message(), HasSubstr("certificate revoked"));
+    EXPECT_EQ(c.error_code(), grpc::StatusCode::UNAVAILABLE) << pass << ": " << c.error_message();
     common::RenewRequestOptions o;
     o.coordinator = Target();
     o.ca_cert = pki_ + "/ca.pem";
     o.cert = pki_ + "/agent-1.pem";
     o.key = pki_ + "/agent-1.key";
+    o.timeout_s = 10;
     auto renewed = common::RenewAgentCertificate(o);
-    EXPECT_EQ(renewed.status().code(), absl::StatusCode::kUnauthenticated) << pass;
+    EXPECT_EQ(renewed.status().code(), absl::StatusCode::kUnavailable) << pass;
     // The name cannot be enrolled again.
     EXPECT_EQ(CreateToken("agent-1", 60, nullptr).error_code(),
               grpc::StatusCode::FAILED_PRECONDITION);
@@ -367,6 +372,46 @@ TEST_F(IdentityTest, RevocationCutsSessionDiscardsUpdateAndPersists) {
   // Revoking again is idempotent.
   ASSERT_TRUE(Revoke("agent-1", &r).ok());
   EXPECT_TRUE(r.already_revoked());
+}
+
+// Revocation at two layers: a new TLS connection with the revoked certificate
+// fails in the handshake (UNAVAILABLE; the service's own refusal, UNAUTHENTICATED
+// "certificate revoked", is never reached), while a connection opened before the
+// revocation gets the per-call refusal. Other agents are unaffected.
+TEST_F(IdentityTest, RevokedCertificateFailsTheTlsHandshake) {
+  // Opened (and kept) before the revocation.
+  auto early = Channel("agent-1");
+  ASSERT_TRUE(early->WaitForConnected(In(30)));
+  {
+    Session before(early);
+    ASSERT_TRUE(before.Connect("agent-1").ok());
+  }
+  v1::RevokeAgentResponse r;
+  ASSERT_TRUE(Revoke("agent-1", &r).ok());
+
+  for (int pass = 0; pass < 2; ++pass) {
+    auto fresh = Channel("agent-1");
+    // A handshake refusal, not a call refusal: the channel never becomes READY.
+    EXPECT_FALSE(fresh->WaitForConnected(In(5))) << pass;
+    Session s(fresh);
+    grpc::Status c = s.Connect("agent-1");
+    EXPECT_EQ(c.error_code(), grpc::StatusCode::UNAVAILABLE) << pass << ": " << c.error_message();
+    EXPECT_THAT(c.error_message(), ::testing::Not(HasSubstr("certificate revoked")));
+    // The same CA, another agent: connects and is served.
+    auto other = Channel("agent-2");
+    EXPECT_TRUE(other->WaitForConnected(In(30))) << pass;
+    Session ok(other);
+    EXPECT_TRUE(ok.Connect("agent-2").ok()) << pass;
+    if (pass == 0) {
+      // The connection from before the revocation: the per-call check refuses it.
+      Session late(early);
+      grpc::Status l = late.Connect("agent-1");
+      EXPECT_EQ(l.error_code(), grpc::StatusCode::UNAUTHENTICATED) << l.error_message();
+      EXPECT_THAT(l.error_message(), HasSubstr("certificate revoked"));
+      early.reset();
+      Restart();  // the revocation is loaded from the store: the handshake still fails
+    }
+  }
 }
 
 TEST_F(IdentityTest, ExpiredAndNotYetValidCertificatesFailTheHandshake) {
@@ -461,6 +506,227 @@ TEST_F(IdentityTest, RenewRefusesAnotherNameAndNeedsTheCaKey) {
 
 // Registry-level: a CSR whose signature does not verify is refused and the
 // token stays unused.
+// ---- Admin-approval mode (enrollment_approval: admin)
+
+class ApprovalTest : public IdentityTest {
+ protected:
+  void SetUp() override {
+    config_.enrollment_approval = "admin";
+    IdentityTest::SetUp();
+  }
+
+  common::EnrollRequestOptions Options(const std::string& name, const std::string& out_dir) {
+    common::EnrollRequestOptions o;
+    o.coordinator = EnrollTarget();
+    o.name = name;
+    o.ca_cert = pki_ + "/ca.pem";
+    o.out_dir = out_dir;
+    o.timeout_s = 10;
+    o.poll_interval_ms = 50;
+    o.wait_s = 120;
+    o.progress = [this](const std::string& line) {
+      std::lock_guard<std::mutex> lock(progress_mu_);
+      progress_.push_back(line);
+    };
+    std::filesystem::create_directories(out_dir);
+    return o;
+  }
+  std::string Progress() {
+    std::lock_guard<std::mutex> lock(progress_mu_);
+    std::string all;
+    for (const std::string& l : progress_) all += l + "\n";
+    return all;
+  }
+
+  grpc::Status ListPending(v1::ListEnrollmentRequestsResponse* resp,
+                           const std::string& caller = "admin") {
+    auto stub = v1::SecurityAdmin::NewStub(Channel(caller));
+    grpc::ClientContext ctx;
+    ctx.set_deadline(In(10));
+    return stub->ListEnrollmentRequests(&ctx, v1::ListEnrollmentRequestsRequest(), resp);
+  }
+  // The one pending request for `name`, once the agent has filed it.
+  std::optional<v1::EnrollmentRequestState> WaitPending(const std::string& name) {
+    std::optional<v1::EnrollmentRequestState> found;
+    WaitFor([&]() {
+      v1::ListEnrollmentRequestsResponse resp;
+      if (!ListPending(&resp).ok()) return false;
+      for (const auto& r : resp.requests()) {
+        if (r.agent_id() == name) found = r;
+      }
+      return found.has_value();
+    });
+    return found;
+  }
+  grpc::Status Decide(const std::string& id, bool approve, const std::string& reason,
+                      v1::EnrollmentRequestState* resp, const std::string& caller = "admin") {
+    auto stub = v1::SecurityAdmin::NewStub(Channel(caller));
+    grpc::ClientContext ctx;
+    ctx.set_deadline(In(10));
+    v1::DecideEnrollmentRequestRequest req;
+    req.set_request_id(id);
+    req.set_approve(approve);
+    req.set_reason(reason);
+    return stub->DecideEnrollmentRequest(&ctx, req, resp);
+  }
+  grpc::Status Poll(const std::string& id, v1::EnrollmentRequestState* resp) {
+    auto creds = common::MakeServerAuthChannelCredentials(pki_ + "/ca.pem");
+    EXPECT_TRUE(creds.ok());
+    auto stub = v1::Enrollment::NewStub(grpc::CreateChannel(EnrollTarget(), *creds));
+    grpc::ClientContext ctx;
+    ctx.set_deadline(In(10));
+    v1::GetEnrollmentRequestRequest req;
+    req.set_request_id(id);
+    return stub->GetEnrollmentRequest(&ctx, req, resp);
+  }
+
+  std::mutex progress_mu_;
+  std::vector<std::string> progress_;
+};
+
+TEST_F(ApprovalTest, PendingRequestGetsNoCertificateUntilAnAdminApproves) {
+  const std::string site = dir_.Sub("site-p");
+  absl::StatusOr<common::EnrolledFiles> result = absl::UnknownError("not run");
+  std::thread agent([&]() { result = common::EnrollAgent(Options("site-p", site)); });
+  auto pending = WaitPending("site-p");
+  ASSERT_TRUE(pending.has_value());
+  EXPECT_EQ(pending->state(), v1::EnrollmentRequestState::PENDING);
+  EXPECT_EQ(pending->request_id().size(), 32u);
+  EXPECT_EQ(pending->key_fingerprint().size(), 64u);
+  EXPECT_THAT(pending->peer(), HasSubstr("127.0.0.1"));
+  EXPECT_GT(pending->requested_unix_ms(), 0u);
+  EXPECT_FALSE(pending->has_certificate());
+  // The agent printed the same fingerprint the admin sees.
+  EXPECT_TRUE(WaitFor([&]() { return Progress().find(pending->key_fingerprint()) != std::string::npos; }))
+      << Progress();
+  // Pending: no certificate anywhere, not even to a poller with the id.
+  v1::EnrollmentRequestState polled;
+  ASSERT_TRUE(Poll(pending->request_id(), &polled).ok());
+  EXPECT_EQ(polled.state(), v1::EnrollmentRequestState::PENDING);
+  EXPECT_FALSE(polled.has_certificate());
+  EXPECT_FALSE(std::filesystem::exists(site + "/site-p.pem"));
+  EXPECT_TRUE(std::filesystem::exists(site + "/site-p.key"));
+  EXPECT_THAT(SecurityAndAudit(), HasSubstr("enroll.requested"));
+  EXPECT_THAT(SecurityAndAudit(), ::testing::Not(HasSubstr("enroll.approved")));
+
+  v1::EnrollmentRequestState decided;
+  grpc::Status s = Decide(pending->request_id(), true, "site checked by phone", &decided);
+  ASSERT_TRUE(s.ok()) << s.error_message();
+  EXPECT_EQ(decided.state(), v1::EnrollmentRequestState::APPROVED);
+  EXPECT_EQ(decided.decided_by(), "admin");
+  agent.join();
+  ASSERT_TRUE(result.ok()) << result.status();
+  EXPECT_THAT(Progress(), HasSubstr("approved by admin"));
+  auto pem = common::ReadFileToString(result->cert_path);
+  ASSERT_TRUE(pem.ok());
+  auto id = common::ReadCertIdentity(*pem);
+  ASSERT_TRUE(id.ok());
+  EXPECT_EQ(id->common_name, "site-p");
+  EXPECT_EQ(id->role, "agent");
+  EXPECT_FALSE(std::filesystem::exists(site + "/site-p.request"));
+  EXPECT_THAT(SecurityAndAudit(), HasSubstr("enroll.approved"));
+  // The approved certificate works on the main port.
+  Session session(Channel("site-p", site));
+  EXPECT_TRUE(session.Connect("site-p").ok());
+  // Decided once: a second decision is refused and nothing pends any more.
+  s = Decide(pending->request_id(), false, "", &decided);
+  EXPECT_EQ(s.error_code(), grpc::StatusCode::FAILED_PRECONDITION);
+  EXPECT_THAT(s.error_message(), HasSubstr("is approved"));
+  v1::ListEnrollmentRequestsResponse list;
+  ASSERT_TRUE(ListPending(&list).ok());
+  EXPECT_EQ(list.requests_size(), 0);
+}
+
+TEST_F(ApprovalTest, DeniedRequestIsRefusedWithTheReasonAndLeavesNoFiles) {
+  const std::string site = dir_.Sub("site-d");
+  absl::StatusOr<common::EnrolledFiles> result = absl::UnknownError("not run");
+  std::thread agent([&]() { result = common::EnrollAgent(Options("site-d", site)); });
+  auto pending = WaitPending("site-d");
+  ASSERT_TRUE(pending.has_value());
+  v1::EnrollmentRequestState decided;
+  ASSERT_TRUE(Decide(pending->request_id(), false, "unknown site", &decided).ok());
+  EXPECT_EQ(decided.state(), v1::EnrollmentRequestState::DENIED);
+  agent.join();
+  EXPECT_EQ(result.status().code(), absl::StatusCode::kPermissionDenied);
+  EXPECT_THAT(result.status().message(), HasSubstr("denied by admin: unknown site"));
+  EXPECT_FALSE(std::filesystem::exists(site + "/site-d.pem"));
+  EXPECT_FALSE(std::filesystem::exists(site + "/site-d.key"));
+  EXPECT_FALSE(std::filesystem::exists(site + "/site-d.request"));
+  EXPECT_THAT(SecurityAndAudit(), HasSubstr("enroll.denied"));
+  EXPECT_THAT(SecurityAndAudit(), ::testing::Not(HasSubstr("enroll.approved")));
+  // A denied request cannot be approved afterwards.
+  grpc::Status s = Decide(pending->request_id(), true, "", &decided);
+  EXPECT_EQ(s.error_code(), grpc::StatusCode::FAILED_PRECONDITION);
+  EXPECT_THAT(s.error_message(), HasSubstr("denied"));
+}
+
+TEST_F(ApprovalTest, UnknownIdsNonAdminsAndBadCsrsAreRefusedWithoutStateChange) {
+  common::EnrollRequestOptions o = Options("site-u", dir_.Sub("site-u"));
+  o.wait_s = 0;  // file the request, poll once, give up (files kept)
+  auto first = common::EnrollAgent(o);
+  EXPECT_EQ(first.status().code(), absl::StatusCode::kDeadlineExceeded) << first.status();
+  auto pending = WaitPending("site-u");
+  ASSERT_TRUE(pending.has_value());
+  const std::string before = SecurityAndAudit();
+
+  v1::EnrollmentRequestState r;
+  grpc::Status s = Decide(std::string(32, '0'), true, "", &r);
+  EXPECT_EQ(s.error_code(), grpc::StatusCode::NOT_FOUND);
+  EXPECT_THAT(s.error_message(), HasSubstr("not found"));
+  EXPECT_EQ(Decide("not-an-id", true, "", &r).error_code(), grpc::StatusCode::NOT_FOUND);
+  for (const std::string caller : {"agent-1", "viewer-1"}) {
+    v1::ListEnrollmentRequestsResponse list;
+    s = ListPending(&list, caller);
+    EXPECT_EQ(s.error_code(), grpc::StatusCode::PERMISSION_DENIED) << caller;
+    EXPECT_THAT(s.error_message(), HasSubstr("role admin"));
+    s = Decide(pending->request_id(), true, "", &r, caller);
+    EXPECT_EQ(s.error_code(), grpc::StatusCode::PERMISSION_DENIED) << caller;
+  }
+  // A corrupted CSR is refused at the door.
+  auto kc = common::GenerateKeyAndCsr("site-bad");
+  ASSERT_TRUE(kc.ok());
+  std::string csr = kc->csr_pem;
+  csr[csr.size() / 2] = csr[csr.size() / 2] == 'A' ? 'B' : 'A';
+  auto creds = common::MakeServerAuthChannelCredentials(pki_ + "/ca.pem");
+  ASSERT_TRUE(creds.ok());
+  auto stub = v1::Enrollment::NewStub(grpc::CreateChannel(EnrollTarget(), *creds));
+  grpc::ClientContext ctx;
+  ctx.set_deadline(In(10));
+  v1::RequestEnrollmentRequest req;
+  req.set_csr_pem(csr);
+  s = stub->RequestEnrollment(&ctx, req, &r);
+  EXPECT_EQ(s.error_code(), grpc::StatusCode::INVALID_ARGUMENT) << s.error_message();
+  EXPECT_EQ(SecurityAndAudit(), before);
+  ASSERT_TRUE(Poll(pending->request_id(), &r).ok());
+  EXPECT_EQ(r.state(), v1::EnrollmentRequestState::PENDING);
+
+  // The interrupted wait resumes on the same request and key once approved.
+  ASSERT_TRUE(std::filesystem::exists(dir_.Sub("site-u/site-u.request")));
+  ASSERT_TRUE(Decide(pending->request_id(), true, "", &r).ok());
+  o.wait_s = 60;
+  auto resumed = common::EnrollAgent(o);
+  ASSERT_TRUE(resumed.ok()) << resumed.status();
+  EXPECT_THAT(Progress(), HasSubstr("resuming enrollment request " + pending->request_id()));
+  Session session(Channel("site-u", dir_.Sub("site-u")));
+  EXPECT_TRUE(session.Connect("site-u").ok());
+}
+
+TEST_F(IdentityTest, TokenModeRefusesRequestsWithoutAToken) {
+  common::EnrollRequestOptions o;
+  o.coordinator = EnrollTarget();
+  o.name = "site-t";
+  o.ca_cert = pki_ + "/ca.pem";
+  o.out_dir = dir_.Sub("site-t");
+  o.timeout_s = 10;
+  std::filesystem::create_directories(o.out_dir);
+  const std::string before = SecurityAndAudit();
+  auto r = common::EnrollAgent(o);
+  EXPECT_EQ(r.status().code(), absl::StatusCode::kFailedPrecondition);
+  EXPECT_THAT(r.status().message(), HasSubstr("one-time tokens only"));
+  EXPECT_FALSE(std::filesystem::exists(o.out_dir + "/site-t.key"));
+  EXPECT_EQ(SecurityAndAudit(), before);
+}
+
 TEST(IdentityRegistryTest, TamperedCsrIsRefusedAndTokenStaysUsable) {
   TempDir dir;
   ASSERT_TRUE(common::InitPki(dir.Sub("pki")).ok());

@@ -50,6 +50,7 @@ class SecurityCliServerTest : public ::testing::Test {
     config.tls_cert = pki_ + "/coordinator.pem";
     config.tls_key = pki_ + "/coordinator.key";
     config.base_model_hash = kBaseHash;
+    config.enrollment_approval = approval_;
     ServerOptions options;
     options.out = &out_;
     auto server = CoordinatorServer::Start(config, options);
@@ -72,8 +73,25 @@ class SecurityCliServerTest : public ::testing::Test {
 
   TempDir dir_;
   std::string pki_;
+  std::string approval_ = "token";
   std::ostringstream out_;
   std::unique_ptr<CoordinatorServer> server_;
+};
+
+class SecurityCliApprovalTest : public SecurityCliServerTest {
+ protected:
+  void SetUp() override {
+    approval_ = "admin";
+    SecurityCliServerTest::SetUp();
+  }
+  // Files a request for `name` as an agent would (enrollment port, no token).
+  EnrollmentRequestInfo File(const std::string& name) {
+    auto kc = common::GenerateKeyAndCsr(name);
+    EXPECT_TRUE(kc.ok());
+    auto info = server_->identity()->RequestEnrollment(kc->csr_pem, "ipv4:192.0.2.7:5555");
+    EXPECT_TRUE(info.ok()) << info.status();
+    return *info;
+  }
 };
 
 TEST_F(SecurityCliServerTest, EnrollCreatePrintsATokenOnce) {
@@ -105,6 +123,54 @@ TEST_F(SecurityCliServerTest, AgentsRevoke) {
   EXPECT_THAT(r.out, HasSubstr("already revoked"));
   CliResult agent = Run({"agents", "revoke", "agent-1"}, "agent-1");
   EXPECT_EQ(agent.code, 1);
+}
+
+TEST_F(SecurityCliApprovalTest, EnrollPendingApproveDeny) {
+  CliResult r = Run({"enroll", "pending"});
+  ASSERT_EQ(r.code, 0) << r.err;
+  EXPECT_THAT(r.out, HasSubstr("no enrollment requests pending"));
+  const EnrollmentRequestInfo a = File("site-a");
+  const EnrollmentRequestInfo b = File("site-b");
+  r = Run({"enroll", "pending"});
+  ASSERT_EQ(r.code, 0) << r.err;
+  for (const EnrollmentRequestInfo* x : {&a, &b}) {
+    EXPECT_THAT(r.out, HasSubstr(x->id + "  " + x->agent_id + "  " + x->key_fingerprint));
+  }
+  EXPECT_THAT(r.out, HasSubstr("ipv4:192.0.2.7:5555"));
+  EXPECT_LT(r.out.find("site-a"), r.out.find("site-b")) << "oldest first";
+
+  r = Run({"enroll", "approve", a.id, "--reason", "called the site"});
+  ASSERT_EQ(r.code, 0) << r.err;
+  EXPECT_THAT(r.out, HasSubstr("for 'site-a' (key " + a.key_fingerprint + ") approved"));
+  EXPECT_EQ(server_->identity()->GetEnrollmentRequest(a.id)->state, "approved");
+  r = Run({"enroll", "deny", b.id, "--reason", "unknown"});
+  ASSERT_EQ(r.code, 0) << r.err;
+  EXPECT_THAT(r.out, HasSubstr("denied"));
+  EXPECT_EQ(server_->identity()->GetEnrollmentRequest(b.id)->state, "denied");
+  r = Run({"enroll", "pending"});
+  EXPECT_THAT(r.out, HasSubstr("no enrollment requests pending"));
+
+  // Errors: decided already, unknown id, not an admin.
+  r = Run({"enroll", "approve", b.id});
+  EXPECT_EQ(r.code, 1);
+  EXPECT_THAT(r.err, HasSubstr("is denied"));
+  r = Run({"enroll", "approve", std::string(32, 'f')});
+  EXPECT_EQ(r.code, 1);
+  EXPECT_THAT(r.err, HasSubstr("not found"));
+  const EnrollmentRequestInfo c = File("site-c");
+  for (const std::string who : {"viewer-1", "agent-1"}) {
+    r = Run({"enroll", "approve", c.id}, who);
+    EXPECT_EQ(r.code, 1) << who;
+    EXPECT_THAT(r.err, HasSubstr("role admin")) << who;
+    EXPECT_EQ(Run({"enroll", "pending"}, who).code, 1) << who;
+  }
+  EXPECT_EQ(server_->identity()->GetEnrollmentRequest(c.id)->state, "pending");
+}
+
+TEST_F(SecurityCliServerTest, EnrollPendingInTokenModeSaysSo) {
+  CliResult r = Run({"enroll", "pending"});
+  EXPECT_EQ(r.code, 1);
+  EXPECT_THAT(r.err, HasSubstr("one-time tokens only"));
 }
 
 }  // namespace
