@@ -42,7 +42,8 @@ absl::StatusOr<std::unique_ptr<CoordinatorServer>> CoordinatorServer::Start(
   RETURN_IF_ERROR(server->manager_->Start());
 
   server->coordinator_service_ = std::make_unique<CoordinatorService>(
-      server->manager_.get(), config.max_update_bytes, server->identity_.get());
+      server->manager_.get(), config.max_update_bytes, server->identity_.get(),
+      config.max_concurrent_uploads);
   server->admin_service_ =
       std::make_unique<AdminService>(server->manager_.get(), server->identity_.get());
   server->certificates_service_ = std::make_unique<CertificatesService>(server->identity_.get());
