@@ -101,6 +101,10 @@ const std::vector<Field>& Fields() {
                 "SubmitUpdate uploads read at once; more wait with their bytes in the client "
                 "(payload memory ~ this x update size)",
                 &C::max_concurrent_uploads),
+      MakeField("grpc_bdp_probe",
+                "Let gRPC grow HTTP/2 receive windows by BDP probing (faster uploads on "
+                "long-RTT links; waiting uploads may then hold megabytes each)",
+                &C::grpc_bdp_probe),
       MakeField("heartbeat_interval_ms", "Heartbeat interval told to agents",
                 &C::heartbeat_interval_ms),
       MakeField("eval_grace_s", "Seconds to wait for eval reports after a publish",

@@ -277,6 +277,9 @@ class UpdateReactor final : public grpc::ServerReadReactor<v1::UpdateChunk> {
         if (!status.ok()) {
           Reject(status);
         } else {
+          // One allocation for the whole payload (size checked against the round's
+          // max_update_bytes by the manager), not a regrowth per chunk.
+          payload_.reserve(header_.total_size());
           StartRead(&chunk_);
         }
       });
