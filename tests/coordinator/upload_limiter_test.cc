@@ -351,6 +351,14 @@ TEST(UploadBoundConfigTest, YamlFlagAndValidation) {
   EXPECT_EQ(refused.status().code(), absl::StatusCode::kInvalidArgument);
   EXPECT_THAT(std::string(refused.status().message()), ::testing::HasSubstr("max_concurrent_uploads"));
   EXPECT_THAT(CoordinatorHelp(), ::testing::HasSubstr("--max-concurrent-uploads"));
+  // BDP probing (which lets waiting uploads park large windows) is off unless asked for.
+  EXPECT_FALSE(CoordinatorConfig().grpc_bdp_probe);
+  std::vector<const char*> bdp = {"fedlora-coordinator", "--config", path.c_str(),
+                                  "--grpc-bdp-probe", "true"};
+  cfg = ParseCoordinatorFlags(static_cast<int>(bdp.size()), bdp.data());
+  ASSERT_TRUE(cfg.ok()) << cfg.status();
+  EXPECT_TRUE(cfg->grpc_bdp_probe);
+  EXPECT_THAT(CoordinatorHelp(), ::testing::HasSubstr("--grpc-bdp-probe"));
 }
 
 }  // namespace
