@@ -101,6 +101,14 @@ const std::vector<Field>& Fields() {
       MakeField("round_deadline_s", "Seconds agents have to submit their update",
                 &C::round_deadline_s),
       MakeField("max_update_bytes", "Largest sealed update accepted (bytes)", &C::max_update_bytes),
+      MakeField("max_concurrent_uploads",
+                "SubmitUpdate uploads read at once; more wait with their bytes in the client "
+                "(payload memory ~ this x update size)",
+                &C::max_concurrent_uploads),
+      MakeField("grpc_bdp_probe",
+                "Let gRPC grow HTTP/2 receive windows by BDP probing (faster uploads on "
+                "long-RTT links; waiting uploads may then hold megabytes each)",
+                &C::grpc_bdp_probe),
       MakeField("heartbeat_interval_ms", "Heartbeat interval told to agents",
                 &C::heartbeat_interval_ms),
       MakeField("eval_grace_s", "Seconds to wait for eval reports after a publish",
@@ -315,6 +323,7 @@ absl::Status CoordinatorConfig::Validate() const {
   if (lora_target_modules.empty()) return bad("lora_target_modules", "at least one module", "none");
   if (round_deadline_s < 1) return bad("round_deadline_s", ">= 1", "0");
   if (max_update_bytes < 1) return bad("max_update_bytes", ">= 1", "0");
+  if (max_concurrent_uploads < 1) return bad("max_concurrent_uploads", ">= 1", "0");
   if (heartbeat_interval_ms < 1) return bad("heartbeat_interval_ms", ">= 1", "0");
   if (tick_ms < 1) return bad("tick_ms", ">= 1", "0");
   if (worker_threads < 1) return bad("worker_threads", ">= 1", "0");

@@ -74,6 +74,16 @@ struct CoordinatorConfig {
 
   uint64_t round_deadline_s = 600;           // TRAIN phase length
   uint64_t max_update_bytes = 256ull << 20;  // sealed payload limit
+  // SubmitUpdate calls holding payload bytes at once, coordinator-wide; more wait
+  // (their bytes stay in the client) until one finishes (coordinator/upload_limiter.h).
+  // Payload memory is about max_concurrent_uploads x update size.
+  uint32_t max_concurrent_uploads = 8;
+  // gRPC's HTTP/2 BDP probing on the main port. Off: each stream's receive window
+  // stays at gRPC's 64 KiB default, so an upload waiting for a slot holds at most
+  // that in the coordinator. On: windows grow with the measured bandwidth-delay
+  // product (faster single uploads over long-RTT links), and a waiting upload may
+  // hold up to that window (megabytes on fast links) in coordinator memory.
+  bool grpc_bdp_probe = false;
   uint32_t heartbeat_interval_ms = 10000;
   uint64_t eval_grace_s = 60;         // wait for eval reports after publish
   uint32_t tick_ms = 200;             // round manager timer period

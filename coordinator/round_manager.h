@@ -11,7 +11,10 @@
 // answers through a callback, which runs on the manager thread or on a worker thread
 // and must not block. CPU-heavy work (payload hashing, opening sealed updates,
 // parsing safetensors, NaN checks, aggregation, quantization) runs on a small worker
-// pool. Every transition is written to the StateStore (synced) before it takes
+// pool; aggregation of sealed updates reads, opens and parses up to worker_threads
+// stored updates ahead on threads of its own while one thread adds them in agent
+// order (memory O(worker_threads x adapter), whatever the number of updates).
+// Every transition is written to the StateStore (synced) before it takes
 // effect; Start() resumes an open round from the store (a TRAIN round keeps its
 // stored updates; an AGGREGATE round is aggregated again).
 //

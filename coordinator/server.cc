@@ -56,7 +56,8 @@ absl::StatusOr<std::unique_ptr<CoordinatorServer>> CoordinatorServer::Start(
   RETURN_IF_ERROR(server->manager_->Start());
 
   server->coordinator_service_ = std::make_unique<CoordinatorService>(
-      server->manager_.get(), config.max_update_bytes, server->identity_.get());
+      server->manager_.get(), config.max_update_bytes, server->identity_.get(),
+      config.max_concurrent_uploads);
   server->admin_service_ =
       std::make_unique<AdminService>(server->manager_.get(), server->identity_.get());
   server->certificates_service_ = std::make_unique<CertificatesService>(server->identity_.get());
@@ -70,6 +71,9 @@ absl::StatusOr<std::unique_ptr<CoordinatorServer>> CoordinatorServer::Start(
   builder.RegisterService(server->security_admin_service_.get());
   // One chunk (1 MiB of data) plus the header and framing.
   builder.SetMaxReceiveMessageSize(static_cast<int>(kMaxChunkBytes + (64 << 10)));
+  // Without BDP probing a stream's receive window stays at 64 KiB: an upload waiting
+  // for a slot (max_concurrent_uploads) then holds at most that here.
+  builder.AddChannelArgument(GRPC_ARG_HTTP2_BDP_PROBE, config.grpc_bdp_probe ? 1 : 0);
   builder.AddChannelArgument(GRPC_ARG_KEEPALIVE_TIME_MS, 30000);
   builder.AddChannelArgument(GRPC_ARG_KEEPALIVE_TIMEOUT_MS, 10000);
   builder.AddChannelArgument(GRPC_ARG_KEEPALIVE_PERMIT_WITHOUT_CALLS, 1);

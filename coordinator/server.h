@@ -57,6 +57,7 @@ class CoordinatorServer {
   const std::string& base_model_hash() const { return base_model_hash_; }
   RoundManager* manager() { return manager_.get(); }
   StateStore* store() { return store_.get(); }  // for tests and tools
+  const UploadLimiter& upload_limiter() const { return coordinator_service_->upload_limiter(); }
   void Shutdown();
 
  private:

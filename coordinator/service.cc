@@ -1,6 +1,7 @@
 #include "coordinator/service.h"
 
 #include <algorithm>
+#include <atomic>
 #include <deque>
 #include <initializer_list>
 
@@ -205,11 +206,12 @@ void SessionLink::Close(const absl::Status& status) {
 
 class UpdateReactor final : public grpc::ServerReadReactor<v1::UpdateChunk> {
  public:
-  UpdateReactor(RoundManager* manager, uint64_t max_update_bytes,
+  UpdateReactor(RoundManager* manager, uint64_t max_update_bytes, UploadLimiter* uploads,
                 grpc::CallbackServerContext* context, v1::SubmitUpdateResponse* response,
                 const IdentityRegistry* identity)
       : manager_(manager),
         max_update_bytes_(max_update_bytes),
+        uploads_(uploads),
         context_(context),
         response_(response) {
     auto id = Authorize(context, {"agent"}, "Coordinator.SubmitUpdate", identity);
@@ -218,7 +220,22 @@ class UpdateReactor final : public grpc::ServerReadReactor<v1::UpdateChunk> {
       return;
     }
     cn_ = id->common_name;
-    StartRead(&chunk_);
+    // Nothing is read before a slot is granted (maybe at once, maybe later on the
+    // thread that releases one).
+    ticket_ = uploads_->Acquire([this]() {
+      holds_slot_ = true;
+      StartRead(&chunk_);
+    });
+  }
+
+  void OnCancel() override {
+    // Only a waiter is finished here: a holder's pending read fails and OnReadDone
+    // finishes it; a cancelled waiter has no operation that would.
+    if (ticket_ != 0 && uploads_->Cancel(ticket_)) {
+      Reject(absl::CancelledError(
+          "SubmitUpdate: cancelled or past its deadline while waiting for an upload slot "
+          "(max_concurrent_uploads)"));
+    }
   }
 
   void OnReadDone(bool ok) override {
@@ -260,6 +277,9 @@ class UpdateReactor final : public grpc::ServerReadReactor<v1::UpdateChunk> {
         if (!status.ok()) {
           Reject(status);
         } else {
+          // One allocation for the whole payload (size checked against the round's
+          // max_update_bytes by the manager), not a regrowth per chunk.
+          payload_.reserve(header_.total_size());
           StartRead(&chunk_);
         }
       });
@@ -268,7 +288,10 @@ class UpdateReactor final : public grpc::ServerReadReactor<v1::UpdateChunk> {
     StartRead(&chunk_);
   }
 
-  void OnDone() override { delete this; }
+  void OnDone() override {
+    if (holds_slot_) uploads_->Release();
+    delete this;
+  }
 
  private:
   absl::Status HandleChunk() {
@@ -345,6 +368,9 @@ class UpdateReactor final : public grpc::ServerReadReactor<v1::UpdateChunk> {
 
   RoundManager* const manager_;
   const uint64_t max_update_bytes_;
+  UploadLimiter* const uploads_;
+  uint64_t ticket_ = 0;                 // 0 = no slot asked for (refused before)
+  std::atomic<bool> holds_slot_{false};
   grpc::CallbackServerContext* const context_;
   v1::SubmitUpdateResponse* const response_;
   std::string cn_;
@@ -466,8 +492,12 @@ grpc::Status ToGrpcStatus(const absl::Status& status) {
 }
 
 CoordinatorService::CoordinatorService(RoundManager* manager, uint64_t max_update_bytes,
-                                       const IdentityRegistry* identity)
-    : manager_(manager), max_update_bytes_(max_update_bytes), identity_(identity) {}
+                                       const IdentityRegistry* identity,
+                                       size_t max_concurrent_uploads)
+    : manager_(manager),
+      max_update_bytes_(max_update_bytes),
+      identity_(identity),
+      uploads_(max_concurrent_uploads, &manager->metrics()) {}
 
 grpc::ServerBidiReactor<v1::AgentMessage, v1::CoordinatorMessage>* CoordinatorService::Session(
     grpc::CallbackServerContext* context) {
@@ -476,7 +506,7 @@ grpc::ServerBidiReactor<v1::AgentMessage, v1::CoordinatorMessage>* CoordinatorSe
 
 grpc::ServerReadReactor<v1::UpdateChunk>* CoordinatorService::SubmitUpdate(
     grpc::CallbackServerContext* context, v1::SubmitUpdateResponse* response) {
-  return new UpdateReactor(manager_, max_update_bytes_, context, response, identity_);
+  return new UpdateReactor(manager_, max_update_bytes_, &uploads_, context, response, identity_);
 }
 
 grpc::ServerWriteReactor<v1::AdapterChunk>* CoordinatorService::FetchAdapter(

@@ -6,7 +6,12 @@
 //   Session      ServerBidiReactor. The first message must be Hello; the RoundManager
 //                answers Welcome or ends the stream with the protocol's status. Each
 //                session has its own outbound queue with one write in flight.
-//   SubmitUpdate ServerReadReactor. Checks every chunk (header on the first chunk only,
+//   SubmitUpdate ServerReadReactor. Takes a slot of the coordinator-wide UploadLimiter
+//                (max_concurrent_uploads) before reading anything: without a slot no
+//                read is issued and flow control keeps the bytes in the client; a call
+//                cancelled or past its deadline while waiting is finished CANCELLED
+//                (and counted as a refusal). The slot is held until the reactor is
+//                done. Checks every chunk (header on the first chunk only,
 //                contiguous offsets, <= 1 MiB of data, chunk_sha256, size limits); the
 //                header is checked with the RoundManager before more data is read; the
 //                whole payload is then verified, opened and validated off the gRPC
@@ -29,6 +34,7 @@
 #include "common/net/tls.h"
 #include "coordinator/identity.h"
 #include "coordinator/round_manager.h"
+#include "coordinator/upload_limiter.h"
 #include "fedlora/v1/fedlora.grpc.pb.h"
 
 namespace fedlora::coordinator {
@@ -49,9 +55,12 @@ absl::StatusOr<common::PeerIdentity> AuthorizePeer(const grpc::CallbackServerCon
 class CoordinatorService final : public fedlora::v1::Coordinator::CallbackService {
  public:
   // `manager` (and `identity`, if any: revoked agents are refused) must outlive
-  // the service and the server.
+  // the service and the server. `max_concurrent_uploads` (>= 1) bounds the
+  // SubmitUpdate calls holding payload bytes at once (coordinator/upload_limiter.h;
+  // its gauges go to manager->metrics()).
   CoordinatorService(RoundManager* manager, uint64_t max_update_bytes,
-                     const IdentityRegistry* identity = nullptr);
+                     const IdentityRegistry* identity = nullptr,
+                     size_t max_concurrent_uploads = 8);
 
   grpc::ServerBidiReactor<fedlora::v1::AgentMessage, fedlora::v1::CoordinatorMessage>* Session(
       grpc::CallbackServerContext* context) override;
@@ -65,6 +74,10 @@ class CoordinatorService final : public fedlora::v1::Coordinator::CallbackServic
   RoundManager* const manager_;
   const uint64_t max_update_bytes_;
   const IdentityRegistry* const identity_;
+  UploadLimiter uploads_;
+
+ public:
+  const UploadLimiter& upload_limiter() const { return uploads_; }  // for tests
 };
 
 class AdminService final : public fedlora::v1::Admin::CallbackService {

@@ -11,11 +11,18 @@
 //   fedlora-sim bench secagg [--agents 100] [--params 1000000] [--dropout 0.1]
 //                            [--neighbours K] [--threshold T] [--threads 1] [--seed 1]
 //     prints one JSON line (see simulations/bench_secagg.h)
+//   fedlora-sim bench coordinator [--agents 100] [--params 1000000] [--rounds 3] [--rank 8]
+//                                 [--secure-aggregation off] [--max-concurrent-uploads 8]
+//                                 [--worker-threads 2] [--client-uploads 64]
+//                                 [--prepare-threads 2] [--timeout-s 1800]
+//                                 [--coordinator-bin PATH] [--work-dir DIR] [--seed 1]
+//     prints one JSON line per round and a summary line (see simulations/bench_coordinator.h)
 
 #include <cstdio>
 #include <string>
 
 #include "CLI/CLI.hpp"
+#include "simulations/bench_coordinator.h"
 #include "simulations/bench_secagg.h"
 #include "simulations/bench_train.h"
 #include "simulations/data_maker.h"
@@ -97,7 +104,7 @@ int main(int argc, char** argv) {
   make_data->add_option("--seed", data_seed, "Seed")->capture_default_str();
 
   fedlora::sim::TrainBenchOptions bench_train;
-  CLI::App* bench = app.add_subcommand("bench", "Benchmarks; each prints one JSON line");
+  CLI::App* bench = app.add_subcommand("bench", "Benchmarks; each prints JSON lines");
   bench->require_subcommand(1);
   CLI::App* bench_train_cmd = bench->add_subcommand(
       "train",
@@ -158,7 +165,78 @@ int main(int argc, char** argv) {
       ->capture_default_str()
       ->check(CLI::IsMember({"fused", "plain"}));
 
+  fedlora::sim::CoordinatorBenchOptions bench_coord;
+  CLI::App* bench_coord_cmd = bench->add_subcommand(
+      "coordinator",
+      "The real fedlora-coordinator (child process) under N light agents (random updates, no "
+      "training) over loopback gRPC with mutual TLS: sealed FedAvg rounds; round wall time, "
+      "aggregation throughput, coordinator peak RSS, updates lost. One JSON line per round, "
+      "then a summary line; exit code 1 when an update was lost or a round did not complete");
+  bench_coord_cmd->add_option("--agents", bench_coord.agents, "Light agents (each its own "
+                              "certificate, channel and Session)")
+      ->capture_default_str()
+      ->check(CLI::Range(1, 20000));
+  bench_coord_cmd->add_option("--params", bench_coord.params,
+                              "Parameters per update (LoRA factors on q_proj/v_proj; exact when "
+                              "a multiple of --rank)")
+      ->capture_default_str()
+      ->check(CLI::PositiveNumber);
+  bench_coord_cmd->add_option("--rounds", bench_coord.rounds, "Rounds")
+      ->capture_default_str()
+      ->check(CLI::PositiveNumber);
+  bench_coord_cmd->add_option("--rank", bench_coord.rank, "LoRA rank r")
+      ->capture_default_str()
+      ->check(CLI::Range(1, 256));
+  bench_coord_cmd->add_option("--secure-aggregation", bench_coord.secure_aggregation,
+                              "Only 'off' (sealed updates); secure aggregation: bench secagg")
+      ->capture_default_str()
+      ->check(CLI::IsMember({"off"}));
+  bench_coord_cmd->add_option("--max-concurrent-uploads", bench_coord.max_concurrent_uploads,
+                              "The coordinator's upload bound (its --max-concurrent-uploads)")
+      ->capture_default_str()
+      ->check(CLI::PositiveNumber);
+  bench_coord_cmd->add_option("--worker-threads", bench_coord.worker_threads,
+                              "The coordinator's --worker-threads")
+      ->capture_default_str()
+      ->check(CLI::PositiveNumber);
+  bench_coord_cmd->add_option("--client-uploads", bench_coord.client_uploads,
+                              "Updates the light agents prepare or upload at once (bench memory)")
+      ->capture_default_str()
+      ->check(CLI::PositiveNumber);
+  bench_coord_cmd->add_option("--prepare-threads", bench_coord.prepare_threads,
+                              "Threads making and sealing the light agents' updates")
+      ->capture_default_str()
+      ->check(CLI::PositiveNumber);
+  bench_coord_cmd->add_option("--timeout-s", bench_coord.timeout_s, "Limit for the whole run")
+      ->capture_default_str()
+      ->check(CLI::PositiveNumber);
+  bench_coord_cmd->add_option("--coordinator-bin", bench_coord.coordinator_bin,
+                              "fedlora-coordinator to run (default: beside fedlora-sim)");
+  bench_coord_cmd->add_option("--work-dir", bench_coord.work_dir,
+                              "Keep the PKI, store and coordinator log here (default: a temp dir, "
+                              "removed)");
+  bench_coord_cmd->add_option("--seed", bench_coord.seed, "Seed of the random updates")
+      ->capture_default_str();
+
   CLI11_PARSE(app, argc, argv);
+
+  if (bench_coord_cmd->parsed()) {
+    auto result = fedlora::sim::RunCoordinatorBench(bench_coord);
+    if (!result.ok()) {
+      std::fprintf(stderr, "error: bench coordinator: %s\n", result.status().ToString().c_str());
+      return 1;
+    }
+    for (const auto& round : result->rounds) {
+      std::printf("%s\n", fedlora::sim::CoordinatorBenchRoundJson(*result, round).c_str());
+    }
+    std::printf("%s\n", fedlora::sim::CoordinatorBenchSummaryJson(*result).c_str());
+    if (!result->error.empty()) {
+      std::fprintf(stderr, "error: bench coordinator: %s\n", result->error.c_str());
+    }
+    const bool complete = result->error.empty() && result->updates_lost == 0 &&
+                          result->rounds_completed == bench_coord.rounds;
+    return complete ? 0 : 1;
+  }
 
   if (bench_train_cmd->parsed()) {
     auto result = fedlora::sim::RunTrainBench(bench_train);
