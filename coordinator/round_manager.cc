@@ -615,7 +615,6 @@ void RoundManager::CountRejection(const absl::Status& status) {
 
 absl::Status RoundManager::PrecheckLocked(const std::string& peer_cn,
                                           const v1::UpdateHeader& header) const {
-  if (config_.async_mode()) return PrecheckAsyncLocked(peer_cn, header);
   if (revoked_.count(peer_cn) > 0) {  // an upload that began before the revocation
     return absl::UnauthenticatedError(
         absl::StrCat("certificate revoked: agent '", peer_cn, "' was revoked by an admin"));
@@ -625,6 +624,7 @@ absl::Status RoundManager::PrecheckLocked(const std::string& peer_cn,
                                                     "' differs from the client certificate CN '",
                                                     peer_cn, "'"));
   }
+  if (config_.async_mode()) return PrecheckAsyncLocked(peer_cn, header);
   if (header.masked()) {
     if (!open_round_.has_value() || *open_round_ != header.round_id() || secagg_ == nullptr ||
         secagg_->round_id() != header.round_id()) {

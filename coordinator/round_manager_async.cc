@@ -210,15 +210,6 @@ void RoundManager::SendAsyncTask(uint64_t task_id) {
 
 absl::Status RoundManager::PrecheckAsyncLocked(const std::string& peer_cn,
                                                const v1::UpdateHeader& header) const {
-  if (revoked_.count(peer_cn) > 0) {
-    return absl::UnauthenticatedError(
-        absl::StrCat("certificate revoked: agent '", peer_cn, "' was revoked by an admin"));
-  }
-  if (header.agent_id() != peer_cn) {
-    return absl::PermissionDeniedError(absl::StrCat("UpdateHeader.agent_id '", header.agent_id(),
-                                                    "' differs from the client certificate CN '",
-                                                    peer_cn, "'"));
-  }
   if (header.masked()) {
     return absl::FailedPreconditionError(
         "the coordinator runs in async mode, without secure aggregation: masked inputs are "

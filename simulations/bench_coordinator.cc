@@ -42,6 +42,7 @@
 #include "common/tensor/tensor.h"
 #include "edge-agent/agent.h"
 #include "fedlora/v1/fedlora.grpc.pb.h"
+#include "simulations/bench_util.h"
 
 extern char** environ;
 
@@ -49,22 +50,14 @@ namespace fedlora::sim {
 namespace {
 
 namespace v1 = ::fedlora::v1;
-using Clock = std::chrono::steady_clock;
+using bench::Clock;
+using bench::Seconds;
+using bench::UniformUnit;
 
 constexpr int64_t kModuleWidth = 1024;  // in = out of every full LoRA module
 constexpr size_t kChunkBytes = edge::kUpdateChunkBytes;
 constexpr int kSubmitAttempts = 3;  // like fedlora-agent's submit_max_attempts
 
-double Seconds(Clock::time_point a, Clock::time_point b) {
-  return std::chrono::duration<double>(b - a).count();
-}
-
-uint64_t SplitMix(uint64_t& s) {
-  uint64_t z = (s += 0x9e3779b97f4a7c15ULL);
-  z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ULL;
-  z = (z ^ (z >> 27)) * 0x94d049bb133111ebULL;
-  return z ^ (z >> 31);
-}
 
 struct TensorSpec {
   std::string name;
@@ -555,7 +548,7 @@ class Bench {
         t.shape = spec.shape;
         t.data.resize(static_cast<size_t>(spec.shape[0] * spec.shape[1]));
         for (float& v : t.data) {
-          v = static_cast<float>(static_cast<double>(SplitMix(s) >> 11) * 0x1.0p-53 * 0.02 - 0.01);
+          v = static_cast<float>(UniformUnit(s) * 0.02 - 0.01);
         }
       }
       plain = common::SerializeSafetensors(tensors);

@@ -12,29 +12,22 @@
 #include "common/secagg/fixed_point.h"
 #include "common/secagg/protocol.h"
 #include "common/status/status.h"
+#include "simulations/bench_util.h"
 
 namespace fedlora::sim {
 namespace {
 
 namespace sa = fedlora::common::secagg;
-using Clock = std::chrono::steady_clock;
+using bench::Clock;
+using bench::Seconds;
+using bench::SplitMix;
+using bench::UniformUnit;
 
-double Seconds(Clock::time_point a, Clock::time_point b) {
-  return std::chrono::duration<double>(b - a).count();
-}
-
-// A small fast generator for the synthetic updates (not for cryptography).
-uint64_t SplitMix(uint64_t& s) {
-  uint64_t z = (s += 0x9e3779b97f4a7c15ULL);
-  z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ULL;
-  z = (z ^ (z >> 27)) * 0x94d049bb133111ebULL;
-  return z ^ (z >> 31);
-}
 
 void MakeUpdate(uint64_t seed, std::vector<float>& out) {
   uint64_t s = seed;
   for (float& v : out) {
-    v = static_cast<float>(static_cast<double>(SplitMix(s) >> 11) * 0x1.0p-53 * 0.1 - 0.05);
+    v = static_cast<float>(UniformUnit(s) * 0.1 - 0.05);
   }
 }
 
