@@ -435,20 +435,12 @@ class TorchTrainer final : public LocalTrainer {
     // Position t predicts token t + 1: run the head only where that token is labeled.
     torch::Tensor target = labels.slice(1, 1);  // [B, T-1]
     torch::Tensor keep = target != kIgnoreLabel;
-    torch::Tensor logits;
-    {
-      Bf16Autocast autocast(bf16);
-      torch::Tensor hidden = pack_len > 0
-                                 ? model_->ForwardHiddenPacked(ids, positions, segments, gen)
-                                 : model_->ForwardHidden(ids, nullptr, gen);  // [B, T, H]
-      torch::Tensor h = hidden.slice(1, 0, T - 1).index({keep});              // [N, H]
-      logits = model_->Logits(h);                                             // [N, V]
-    }
-    if (logits.scalar_type() != torch::kFloat) logits = logits.to(torch::kFloat);
-    torch::Tensor sum = torch::nn::functional::cross_entropy(
-        logits, target.index({keep}),
-        torch::nn::functional::CrossEntropyFuncOptions().reduction(torch::kSum));
-    return {sum, count};
+    Bf16Autocast autocast(bf16);
+    torch::Tensor hidden = pack_len > 0
+                               ? model_->ForwardHiddenPacked(ids, positions, segments, gen)
+                               : model_->ForwardHidden(ids, nullptr, gen);  // [B, T, H]
+    torch::Tensor h = hidden.slice(1, 0, T - 1).index({keep});              // [N, H]
+    return {model_->HeadLossSum(h, target.index({keep})), count};
   }
 
   // The trainable tensors (B only under freeze_lora_a) and, for FedProx, their

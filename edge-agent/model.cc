@@ -4,6 +4,8 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include <ATen/autocast_mode.h>
+
 #include <cmath>
 #include <optional>
 #include <set>
@@ -14,6 +16,8 @@
 #include "common/crypto/crypto.h"
 #include "common/status/status.h"
 #include "edge-agent/attention.h"
+#include "edge-agent/gemm.h"
+#include "edge-agent/head_loss.h"
 #include "nlohmann/json.hpp"
 #include "torch/csrc/autograd/custom_function.h"
 
@@ -353,14 +357,14 @@ torch::Tensor ScaleRows(const torch::Tensor& scale, int64_t r0, int64_t r1) {
 torch::Tensor DequantMatmul(const torch::Tensor& x, const torch::Tensor& weight,
                             const torch::Tensor& weight_scale, int64_t int4_in) {
   const int64_t rows = weight.size(0);
-  if (rows <= kDequantRows) {
-    return torch::matmul(x, DequantizeWeight(weight, weight_scale, int4_in).t());
+  if (rows <= kDequantRows || weight.scalar_type() == torch::kFloat) {
+    return MatmulNT(x, DequantizeWeight(weight, weight_scale, int4_in));
   }
   torch::Tensor out;
   for (int64_t r0 = 0; r0 < rows; r0 += kDequantRows) {
     const int64_t r1 = std::min(rows, r0 + kDequantRows);
-    torch::Tensor part = torch::matmul(
-        x, DequantizeWeight(weight.slice(0, r0, r1), ScaleRows(weight_scale, r0, r1), int4_in).t());
+    torch::Tensor part = MatmulNT(
+        x, DequantizeWeight(weight.slice(0, r0, r1), ScaleRows(weight_scale, r0, r1), int4_in));
     if (!out.defined()) {
       std::vector<int64_t> shape(part.sizes().begin(), part.sizes().end());
       shape.back() = rows;
@@ -375,20 +379,26 @@ torch::Tensor DequantMatmul(const torch::Tensor& x, const torch::Tensor& weight,
 torch::Tensor DequantGradInput(const torch::Tensor& g, const torch::Tensor& weight,
                                const torch::Tensor& weight_scale, int64_t int4_in) {
   const int64_t rows = weight.size(0);
+  if (rows <= kDequantRows || weight.scalar_type() == torch::kFloat) {
+    torch::Tensor w = DequantizeWeight(weight, weight_scale, int4_in);
+    if (w.scalar_type() != g.scalar_type()) w = w.to(g.scalar_type());
+    return MatmulNN(g, w);
+  }
   torch::Tensor gx;
   for (int64_t r0 = 0; r0 < rows; r0 += kDequantRows) {
     const int64_t r1 = std::min(rows, r0 + kDequantRows);
     torch::Tensor w =
         DequantizeWeight(weight.slice(0, r0, r1), ScaleRows(weight_scale, r0, r1), int4_in);
     if (w.scalar_type() != g.scalar_type()) w = w.to(g.scalar_type());
-    torch::Tensor part = torch::matmul(g.slice(-1, r0, r1), w);
+    torch::Tensor part = MatmulNN(g.slice(-1, r0, r1), w);
     gx = gx.defined() ? gx.add_(part) : part;
   }
   return gx;
 }
 
-// y = x W^T for a frozen W kept in a compact dtype: autograd would otherwise
-// hold the converted fp32 W of every layer until backward.
+// y = x W^T for a frozen W: autograd would otherwise hold the converted fp32 W
+// of every compact layer until backward, and an fp32 W's products would run on
+// BLAS instead of oneDNN (gemm.h).
 class FrozenMatmulFn : public torch::autograd::Function<FrozenMatmulFn> {
  public:
   static torch::Tensor forward(torch::autograd::AutogradContext* ctx, const torch::Tensor& x,
@@ -415,7 +425,9 @@ class FrozenMatmulFn : public torch::autograd::Function<FrozenMatmulFn> {
 
 torch::Tensor FrozenMatmul(const torch::Tensor& x, const torch::Tensor& weight,
                            const torch::Tensor& weight_scale, int64_t int4_in) {
-  if (weight.scalar_type() == torch::kFloat) return torch::matmul(x, weight.t());
+  if (at::autocast::is_cpu_enabled() && weight.scalar_type() == torch::kFloat) {
+    return torch::matmul(x, weight.t());  // autocast picks the product's dtype
+  }
   if (torch::GradMode::is_enabled() && x.requires_grad()) {
     // Function::apply needs defined tensors; bf16 / fp16 weights have no scale.
     return FrozenMatmulFn::apply(
@@ -638,6 +650,17 @@ torch::Tensor Model::Forward(const torch::Tensor& ids, KvCache* cache,
 
 torch::Tensor Model::Logits(const torch::Tensor& hidden) const {
   return FrozenMatmul(hidden, lm_head_, torch::Tensor(), 0);
+}
+
+torch::Tensor Model::HeadLossSum(const torch::Tensor& hidden, const torch::Tensor& targets) const {
+  if (!at::autocast::is_cpu_enabled() && hidden.scalar_type() == torch::kFloat &&
+      hidden.dim() == 2) {
+    return HeadCrossEntropySum(hidden, lm_head_, targets);
+  }
+  torch::Tensor logits = Logits(hidden);
+  if (logits.scalar_type() != torch::kFloat) logits = logits.to(torch::kFloat);
+  return torch::nn::functional::cross_entropy(
+      logits, targets, torch::nn::functional::CrossEntropyFuncOptions().reduction(torch::kSum));
 }
 
 void Model::CheckIds(const torch::Tensor& ids) const {

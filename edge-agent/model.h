@@ -83,6 +83,11 @@ class Model {
                               torch::Generator* dropout_gen = nullptr,
                               bool last_only = false) const;
   torch::Tensor Logits(const torch::Tensor& hidden) const;
+  // Summed next-token cross-entropy of hidden [N, H] against targets [N]
+  // (int64 in [0, V)): the head and the loss fused a block of vocabulary rows at
+  // a time (head_loss.h), never holding the [N, V] logits. Under CPU autocast or
+  // for non-fp32 hidden states it is Logits() + cross_entropy instead.
+  torch::Tensor HeadLossSum(const torch::Tensor& hidden, const torch::Tensor& targets) const;
   // Packed sequences (no KV cache): ids, positions and segments are int64
   // [B, T]. positions restart at 0 for each example; segments number the
   // examples of a row (any distinct values; -1 marks padding). A query sees

@@ -18,6 +18,7 @@
 #include "absl/strings/str_cat.h"
 #include "common/status/status.h"
 #include "edge-agent/engine.h"
+#include "edge-agent/gemm.h"
 #include "edge-agent/lora.h"
 #include "edge-agent/model.h"
 #include "nlohmann/json.hpp"
@@ -149,12 +150,21 @@ absl::Status CheckOptions(const TrainBenchOptions& o) {
   if (o.attention != "fused" && o.attention != "plain") {
     return bad("attention", "fused or plain", absl::StrCat("\"", o.attention, "\""));
   }
+  if (o.gemm != "onednn" && o.gemm != "torch") {
+    return bad("gemm", "onednn or torch", absl::StrCat("\"", o.gemm, "\""));
+  }
   return absl::OkStatus();
 }
 
 absl::StatusOr<TrainBenchResult> RunImpl(const TrainBenchOptions& o, const TrainBenchPreset& p) {
   edge::ConfigureThreads(o.threads);
   edge::ConfigureAllocator();
+  // The GEMM backend for this run only (process-wide; restored on return).
+  struct BackendScope {
+    edge::GemmBackend saved = edge::gemm_backend();
+    ~BackendScope() { edge::SetGemmBackend(saved); }
+  } backend_scope;
+  edge::SetGemmBackend(o.gemm == "torch" ? edge::GemmBackend::kTorch : edge::GemmBackend::kOnednn);
   std::string root = o.tmp_root;
   if (root.empty()) {
     const char* env = getenv("TMPDIR");
@@ -192,12 +202,17 @@ absl::StatusOr<TrainBenchResult> RunImpl(const TrainBenchOptions& o, const Train
 
   auto step = [&]() -> double {
     opt.zero_grad();
-    torch::Tensor logits;
+    // Mean next-token cross-entropy over all positions (ref_lora.py's loss).
+    auto mean_loss = [&] {
+      torch::Tensor hidden = model->ForwardHidden(input);
+      return model->HeadLossSum(hidden.reshape({-1, p.hidden}), target) / target.numel();
+    };
+    torch::Tensor loss;
     if (o.bf16) {
       at::autocast::set_cpu_enabled(true);
       at::autocast::set_autocast_cpu_dtype(at::kBFloat16);
       try {
-        logits = model->Logits(model->ForwardHidden(input));
+        loss = mean_loss();
       } catch (...) {
         at::autocast::set_cpu_enabled(false);
         at::autocast::clear_cache();
@@ -206,10 +221,8 @@ absl::StatusOr<TrainBenchResult> RunImpl(const TrainBenchOptions& o, const Train
       at::autocast::set_cpu_enabled(false);
       at::autocast::clear_cache();
     } else {
-      logits = model->Logits(model->ForwardHidden(input));
+      loss = mean_loss();
     }
-    torch::Tensor loss = torch::nn::functional::cross_entropy(
-        logits.to(torch::kFloat).reshape({-1, p.vocab}), target);
     loss.backward();
     torch::nn::utils::clip_grad_norm_(params, 1.0);
     opt.step();
@@ -264,6 +277,7 @@ std::string TrainBenchJson(const TrainBenchResult& r) {
   j["bf16"] = r.options.bf16;
   j["grad_checkpoint"] = r.options.grad_checkpoint;
   j["attention"] = r.options.attention;
+  j["gemm"] = r.options.gemm;
   j["steps"] = r.options.steps;
   j["tokens_per_s"] = round1(r.tokens_per_s);
   j["peak_rss_mb"] = round1(r.peak_rss_mb);

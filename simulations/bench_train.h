@@ -11,7 +11,8 @@
 //  * loads it through the real loader (edge::Model::Load with base_dtype),
 //    attaches LoRA r=8, alpha=16 on q,k,v,o,gate,up,down (edge::InitLora);
 //  * runs 1 warm-up step + `steps` timed steps on fixed random token ids
-//    [batch, seq + 1]: next-token cross-entropy (mean) over all seq positions,
+//    [batch, seq + 1]: next-token cross-entropy (mean) over all seq positions
+//    (the engine's fused head + loss, edge::Model::HeadLossSum),
 //    backward, gradient clipping to 1.0 and AdamW (lr 1e-4) over the LoRA
 //    tensors only -- the same ops as the engine's Train step;
 //  * removes the temp folder (also on error).
@@ -22,7 +23,9 @@
 // forward under CPU autocast to bfloat16; grad_checkpoint turns on the
 // model's gradient checkpointing (edge::Model::set_gradient_checkpointing);
 // attention "plain" turns the fused attention kernel off (the engine's matmul /
-// softmax path, the reference's algorithm).
+// softmax path, the reference's algorithm); gemm "torch" runs the frozen
+// projections' fp32 products on torch::matmul (BLAS) instead of oneDNN
+// (edge::SetGemmBackend, for the comparison in the same run).
 
 #include <cstdint>
 #include <string>
@@ -49,6 +52,7 @@ struct TrainBenchOptions {
   bool bf16 = false;                // autocast the forward to bf16
   bool grad_checkpoint = false;     // edge::Model gradient checkpointing
   std::string attention = "fused";  // fused | plain (edge::Model::set_fused_attention)
+  std::string gemm = "onednn";      // onednn | torch (edge::SetGemmBackend)
   std::string tmp_root = "";        // where the temp checkpoint goes; "" = $TMPDIR or /tmp
 };
 
@@ -65,7 +69,7 @@ struct TrainBenchResult {
 absl::StatusOr<TrainBenchResult> RunTrainBench(const TrainBenchOptions& options);
 
 // One JSON line (no trailing newline): {"bench":"train","preset":..,"seq":..,
-// "batch":..,"threads":..,"base_dtype":..,"bf16":..,"grad_checkpoint":..,"attention":..,"steps":..,"tokens_per_s":..,
+// "batch":..,"threads":..,"base_dtype":..,"bf16":..,"grad_checkpoint":..,"attention":..,"gemm":..,"steps":..,"tokens_per_s":..,
 // "peak_rss_mb":..,"step_ms_mean":..,"last_loss":..,"trainable_params":..,"frozen_params":..}
 std::string TrainBenchJson(const TrainBenchResult& result);
 

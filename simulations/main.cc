@@ -164,6 +164,11 @@ int main(int argc, char** argv) {
                    "fused: the engine's fused causal attention; plain: matmul + softmax")
       ->capture_default_str()
       ->check(CLI::IsMember({"fused", "plain"}));
+  bench_train_cmd
+      ->add_option("--gemm", bench_train.gemm,
+                   "onednn: frozen fp32 projections on oneDNN; torch: on torch::matmul (BLAS)")
+      ->capture_default_str()
+      ->check(CLI::IsMember({"onednn", "torch"}));
 
   fedlora::sim::CoordinatorBenchOptions bench_coord;
   CLI::App* bench_coord_cmd = bench->add_subcommand(

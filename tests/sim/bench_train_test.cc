@@ -3,6 +3,7 @@
 #include <cmath>
 #include <string>
 
+#include "edge-agent/gemm.h"
 #include "gtest/gtest.h"
 #include "nlohmann/json.hpp"
 
@@ -112,6 +113,27 @@ TEST(BenchTrainTest, BadOptionsAreRejectedWithTheField) {
   r = RunTrainBench(o);
   ASSERT_FALSE(r.ok());
   EXPECT_NE(r.status().message().find("--attention"), std::string::npos) << r.status();
+  o = SmallRun();
+  o.gemm = "mkl";
+  r = RunTrainBench(o);
+  ASSERT_FALSE(r.ok());
+  EXPECT_NE(r.status().message().find("--gemm"), std::string::npos) << r.status();
+}
+
+TEST(BenchTrainTest, OneDnnAndTorchGemmsTrainTheSame) {
+  TrainBenchOptions o = SmallRun();
+  const int64_t before = edge::OnednnGemmCount();
+  auto onednn = RunTrainBench(o);
+  const int64_t onednn_calls = edge::OnednnGemmCount() - before;
+  o.gemm = "torch";
+  auto torch_gemm = RunTrainBench(o);
+  ASSERT_TRUE(onednn.ok()) << onednn.status();
+  ASSERT_TRUE(torch_gemm.ok()) << torch_gemm.status();
+  EXPECT_GT(onednn_calls, 0);
+  EXPECT_EQ(edge::OnednnGemmCount() - before, onednn_calls);  // none under --gemm torch
+  EXPECT_NEAR(onednn->last_loss, torch_gemm->last_loss, 1e-4);
+  EXPECT_NE(TrainBenchJson(*torch_gemm).find("\"gemm\":\"torch\""), std::string::npos);
+  EXPECT_EQ(edge::gemm_backend(), edge::GemmBackend::kOnednn);  // restored after the run
 }
 
 }  // namespace

@@ -1,0 +1,44 @@
+#pragma once
+// Dense fp32 GEMMs of the engine's frozen projections, on oneDNN.
+//
+// libtorch 1.13's CPU matmul of fp32 tensors runs on BLAS (OpenBLAS on
+// Debian), which reaches about half the throughput of oneDNN's AVX-512 fp32
+// kernels at the engine's shapes (decoder projections of 256..4096 rows; see
+// docs/benchmarks.md). These functions call oneDNN's matmul primitive
+// directly on the tensors' memory (no copy, no layout change) and fall back
+// to torch::matmul where oneDNN cannot take the operands.
+//
+// Contract:
+//  * MatmulNT(x, w) == torch::matmul(x, w.t()) for x [..., K] and w [N, K]
+//    (result [..., N]); MatmulNN(g, w) == torch::matmul(g, w) for g [..., N]
+//    and w [N, K] (result [..., K]). Both to fp32 rounding (the summation order
+//    differs from BLAS; tests bound the difference).
+//  * oneDNN runs when both operands are fp32 CPU tensors, w is 2-D with a unit
+//    stride in either dimension, CPU autocast is off and the backend is
+//    kOnednn; otherwise the torch::matmul result is returned (autocast then
+//    applies as usual). Neither function records autograd history: callers
+//    that need gradients wrap them (FrozenMatmul in lora.h does).
+//  * Thread-safe: each thread keeps its own oneDNN stream and primitive cache.
+//    The thread count is the calling thread's OpenMP setting (the one
+//    at::set_num_threads sets).
+#include <ATen/core/Tensor.h>
+
+#include <cstdint>
+
+namespace fedlora::edge {
+
+enum class GemmBackend { kOnednn, kTorch };
+
+// Process-wide choice (default kOnednn; kTorch forces torch::matmul, for
+// comparisons in benchmarks and tests).
+void SetGemmBackend(GemmBackend backend);
+GemmBackend gemm_backend();
+
+// Products run on oneDNN so far in this process (all threads); tests use it
+// to tell the oneDNN path from the fallback.
+int64_t OnednnGemmCount();
+
+at::Tensor MatmulNT(const at::Tensor& x, const at::Tensor& w);
+at::Tensor MatmulNN(const at::Tensor& g, const at::Tensor& w);
+
+}  // namespace fedlora::edge

@@ -1,0 +1,119 @@
+// MatmulNT / MatmulNN (oneDNN) against torch::matmul, and their fallbacks.
+#include "edge-agent/gemm.h"
+
+#include <ATen/autocast_mode.h>
+#include <torch/torch.h>
+
+#include "gtest/gtest.h"
+
+namespace fedlora::edge {
+namespace {
+
+// Restores the process-wide backend after a test changes it.
+struct BackendGuard {
+  GemmBackend saved = gemm_backend();
+  ~BackendGuard() { SetGemmBackend(saved); }
+};
+
+// Tolerance for fp32 products of inner dimension k with values ~ N(0, 1):
+// summation order differs between oneDNN and BLAS.
+double Tol(int64_t k) { return 2e-5 * static_cast<double>(k); }
+
+struct Dims {
+  int64_t m, k, n;
+};
+
+class GemmShapeTest : public ::testing::TestWithParam<Dims> {};
+
+TEST_P(GemmShapeTest, MatchesTorchMatmul) {
+  const Dims d = GetParam();
+  torch::manual_seed(3);
+  torch::Tensor x = torch::randn({d.m, d.k});
+  torch::Tensor w = torch::randn({d.n, d.k});
+  torch::Tensor g = torch::randn({d.m, d.n});
+  const int64_t before = OnednnGemmCount();
+  torch::Tensor y = MatmulNT(x, w);
+  torch::Tensor gx = MatmulNN(g, w);
+  EXPECT_EQ(OnednnGemmCount() - before, 2);  // both on oneDNN, not the fallback
+  ASSERT_EQ(y.sizes(), (std::vector<int64_t>{d.m, d.n}));
+  ASSERT_EQ(gx.sizes(), (std::vector<int64_t>{d.m, d.k}));
+  EXPECT_LT((y - torch::matmul(x, w.t())).abs().max().item<double>(), Tol(d.k));
+  EXPECT_LT((gx - torch::matmul(g, w)).abs().max().item<double>(), Tol(d.n));
+}
+
+// Decoder projections of the presets, an odd size, a single row (decoding),
+// and a vocabulary-sized head block.
+INSTANTIATE_TEST_SUITE_P(Shapes, GemmShapeTest,
+                         ::testing::Values(Dims{256, 576, 192}, Dims{1024, 256, 688},
+                                           Dims{37, 61, 13}, Dims{1, 576, 1536},
+                                           Dims{64, 96, 4096}));
+
+TEST(GemmTest, BatchedAndNonContiguousInputs) {
+  torch::manual_seed(4);
+  torch::Tensor x = torch::randn({3, 5, 40});
+  torch::Tensor w = torch::randn({24, 40});
+  torch::Tensor y = MatmulNT(x, w);
+  ASSERT_EQ(y.sizes(), (std::vector<int64_t>{3, 5, 24}));
+  EXPECT_LT((y - torch::matmul(x, w.t())).abs().max().item<double>(), Tol(40));
+
+  // A column slice (row stride larger than its width) and a transposed weight.
+  torch::Tensor wide = torch::randn({7, 90});
+  torch::Tensor xs = wide.slice(1, 10, 50);
+  torch::Tensor wt = torch::randn({40, 24}).t();  // [24, 40], stride(0) == 1
+  ASSERT_FALSE(xs.is_contiguous());
+  ASSERT_EQ(wt.stride(0), 1);
+  EXPECT_LT((MatmulNT(xs, wt) - torch::matmul(xs, wt.t())).abs().max().item<double>(), Tol(40));
+  torch::Tensor g = torch::randn({2, 7, 24}).transpose(0, 1);  // [7, 2, 24], non-contiguous
+  EXPECT_LT((MatmulNN(g, wt) - torch::matmul(g, wt)).abs().max().item<double>(), Tol(24));
+  // A weight slice with a storage offset (the head's vocabulary blocks).
+  torch::Tensor big = torch::randn({100, 40});
+  torch::Tensor block = big.slice(0, 30, 70);
+  EXPECT_LT((MatmulNT(x, block) - torch::matmul(x, block.t())).abs().max().item<double>(),
+            Tol(40));
+}
+
+TEST(GemmTest, OneDnnAndTorchBackendsAgreeAndBackendSwitches) {
+  BackendGuard guard;
+  torch::manual_seed(5);
+  torch::Tensor x = torch::randn({33, 70});
+  torch::Tensor w = torch::randn({50, 70});
+  SetGemmBackend(GemmBackend::kTorch);
+  EXPECT_EQ(gemm_backend(), GemmBackend::kTorch);
+  const int64_t before = OnednnGemmCount();
+  torch::Tensor via_torch = MatmulNT(x, w);
+  EXPECT_EQ(OnednnGemmCount(), before);
+  EXPECT_TRUE(torch::equal(via_torch, torch::matmul(x, w.t())));  // the very same call
+  SetGemmBackend(GemmBackend::kOnednn);
+  torch::Tensor via_onednn = MatmulNT(x, w);
+  EXPECT_EQ(OnednnGemmCount(), before + 1);
+  EXPECT_LT((via_onednn - via_torch).abs().max().item<double>(), Tol(70));
+}
+
+TEST(GemmTest, OtherDtypesAndAutocastFallBackToTorch) {
+  torch::manual_seed(6);
+  torch::Tensor x = torch::randn({8, 32});
+  torch::Tensor w = torch::randn({16, 32});
+  const int64_t before = OnednnGemmCount();
+  torch::Tensor yb = MatmulNT(x.to(torch::kBFloat16), w.to(torch::kBFloat16));
+  EXPECT_EQ(yb.scalar_type(), torch::kBFloat16);
+  torch::Tensor yd = MatmulNN(torch::randn({8, 16}, torch::kDouble), w.to(torch::kDouble));
+  EXPECT_EQ(yd.scalar_type(), torch::kDouble);
+  at::autocast::set_cpu_enabled(true);
+  at::autocast::set_autocast_cpu_dtype(at::kBFloat16);
+  torch::Tensor ya = MatmulNT(x, w);
+  at::autocast::set_cpu_enabled(false);
+  at::autocast::clear_cache();
+  EXPECT_EQ(ya.scalar_type(), torch::kBFloat16);  // autocast applied, as torch::matmul does
+  EXPECT_EQ(OnednnGemmCount(), before);
+  EXPECT_LT((ya.to(torch::kFloat) - torch::matmul(x, w.t())).abs().max().item<double>(), 0.5);
+}
+
+TEST(GemmTest, MismatchedShapesThrowLikeTorch) {
+  torch::Tensor x = torch::randn({4, 10});
+  torch::Tensor w = torch::randn({6, 11});
+  EXPECT_THROW(MatmulNT(x, w), c10::Error);
+  EXPECT_THROW(MatmulNN(torch::randn({4, 5}), w), c10::Error);
+}
+
+}  // namespace
+}  // namespace fedlora::edge

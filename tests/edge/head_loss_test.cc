@@ -1,0 +1,113 @@
+// HeadCrossEntropySum (the fused LM head + cross-entropy) against logits +
+// torch::nn::functional::cross_entropy: loss and gradient.
+#include "edge-agent/head_loss.h"
+
+#include <torch/torch.h>
+
+#include "gtest/gtest.h"
+
+namespace fedlora::edge {
+namespace {
+
+struct Case {
+  int64_t n, h, vocab;
+  bool keep;  // logits kept for backward (else recomputed)
+  torch::ScalarType weight_dtype;
+};
+
+void PrintTo(const Case& c, std::ostream* os) {
+  *os << "N" << c.n << " H" << c.h << " V" << c.vocab << (c.keep ? " keep" : " recompute") << " "
+      << c.weight_dtype;
+}
+
+class HeadLossTest : public ::testing::TestWithParam<Case> {};
+
+TEST_P(HeadLossTest, LossAndGradientMatchCrossEntropy) {
+  const Case c = GetParam();
+  torch::manual_seed(11);
+  torch::Tensor w = (torch::randn({c.vocab, c.h}) * 0.5).to(c.weight_dtype);
+  torch::Tensor targets = torch::randint(0, c.vocab, {c.n}, torch::kLong);
+  // Rows whose target is the first / last row of a block, and the last vocab row.
+  targets[0] = 0;
+  if (c.n > 2) targets[1] = std::min<int64_t>(kHeadBlockRows, c.vocab - 1);
+  if (c.n > 3) targets[2] = c.vocab - 1;
+  torch::Tensor base = torch::randn({c.n, c.h}) * 2.0;
+
+  torch::Tensor h1 = base.clone().requires_grad_(true);
+  torch::Tensor loss = HeadCrossEntropySum(h1, w, targets, c.keep ? kHeadKeepLogitsBytes : 0);
+  (loss * 3.0).backward();  // a non-unit upstream gradient
+
+  torch::Tensor h2 = base.clone().requires_grad_(true);
+  torch::Tensor ref = torch::nn::functional::cross_entropy(
+      torch::matmul(h2, w.to(torch::kFloat).t()), targets,
+      torch::nn::functional::CrossEntropyFuncOptions().reduction(torch::kSum));
+  (ref * 3.0).backward();
+
+  ASSERT_EQ(loss.dim(), 0);
+  EXPECT_NEAR(loss.item<double>(), ref.item<double>(), 1e-5 * std::abs(ref.item<double>()) + 1e-4);
+  const double scale = h2.grad().abs().max().item<double>();
+  EXPECT_LT((h1.grad() - h2.grad()).abs().max().item<double>(), 1e-4 * scale + 1e-6);
+}
+
+INSTANTIATE_TEST_SUITE_P(
+    Cases, HeadLossTest,
+    ::testing::Values(Case{9, 16, 100, true, torch::kFloat},           // one block
+                      Case{9, 16, 10000, true, torch::kFloat},         // 2 full blocks + a part
+                      Case{9, 16, 10000, false, torch::kFloat},        // recomputed in backward
+                      Case{5, 24, 8193, true, torch::kBFloat16},       // bf16 head, 1-row tail
+                      Case{5, 24, 8192, false, torch::kHalf},          // exact blocks, fp16
+                      Case{1, 8, 4097, true, torch::kFloat}));         // one position
+
+TEST(HeadLossTest, LargeLogitsStayFinite) {
+  // Logits around +-1e4: a plain exp would overflow; the running max keeps it finite.
+  torch::Tensor w = torch::randn({5000, 4}) * 100.0;
+  torch::Tensor h = (torch::randn({3, 4}) * 100.0).requires_grad_(true);
+  torch::Tensor targets = torch::tensor({1, 4200, 4999}, torch::kLong);
+  torch::Tensor loss = HeadCrossEntropySum(h, w, targets);
+  loss.backward();
+  torch::Tensor ref = torch::nn::functional::cross_entropy(
+      torch::matmul(h.detach(), w.t()), targets,
+      torch::nn::functional::CrossEntropyFuncOptions().reduction(torch::kSum));
+  EXPECT_TRUE(std::isfinite(loss.item<double>()));
+  EXPECT_NEAR(loss.item<double>(), ref.item<double>(), 1e-3 * std::abs(ref.item<double>()) + 1e-2);
+  EXPECT_TRUE(torch::isfinite(h.grad()).all().item<bool>());
+}
+
+TEST(HeadLossTest, BadInputsAreClearErrors) {
+  torch::Tensor w = torch::randn({50, 8});
+  torch::Tensor h = torch::randn({4, 8});
+  auto message = [](const std::function<void()>& f) {
+    try {
+      f();
+    } catch (const c10::Error& e) {
+      return std::string(e.what_without_backtrace());
+    }
+    return std::string("no error");
+  };
+  EXPECT_NE(message([&] { HeadCrossEntropySum(h, w, torch::tensor({0, 1, 2, 50}, torch::kLong)); })
+                .find("target out of range [0, 50): found 50"),
+            std::string::npos);
+  EXPECT_NE(message([&] { HeadCrossEntropySum(h, w, torch::tensor({0, -1, 2, 3}, torch::kLong)); })
+                .find("found -1"),
+            std::string::npos);
+  EXPECT_NE(message([&] { HeadCrossEntropySum(h, torch::randn({50, 9}), torch::zeros({4}, torch::kLong)); })
+                .find("expected weight [V, 8]"),
+            std::string::npos);
+  EXPECT_NE(message([&] { HeadCrossEntropySum(h, w, torch::zeros({3}, torch::kLong)); })
+                .find("expected int64 targets [4]"),
+            std::string::npos);
+  EXPECT_NE(message([&] { HeadCrossEntropySum(h.to(torch::kDouble), w, torch::zeros({4}, torch::kLong)); })
+                .find("expected fp32 hidden"),
+            std::string::npos);
+}
+
+TEST(HeadLossTest, NoPositionsIsZeroWithAGradient) {
+  torch::Tensor h = torch::randn({0, 8}).requires_grad_(true);
+  torch::Tensor loss = HeadCrossEntropySum(h, torch::randn({50, 8}), torch::zeros({0}, torch::kLong));
+  EXPECT_EQ(loss.item<double>(), 0.0);
+  loss.backward();
+  EXPECT_EQ(h.grad().numel(), 0);
+}
+
+}  // namespace
+}  // namespace fedlora::edge
