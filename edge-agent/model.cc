@@ -655,7 +655,10 @@ torch::Tensor Model::Logits(const torch::Tensor& hidden) const {
 torch::Tensor Model::HeadLossSum(const torch::Tensor& hidden, const torch::Tensor& targets) const {
   if (!at::autocast::is_cpu_enabled() && hidden.scalar_type() == torch::kFloat &&
       hidden.dim() == 2) {
-    return HeadCrossEntropySum(hidden, lm_head_, targets);
+    // Under gradient checkpointing (memory first) the logit blocks are
+    // recomputed in backward instead of kept.
+    return HeadCrossEntropySum(hidden, lm_head_, targets,
+                               gradient_checkpointing_ ? 0 : kHeadKeepLogitsBytes);
   }
   torch::Tensor logits = Logits(hidden);
   if (logits.scalar_type() != torch::kFloat) logits = logits.to(torch::kFloat);

@@ -193,6 +193,7 @@ absl::StatusOr<TrainBenchResult> RunImpl(const TrainBenchOptions& o, const Train
   result.options = o;
   for (const auto& t : params) result.trainable_params += t.numel();
   result.frozen_params = model->NumParameters();
+  result.load_peak_rss_mb = PeakRssMb();
 
   torch::manual_seed(0);
   torch::Tensor ids = torch::randint(0, p.vocab, {o.batch, o.seq + 1}, torch::kLong);
@@ -281,6 +282,7 @@ std::string TrainBenchJson(const TrainBenchResult& r) {
   j["steps"] = r.options.steps;
   j["tokens_per_s"] = round1(r.tokens_per_s);
   j["peak_rss_mb"] = round1(r.peak_rss_mb);
+  j["load_peak_rss_mb"] = round1(r.load_peak_rss_mb);
   j["step_ms_mean"] = round1(r.step_ms_mean);
   j["last_loss"] = round3(r.last_loss);
   j["trainable_params"] = r.trainable_params;

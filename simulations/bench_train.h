@@ -60,6 +60,7 @@ struct TrainBenchResult {
   TrainBenchOptions options;
   double tokens_per_s = 0;
   double peak_rss_mb = 0;
+  double load_peak_rss_mb = 0;  // peak RSS once the model is loaded, before any step
   double step_ms_mean = 0;
   double last_loss = 0;
   int64_t trainable_params = 0;
@@ -70,7 +71,7 @@ absl::StatusOr<TrainBenchResult> RunTrainBench(const TrainBenchOptions& options)
 
 // One JSON line (no trailing newline): {"bench":"train","preset":..,"seq":..,
 // "batch":..,"threads":..,"base_dtype":..,"bf16":..,"grad_checkpoint":..,"attention":..,"gemm":..,"steps":..,"tokens_per_s":..,
-// "peak_rss_mb":..,"step_ms_mean":..,"last_loss":..,"trainable_params":..,"frozen_params":..}
+// "peak_rss_mb":..,"load_peak_rss_mb":..,"step_ms_mean":..,"last_loss":..,"trainable_params":..,"frozen_params":..}
 std::string TrainBenchJson(const TrainBenchResult& result);
 
 }  // namespace fedlora::sim
