@@ -6,8 +6,11 @@
 //   fedlora-sim make-data --out DIR [--sites 3] [--examples 200] [--heldout 40] [--seed 0]
 //   fedlora-sim bench train --preset tiny|smollm135m [--seq 256] [--batch 4] [--threads 2]
 //                           [--steps 5] [--base-dtype fp32|bf16|int8|int4] [--bf16]
-//                           [--grad-checkpoint]
+//                           [--grad-checkpoint] [--attention fused|plain] [--gemm onednn|torch]
 //     prints one JSON line (see simulations/bench_train.h)
+//   fedlora-sim bench gemm [--preset smollm135m] [--seq 256] [--batch 1] [--threads 2]
+//                          [--repeats 15]
+//     prints one JSON line per product (see simulations/bench_gemm.h)
 //   fedlora-sim bench secagg [--agents 100] [--params 1000000] [--dropout 0.1]
 //                            [--neighbours K] [--threshold T] [--threads 1] [--seed 1]
 //     prints one JSON line (see simulations/bench_secagg.h)
@@ -24,6 +27,7 @@
 #include "CLI/CLI.hpp"
 #include "simulations/bench_coordinator.h"
 #include "simulations/bench_secagg.h"
+#include "simulations/bench_gemm.h"
 #include "simulations/bench_train.h"
 #include "simulations/data_maker.h"
 #include "simulations/model_maker.h"
@@ -129,6 +133,27 @@ int main(int argc, char** argv) {
       ->capture_default_str()
       ->check(CLI::IsMember({"fp32", "bf16", "int8", "int4"}));
   bench_train_cmd->add_flag("--bf16", bench_train.bf16, "Run the forward under bf16 CPU autocast");
+
+  fedlora::sim::GemmBenchOptions bench_gemm;
+  CLI::App* bench_gemm_cmd = bench->add_subcommand(
+      "gemm",
+      "The engine's frozen-projection GEMMs (x W^T and g W) at a preset's shapes: oneDNN vs "
+      "torch::matmul (BLAS) in GFLOP/s, best of --repeats; one JSON line per product");
+  bench_gemm_cmd->add_option("--preset", bench_gemm.preset, "tiny | smollm135m")
+      ->capture_default_str()
+      ->check(CLI::IsMember({"tiny", "smollm135m"}));
+  bench_gemm_cmd->add_option("--seq", bench_gemm.seq, "Tokens per sequence")
+      ->capture_default_str()
+      ->check(CLI::PositiveNumber);
+  bench_gemm_cmd->add_option("--batch", bench_gemm.batch, "Sequences (rows = batch x seq)")
+      ->capture_default_str()
+      ->check(CLI::PositiveNumber);
+  bench_gemm_cmd->add_option("--threads", bench_gemm.threads, "Intra-op threads")
+      ->capture_default_str()
+      ->check(CLI::PositiveNumber);
+  bench_gemm_cmd->add_option("--repeats", bench_gemm.repeats, "Timed runs per product (best kept)")
+      ->capture_default_str()
+      ->check(CLI::PositiveNumber);
 
   fedlora::sim::SecAggBenchOptions bench_secagg;
   CLI::App* bench_secagg_cmd = bench->add_subcommand(
@@ -241,6 +266,18 @@ int main(int argc, char** argv) {
     const bool complete = result->error.empty() && result->updates_lost == 0 &&
                           result->rounds_completed == bench_coord.rounds;
     return complete ? 0 : 1;
+  }
+
+  if (bench_gemm_cmd->parsed()) {
+    auto results = fedlora::sim::RunGemmBench(bench_gemm);
+    if (!results.ok()) {
+      std::fprintf(stderr, "error: bench gemm: %s\n", results.status().ToString().c_str());
+      return 1;
+    }
+    for (const auto& r : *results) {
+      std::printf("%s\n", fedlora::sim::GemmBenchJson(bench_gemm, r).c_str());
+    }
+    return 0;
   }
 
   if (bench_train_cmd->parsed()) {
