@@ -1,5 +1,7 @@
 #include "edge-agent/head_loss.h"
 
+#include <ATen/autocast_mode.h>
+
 #include <algorithm>
 #include <limits>
 #include <vector>
@@ -10,9 +12,25 @@
 namespace fedlora::edge {
 namespace {
 
-torch::Tensor WeightBlock(const torch::Tensor& weight, int64_t r0, int64_t r1) {
+// Rows [r0, r1) of the weight in the dtype the products run in: fp32, or the
+// autocast dtype (`low`) when the call began under CPU autocast.
+torch::Tensor WeightBlock(const torch::Tensor& weight, int64_t r0, int64_t r1,
+                          torch::ScalarType low) {
   torch::Tensor w = weight.slice(0, r0, r1);
-  return w.scalar_type() == torch::kFloat ? w : w.to(torch::kFloat);
+  return w.scalar_type() == low ? w : w.to(low);
+}
+
+// h W_block^T as fp32 [N, rows] (MatmulNT falls back to torch::matmul for a
+// low-precision block, or under autocast).
+torch::Tensor BlockLogits(const torch::Tensor& h, const torch::Tensor& w) {
+  torch::Tensor out = MatmulNT(h.scalar_type() == w.scalar_type() ? h : h.to(w.scalar_type()), w);
+  return out.scalar_type() == torch::kFloat ? out : out.to(torch::kFloat);
+}
+
+// p W_block as fp32 [N, H].
+torch::Tensor BlockGradInput(const torch::Tensor& p, const torch::Tensor& w) {
+  torch::Tensor out = MatmulNN(p.scalar_type() == w.scalar_type() ? p : p.to(w.scalar_type()), w);
+  return out.scalar_type() == torch::kFloat ? out : out.to(torch::kFloat);
 }
 
 // Subtracts `value` at each row's target column where the target falls in the
@@ -32,6 +50,10 @@ class HeadCrossEntropyFn : public torch::autograd::Function<HeadCrossEntropyFn> 
                                int64_t keep_logits_bytes) {
     const int64_t n = hidden.size(0), vocab = weight.size(0);
     const bool keep = n * vocab * static_cast<int64_t>(sizeof(float)) <= keep_logits_bytes;
+    // Under CPU autocast the products run in its dtype (as a Linear would),
+    // the log-sum-exp and the gradient's softmax in fp32.
+    const torch::ScalarType low =
+        at::autocast::is_cpu_enabled() ? at::autocast::get_autocast_cpu_dtype() : torch::kFloat;
     torch::Tensor h = hidden.contiguous();
     torch::Tensor run_max = torch::full({n}, -std::numeric_limits<float>::infinity(),
                                         h.options());
@@ -40,7 +62,7 @@ class HeadCrossEntropyFn : public torch::autograd::Function<HeadCrossEntropyFn> 
     std::vector<torch::Tensor> saved = {h, targets};
     for (int64_t r0 = 0; r0 < vocab; r0 += kHeadBlockRows) {
       const int64_t r1 = std::min(vocab, r0 + kHeadBlockRows);
-      torch::Tensor logits = MatmulNT(h, WeightBlock(weight, r0, r1));  // [n, r1 - r0]
+      torch::Tensor logits = BlockLogits(h, WeightBlock(weight, r0, r1, low));  // [n, r1 - r0]
       torch::Tensor new_max = torch::maximum(run_max, std::get<0>(logits.max(1)));
       run_sum.mul_((run_max - new_max).exp_()).add_((logits - new_max.unsqueeze(1)).exp_().sum(1));
       run_max = new_max;
@@ -54,6 +76,7 @@ class HeadCrossEntropyFn : public torch::autograd::Function<HeadCrossEntropyFn> 
     saved.insert(saved.begin() + 2, lse);
     ctx->save_for_backward(saved);
     ctx->saved_data["weight"] = weight;
+    ctx->saved_data["low"] = static_cast<int64_t>(low);
     return (lse - target_logit).sum();
   }
 
@@ -65,19 +88,20 @@ class HeadCrossEntropyFn : public torch::autograd::Function<HeadCrossEntropyFn> 
     const torch::Tensor lse = saved[2].unsqueeze(1);
     const bool kept = saved.size() > 3;
     const torch::Tensor weight = ctx->saved_data["weight"].toTensor();
+    const auto low = static_cast<torch::ScalarType>(ctx->saved_data["low"].toInt());
     const float g = grads[0].item<float>();
     const int64_t vocab = weight.size(0);
     torch::Tensor gh;
     size_t block = 0;
     for (int64_t r0 = 0; r0 < vocab; r0 += kHeadBlockRows, ++block) {
       const int64_t r1 = std::min(vocab, r0 + kHeadBlockRows);
-      torch::Tensor w = WeightBlock(weight, r0, r1);
+      torch::Tensor w = WeightBlock(weight, r0, r1, low);
       // softmax - one-hot, in place on the kept (or recomputed) logits.
-      torch::Tensor p = kept ? saved[3 + block] : MatmulNT(h, w);
+      torch::Tensor p = kept ? saved[3 + block] : BlockLogits(h, w);
       p.sub_(lse).exp_();
       AddAtTargets(p, targets, r0, -1.0f);
       if (g != 1.0f) p.mul_(g);
-      torch::Tensor part = MatmulNN(p, w);
+      torch::Tensor part = BlockGradInput(p, w);
       gh = gh.defined() ? gh.add_(part) : part;
     }
     return {gh, torch::Tensor(), torch::Tensor(), torch::Tensor()};

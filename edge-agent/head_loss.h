@@ -12,6 +12,9 @@
 // forms the gradient block by block: softmax minus one-hot, times the block
 // of W.
 //
+// Under CPU autocast the block products run in the autocast dtype (as the
+// head's Linear would), the log-sum-exp and softmax in fp32.
+//
 // Results equal log_softmax + nll_loss to float rounding
 // (tests/edge/head_loss_test.cc checks the loss and the gradient against
 // torch::nn::functional::cross_entropy).

@@ -425,8 +425,12 @@ class FrozenMatmulFn : public torch::autograd::Function<FrozenMatmulFn> {
 
 torch::Tensor FrozenMatmul(const torch::Tensor& x, const torch::Tensor& weight,
                            const torch::Tensor& weight_scale, int64_t int4_in) {
-  if (at::autocast::is_cpu_enabled() && weight.scalar_type() == torch::kFloat) {
-    return torch::matmul(x, weight.t());  // autocast picks the product's dtype
+  if (at::autocast::is_cpu_enabled() &&
+      (weight.scalar_type() == torch::kFloat ||
+       weight.scalar_type() == at::autocast::get_autocast_cpu_dtype())) {
+    // Autocast picks the product's dtype; a weight stored in it is used as is
+    // (not widened to fp32 and narrowed back).
+    return torch::matmul(x, weight.t());
   }
   if (torch::GradMode::is_enabled() && x.requires_grad()) {
     // Function::apply needs defined tensors; bf16 / fp16 weights have no scale.
@@ -498,6 +502,10 @@ torch::Tensor Model::Attention(const DecoderLayer& L, int index, const torch::Te
     cv = v;
   }
   const int64_t S = k.size(2);
+  // Under autocast v leaves its projection in bf16 while RoPE widened q and k.
+  if (fused_attention_ && q.scalar_type() == torch::kFloat && v.scalar_type() != torch::kFloat) {
+    v = v.to(torch::kFloat);
+  }
   if (fused_attention_ && !masked_in.defined() && past == 0 && S == T &&
       FusedAttentionApplies(q, k, v)) {
     torch::Tensor out = FusedCausalAttention(q, k, v, 1.0 / std::sqrt(static_cast<double>(D)),
@@ -653,8 +661,7 @@ torch::Tensor Model::Logits(const torch::Tensor& hidden) const {
 }
 
 torch::Tensor Model::HeadLossSum(const torch::Tensor& hidden, const torch::Tensor& targets) const {
-  if (!at::autocast::is_cpu_enabled() && hidden.scalar_type() == torch::kFloat &&
-      hidden.dim() == 2) {
+  if (hidden.scalar_type() == torch::kFloat && hidden.dim() == 2) {
     // Under gradient checkpointing (memory first) the logit blocks are
     // recomputed in backward instead of kept.
     return HeadCrossEntropySum(hidden, lm_head_, targets,

@@ -86,8 +86,9 @@ class Model {
   // Summed next-token cross-entropy of hidden [N, H] against targets [N]
   // (int64 in [0, V)): the head and the loss fused a block of vocabulary rows at
   // a time (head_loss.h), never holding the [N, V] logits (the blocks are
-  // recomputed in backward under gradient checkpointing). Under CPU autocast or
-  // for non-fp32 hidden states it is Logits() + cross_entropy instead.
+  // recomputed in backward under gradient checkpointing; under CPU autocast the
+  // products run in its dtype). For non-fp32 or non-2-D hidden states it is
+  // Logits() + cross_entropy instead.
   torch::Tensor HeadLossSum(const torch::Tensor& hidden, const torch::Tensor& targets) const;
   // Packed sequences (no KV cache): ids, positions and segments are int64
   // [B, T]. positions restart at 0 for each example; segments number the

@@ -2,6 +2,7 @@
 // torch::nn::functional::cross_entropy: loss and gradient.
 #include "edge-agent/head_loss.h"
 
+#include <ATen/autocast_mode.h>
 #include <torch/torch.h>
 
 #include "gtest/gtest.h"
@@ -57,6 +58,36 @@ INSTANTIATE_TEST_SUITE_P(
                       Case{5, 24, 8193, true, torch::kBFloat16},       // bf16 head, 1-row tail
                       Case{5, 24, 8192, false, torch::kHalf},          // exact blocks, fp16
                       Case{1, 8, 4097, true, torch::kFloat}));         // one position
+
+TEST(HeadLossTest, UnderAutocastTheProductsRunInBf16) {
+  torch::manual_seed(12);
+  torch::Tensor w = torch::randn({6000, 32}) * 0.3;
+  torch::Tensor targets = torch::randint(0, 6000, {7}, torch::kLong);
+  torch::Tensor base = torch::randn({7, 32});
+  torch::Tensor h1 = base.clone().requires_grad_(true);
+  at::autocast::set_cpu_enabled(true);
+  at::autocast::set_autocast_cpu_dtype(at::kBFloat16);
+  torch::Tensor loss = HeadCrossEntropySum(h1, w, targets);
+  at::autocast::set_cpu_enabled(false);
+  at::autocast::clear_cache();
+  loss.backward();
+  ASSERT_EQ(loss.scalar_type(), torch::kFloat);
+  ASSERT_EQ(h1.grad().scalar_type(), torch::kFloat);
+
+  // The reference: bf16 logits (what autocast makes of the Linear), fp32 loss.
+  torch::Tensor wb = w.to(torch::kBFloat16);
+  torch::Tensor h2 = base.clone().requires_grad_(true);
+  torch::Tensor ref = torch::nn::functional::cross_entropy(
+      torch::matmul(h2.to(torch::kBFloat16), wb.t()).to(torch::kFloat), targets,
+      torch::nn::functional::CrossEntropyFuncOptions().reduction(torch::kSum));
+  ref.backward();
+  EXPECT_NEAR(loss.item<double>(), ref.item<double>(), 1e-3 * std::abs(ref.item<double>()));
+  const double scale = h2.grad().abs().max().item<double>();
+  EXPECT_LT((h1.grad() - h2.grad()).abs().max().item<double>(), 2e-2 * scale);
+  // And it differs from the fp32 head by more than fp32 rounding: bf16 really ran.
+  torch::Tensor fp32 = HeadCrossEntropySum(base, w, targets);
+  EXPECT_GT(std::abs(fp32.item<double>() - loss.item<double>()), 1e-6);
+}
 
 TEST(HeadLossTest, LargeLogitsStayFinite) {
   // Logits around +-1e4: a plain exp would overflow; the running max keeps it finite.
