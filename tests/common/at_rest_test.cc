@@ -11,26 +11,14 @@
 #include <vector>
 
 #include "common/crypto/crypto.h"
+#include "tests/testing/test_util.h"
 
 namespace fedlora::common {
 namespace {
 
+using ::fedlora::testutil::TempDir;
+
 using ::testing::HasSubstr;
-
-class TempDir {
- public:
-  TempDir() {
-    std::string tmpl = ::testing::TempDir() + "/fedlora_atrest_XXXXXX";
-    std::vector<char> buf(tmpl.begin(), tmpl.end());
-    buf.push_back('\0');
-    path_ = ::mkdtemp(buf.data());
-  }
-  ~TempDir() { std::filesystem::remove_all(path_); }
-  const std::string& path() const { return path_; }
-
- private:
-  std::string path_;
-};
 
 void WriteFile(const std::string& path, const std::string& data) {
   std::ofstream f(path, std::ios::binary | std::ios::trunc);

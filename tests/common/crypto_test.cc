@@ -13,45 +13,21 @@
 #include <set>
 #include <string>
 #include <vector>
+#include "tests/testing/test_util.h"
 
 namespace fedlora::common {
 namespace {
 
-using ::testing::HasSubstr;
+using ::fedlora::testutil::TempDir;
+using ::fedlora::testutil::StatusIs;
 
-MATCHER_P2(StatusIs, code, substr, "") {
-  absl::Status s = arg;
-  if (s.code() != code) {
-    *result_listener << "status is " << s;
-    return false;
-  }
-  if (std::string(s.message()).find(substr) == std::string::npos) {
-    *result_listener << "message is \"" << s.message() << "\"";
-    return false;
-  }
-  return true;
-}
+using ::testing::HasSubstr;
 
 std::string Unhex(const std::string& hex) {
   auto r = HexDecode(hex);
   EXPECT_TRUE(r.ok()) << r.status();
   return r.ok() ? *r : std::string();
 }
-
-class TempDir {
- public:
-  TempDir() {
-    std::string tmpl = ::testing::TempDir() + "/fedlora_crypto_XXXXXX";
-    std::vector<char> buf(tmpl.begin(), tmpl.end());
-    buf.push_back('\0');
-    path_ = ::mkdtemp(buf.data());
-  }
-  ~TempDir() { std::filesystem::remove_all(path_); }
-  const std::string& path() const { return path_; }
-
- private:
-  std::string path_;
-};
 
 void WriteFile(const std::string& path, const std::string& data) {
   std::ofstream f(path, std::ios::binary | std::ios::trunc);

@@ -16,16 +16,14 @@
 #include "common/export/gguf.h"
 #include "common/export/peft_export.h"
 #include "common/tensor/tensor.h"
+#include "tests/testing/test_util.h"
 
 namespace fedlora::common {
 namespace {
 
-using ::testing::HasSubstr;
+using ::fedlora::testutil::StatusIs;
 
-MATCHER_P2(StatusIs, code, msg_matcher, "") {
-  return arg.code() == code &&
-         ::testing::ExplainMatchResult(msg_matcher, std::string(arg.message()), result_listener);
-}
+using ::testing::HasSubstr;
 
 const std::string kLlama = std::string(FEDLORA_FIXTURES) + "/hf/llama";
 

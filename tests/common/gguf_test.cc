@@ -12,16 +12,14 @@
 
 #include "common/quant/quant.h"
 #include "common/tensor/tensor.h"
+#include "tests/testing/test_util.h"
 
 namespace fedlora::common {
 namespace {
 
-using ::testing::HasSubstr;
+using ::fedlora::testutil::StatusIs;
 
-MATCHER_P2(StatusIs, code, msg_matcher, "") {
-  return arg.code() == code &&
-         ::testing::ExplainMatchResult(msg_matcher, std::string(arg.message()), result_listener);
-}
+using ::testing::HasSubstr;
 
 HostTensor Random(std::vector<int64_t> shape, uint32_t seed, float scale = 1.0f) {
   std::mt19937 rng(seed);

@@ -14,16 +14,15 @@
 #include <string>
 
 #include "common/tensor/tensor.h"
+#include "tests/testing/test_util.h"
 
 namespace fedlora::common {
 namespace {
 
-using ::testing::HasSubstr;
+using ::fedlora::testutil::TempDir;
+using ::fedlora::testutil::StatusIs;
 
-MATCHER_P2(StatusIs, code, msg_matcher, "") {
-  return arg.code() == code &&
-         ::testing::ExplainMatchResult(msg_matcher, std::string(arg.message()), result_listener);
-}
+using ::testing::HasSubstr;
 
 const std::string kAdapterDir = std::string(FEDLORA_FIXTURES) + "/hf/llama/adapter";
 
@@ -33,19 +32,6 @@ std::string ReadFile(const std::string& path) {
   ss << in.rdbuf();
   return ss.str();
 }
-
-class TempDir {
- public:
-  TempDir() {
-    char tmpl[] = "/tmp/peft_export_test_XXXXXX";
-    path_ = mkdtemp(tmpl);
-  }
-  ~TempDir() { std::system(("rm -rf '" + path_ + "'").c_str()); }
-  const std::string& path() const { return path_; }
-
- private:
-  std::string path_;
-};
 
 HostTensor Random(std::vector<int64_t> shape, uint32_t seed) {
   std::mt19937 rng(seed);

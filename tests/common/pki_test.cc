@@ -19,37 +19,13 @@
 
 #include "common/crypto/crypto.h"
 #include "fedlora/v1/fedlora.grpc.pb.h"
+#include "tests/testing/test_util.h"
 
 namespace fedlora::common {
 namespace {
 
-MATCHER_P2(StatusIs, code, substr, "") {
-  absl::Status s = arg;
-  if (s.code() != code) {
-    *result_listener << "status is " << s;
-    return false;
-  }
-  if (std::string(s.message()).find(substr) == std::string::npos) {
-    *result_listener << "message is \"" << s.message() << "\"";
-    return false;
-  }
-  return true;
-}
-
-class TempDir {
- public:
-  TempDir() {
-    std::string tmpl = ::testing::TempDir() + "/fedlora_pki_XXXXXX";
-    std::vector<char> buf(tmpl.begin(), tmpl.end());
-    buf.push_back('\0');
-    path_ = ::mkdtemp(buf.data());
-  }
-  ~TempDir() { std::filesystem::remove_all(path_); }
-  const std::string& path() const { return path_; }
-
- private:
-  std::string path_;
-};
+using ::fedlora::testutil::TempDir;
+using ::fedlora::testutil::StatusIs;
 
 std::string Read(const std::string& path) {
   auto r = ReadFileToString(path);

@@ -12,24 +12,14 @@
 #include <vector>
 
 #include "common/tensor/tensor.h"
+#include "tests/testing/test_util.h"
 
 namespace fedlora::common {
 namespace {
 
-using ::testing::HasSubstr;
+using ::fedlora::testutil::StatusIs;
 
-MATCHER_P2(StatusIs, code, substr, "") {
-  absl::Status s = arg;
-  if (s.code() != code) {
-    *result_listener << "status is " << s;
-    return false;
-  }
-  if (std::string(s.message()).find(substr) == std::string::npos) {
-    *result_listener << "message is \"" << s.message() << "\"";
-    return false;
-  }
-  return true;
-}
+using ::testing::HasSubstr;
 
 float Scale(const std::string& q, size_t block) {
   const unsigned char* p = reinterpret_cast<const unsigned char*>(q.data()) + block * kQ8BlockBytes;

@@ -1,6 +1,6 @@
 #pragma once
-// Test helpers for common/secagg: a StatusIs matcher and an in-process round
-// driver with scripted dropouts in each phase.
+// Test helpers for common/secagg: an in-process round driver with scripted
+// dropouts in each phase (and StatusIs from tests/testing/test_util.h).
 
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>
@@ -13,21 +13,11 @@
 
 #include "common/secagg/protocol.h"
 #include "common/status/status.h"
+#include "tests/testing/test_util.h"
 
 namespace fedlora::common::secagg::testing {
 
-MATCHER_P2(StatusIs, code, substr, "") {
-  absl::Status s = arg;
-  if (s.code() != code) {
-    *result_listener << "status is " << s;
-    return false;
-  }
-  if (std::string(s.message()).find(substr) == std::string::npos) {
-    *result_listener << "message is \"" << s.message() << "\"";
-    return false;
-  }
-  return true;
-}
+using ::fedlora::testutil::StatusIs;
 
 // Who drops where. "before_advertise": never sends anything. "after_advertise":
 // advertises, never shares keys. "after_share": shares keys, never sends its

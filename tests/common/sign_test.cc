@@ -12,26 +12,14 @@
 #include <vector>
 
 #include "common/crypto/crypto.h"
+#include "tests/testing/test_util.h"
 
 namespace fedlora::common {
 namespace {
 
+using ::fedlora::testutil::TempDir;
+
 using ::testing::HasSubstr;
-
-class TempDir {
- public:
-  TempDir() {
-    std::string tmpl = ::testing::TempDir() + "/fedlora_sign_XXXXXX";
-    std::vector<char> buf(tmpl.begin(), tmpl.end());
-    buf.push_back('\0');
-    path_ = ::mkdtemp(buf.data());
-  }
-  ~TempDir() { std::filesystem::remove_all(path_); }
-  const std::string& path() const { return path_; }
-
- private:
-  std::string path_;
-};
 
 std::string Unhex(const std::string& hex) {
   auto r = HexDecode(hex);

@@ -11,37 +11,13 @@
 #include <string>
 #include <thread>
 #include <vector>
+#include "tests/testing/test_util.h"
 
 namespace fedlora::common {
 namespace {
 
-MATCHER_P2(StatusIs, code, substr, "") {
-  absl::Status s = arg;
-  if (s.code() != code) {
-    *result_listener << "status is " << s;
-    return false;
-  }
-  if (std::string(s.message()).find(substr) == std::string::npos) {
-    *result_listener << "message is \"" << s.message() << "\"";
-    return false;
-  }
-  return true;
-}
-
-class TempDir {
- public:
-  TempDir() {
-    std::string tmpl = ::testing::TempDir() + "/fedlora_store_XXXXXX";
-    std::vector<char> buf(tmpl.begin(), tmpl.end());
-    buf.push_back('\0');
-    path_ = ::mkdtemp(buf.data());
-  }
-  ~TempDir() { std::filesystem::remove_all(path_); }
-  const std::string& path() const { return path_; }
-
- private:
-  std::string path_;
-};
+using ::fedlora::testutil::TempDir;
+using ::fedlora::testutil::StatusIs;
 
 const std::vector<std::string> kCfs = {"agents", "rounds", "updates", "versions",
                                        "blobs",  "audit",  "meta"};

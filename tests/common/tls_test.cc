@@ -22,24 +22,12 @@
 
 #include "common/crypto/pki.h"
 #include "fedlora/v1/fedlora.grpc.pb.h"
+#include "tests/testing/test_util.h"
 
 namespace fedlora::common {
 namespace {
 
-class TempDir {
- public:
-  TempDir() {
-    std::string tmpl = ::testing::TempDir() + "/fedlora_tls_XXXXXX";
-    std::vector<char> buf(tmpl.begin(), tmpl.end());
-    buf.push_back('\0');
-    path_ = ::mkdtemp(buf.data());
-  }
-  ~TempDir() { std::filesystem::remove_all(path_); }
-  std::string Sub(const std::string& name) const { return path_ + "/" + name; }
-
- private:
-  std::string path_;
-};
+using ::fedlora::testutil::TempDir;
 
 // Result of one raw handshake: the negotiated version (0 = failed).
 int Handshake(int port, int max_version, const std::string& cert, const std::string& key) {
