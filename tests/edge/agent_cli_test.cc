@@ -18,32 +18,17 @@
 #include "common/crypto/pki.h"
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
+#include "tests/testing/test_util.h"
 
 namespace fedlora::edge {
 namespace {
 
 using ::testing::HasSubstr;
 
-struct Result {
-  int exit_code = -1;
-  std::string output;  // stdout + stderr
-};
+using Result = ::fedlora::testutil::CommandResult;
 
 Result RunAgentCli(const std::string& args) {
-  const std::string bin = std::string(FEDLORA_BIN_DIR) + "/fedlora-agent";
-  Result r;
-  if (!std::filesystem::exists(bin)) {
-    r.output = "missing binary " + bin + " (build the fedlora-agent target)";
-    return r;
-  }
-  FILE* p = popen((bin + " " + args + " 2>&1").c_str(), "r");
-  if (p == nullptr) return r;
-  char buf[4096];
-  size_t n;
-  while ((n = fread(buf, 1, sizeof(buf), p)) > 0) r.output.append(buf, n);
-  int status = pclose(p);
-  r.exit_code = WIFEXITED(status) ? WEXITSTATUS(status) : -1;
-  return r;
+  return ::fedlora::testutil::RunBinary("fedlora-agent", args);
 }
 
 class AgentCliTest : public ::testing::Test {

@@ -15,32 +15,17 @@
 #include <vector>
 
 #include "nlohmann/json.hpp"
+#include "tests/testing/test_util.h"
 
 namespace fedlora::sim {
 namespace {
 
 using ::testing::HasSubstr;
 
-struct SimRun {
-  int exit_code = -1;
-  std::string out;  // stdout
-};
+using SimRun = ::fedlora::testutil::CommandResult;
 
 SimRun RunSim(const std::string& args) {
-  const std::string bin = std::string(FEDLORA_BIN_DIR) + "/fedlora-sim";
-  SimRun r;
-  if (!std::filesystem::exists(bin)) {
-    r.out = "missing binary " + bin + " (build the fedlora-sim target)";
-    return r;
-  }
-  FILE* p = popen((bin + " " + args).c_str(), "r");  // stderr stays on the test's stderr
-  if (p == nullptr) return r;
-  char buf[4096];
-  size_t n;
-  while ((n = fread(buf, 1, sizeof(buf), p)) > 0) r.out.append(buf, n);
-  const int status = pclose(p);
-  r.exit_code = WIFEXITED(status) ? WEXITSTATUS(status) : -1;
-  return r;
+  return ::fedlora::testutil::RunBinary("fedlora-sim", args, /*with_stderr=*/false);
 }
 
 std::vector<nlohmann::json> JsonLines(const std::string& text) {
@@ -59,9 +44,9 @@ TEST(CoordinatorBenchTest, FiveAgentsTwoRoundsNothingLost) {
   SimRun r = RunSim(
       "bench coordinator --agents 5 --params 10000 --rounds 2 --max-concurrent-uploads 2 "
       "--client-uploads 5 --timeout-s 300");
-  ASSERT_EQ(r.exit_code, 0) << r.out;
-  std::vector<nlohmann::json> lines = JsonLines(r.out);
-  ASSERT_EQ(lines.size(), 3u) << r.out;  // two rounds, one summary
+  ASSERT_EQ(r.exit_code, 0) << r.output;
+  std::vector<nlohmann::json> lines = JsonLines(r.output);
+  ASSERT_EQ(lines.size(), 3u) << r.output;  // two rounds, one summary
   for (int k = 0; k < 2; ++k) {
     const nlohmann::json& round = lines[k];
     EXPECT_EQ(round["bench"], "coordinator");
