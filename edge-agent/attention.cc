@@ -66,6 +66,19 @@ struct Dims {
   int64_t First(int64_t i) const { return window > 0 ? std::max<int64_t>(0, i - window + 1) : 0; }
 };
 
+// The first key query i sees: the window's, or a later per-row start (packed
+// sequences: the first position of i's own sequence); starts may be null.
+inline int64_t Lo(const Dims& d, const int64_t* starts, int64_t i) {
+  return starts != nullptr ? std::max(d.First(i), starts[i]) : d.First(i);
+}
+
+// The first key any of the n rows from i0 sees, rounded down to a vector.
+inline int64_t BlockStart(const Dims& d, const int64_t* starts, int64_t i0, int64_t n) {
+  int64_t lo = Lo(d, starts, i0);
+  for (int64_t r = 1; r < n; ++r) lo = std::min(lo, Lo(d, starts, i0 + r));
+  return lo / kW * kW;
+}
+
 // out[r][j] = sum_c a[r][c] * bt[c][j] for the kRows rows of a ([kRows, D]) and
 // j in [j0, j1), multiples of 16; bt is [D, Tp]; out rows have stride Tp.
 inline void RowsTimesTransposed(const Dims& d, const float* __restrict a,
@@ -126,14 +139,16 @@ inline void GatherRows(const Dims& d, const float* x, int64_t i0, int64_t n, flo
 }
 
 // One (batch, head): out [T, D] and lse [T] from q, v [T, D] and kt [D, Tp].
-// s: [kRows, Tp] scratch, qa and ob: [kRows, D] scratch.
+// starts: this batch row's [T] first visible keys, or null. s: [kRows, Tp]
+// scratch, qa and ob: [kRows, D] scratch.
 FEDLORA_MULTI_ISA
-void ForwardHead(const Dims d, const float* __restrict q, const float* __restrict kt,
-                 const float* __restrict v, float* __restrict out, float* __restrict lse,
-                 float* __restrict s, float* __restrict qa, float* __restrict ob) {
+void ForwardHead(const Dims d, const int64_t* __restrict starts, const float* __restrict q,
+                 const float* __restrict kt, const float* __restrict v, float* __restrict out,
+                 float* __restrict lse, float* __restrict s, float* __restrict qa,
+                 float* __restrict ob) {
   for (int64_t i0 = 0; i0 < d.T; i0 += kRows) {
     const int64_t n = std::min(kRows, d.T - i0), hi = i0 + n - 1;
-    const int64_t j0 = d.First(i0) / kW * kW;
+    const int64_t j0 = BlockStart(d, starts, i0, n);
     GatherRows(d, q, i0, n, qa);
     RowsTimesTransposed(d, qa, kt, j0, RoundUp(hi + 1), s);
     float inv[kRows] = {0, 0, 0, 0};
@@ -143,7 +158,7 @@ void ForwardHead(const Dims d, const float* __restrict q, const float* __restric
         std::fill(row + j0, row + hi + 1, 0.0f);
         continue;
       }
-      const int64_t i = i0 + r, lo = d.First(i);
+      const int64_t i = i0 + r, lo = Lo(d, starts, i);
       float m = -INFINITY;
 #pragma omp simd reduction(max : m)
       for (int64_t j = lo; j <= i; ++j) m = std::max(m, row[j] * d.scale);
@@ -170,7 +185,8 @@ void ForwardHead(const Dims d, const float* __restrict q, const float* __restric
 // this head's contributions (summed over the group by the caller). delta[i] =
 // dout[i] . out[i]. Scratch: s and g [kRows, Tp], qa, ga and ob [kRows, D].
 FEDLORA_MULTI_ISA
-void BackwardHead(const Dims d, const float* __restrict q, const float* __restrict k,
+void BackwardHead(const Dims d, const int64_t* __restrict starts, const float* __restrict q,
+                  const float* __restrict k,
                   const float* __restrict kt, const float* __restrict vt,
                   const float* __restrict dout, const float* __restrict delta,
                   const float* __restrict lse, float* __restrict dq, float* __restrict dk,
@@ -180,7 +196,7 @@ void BackwardHead(const Dims d, const float* __restrict q, const float* __restri
   std::fill(dv, dv + d.T * d.D, 0.0f);
   for (int64_t i0 = 0; i0 < d.T; i0 += kRows) {
     const int64_t n = std::min(kRows, d.T - i0), hi = i0 + n - 1;
-    const int64_t j0 = d.First(i0) / kW * kW, j1 = RoundUp(hi + 1);
+    const int64_t j0 = BlockStart(d, starts, i0, n), j1 = RoundUp(hi + 1);
     GatherRows(d, q, i0, n, qa);
     GatherRows(d, dout, i0, n, ga);
     RowsTimesTransposed(d, qa, kt, j0, j1, s);  // raw scores
@@ -193,7 +209,7 @@ void BackwardHead(const Dims d, const float* __restrict q, const float* __restri
         std::fill(pg + j0, pg + hi + 1, 0.0f);
         continue;
       }
-      const int64_t i = i0 + r, lo = d.First(i);
+      const int64_t i = i0 + r, lo = Lo(d, starts, i);
       const float l = lse[i], dl = delta[i];
       for (int64_t j = lo; j <= i; ++j) {
         const float p = ExpNonPositive(ps[j] * d.scale - l);
@@ -222,7 +238,7 @@ class FusedAttentionFn : public torch::autograd::Function<FusedAttentionFn> {
  public:
   static torch::Tensor forward(torch::autograd::AutogradContext* ctx, const torch::Tensor& q_in,
                                const torch::Tensor& k_in, const torch::Tensor& v_in, double scale,
-                               int64_t window) {
+                               int64_t window, const torch::Tensor& starts) {
     const int64_t B = q_in.size(0), H = q_in.size(1), T = q_in.size(2), D0 = q_in.size(3);
     const int64_t Hkv = k_in.size(1), rep = H / Hkv;
     const Dims d{T, RoundUp(T), RoundUp(D0), window, static_cast<float>(scale)};
@@ -235,12 +251,13 @@ class FusedAttentionFn : public torch::autograd::Function<FusedAttentionFn> {
     const float* vp = v.data_ptr<float>();
     float* op = out.data_ptr<float>();
     float* lp = lse.data_ptr<float>();
+    const int64_t* sp = starts.numel() > 0 ? starts.data_ptr<int64_t>() : nullptr;
     at::parallel_for(0, B * H, 1, [&](int64_t begin, int64_t end) {
       std::vector<float> s(static_cast<size_t>(kRows * d.Tp));
       std::vector<float> qa(static_cast<size_t>(kRows * d.D)), ob(qa.size());
       for (int64_t bh = begin; bh < end; ++bh) {
         const int64_t kv = (bh / H) * Hkv + (bh % H) / rep;
-        ForwardHead(d, qp + bh * T * d.D, ktp + kv * d.D * d.Tp, vp + kv * T * d.D,
+        ForwardHead(d, sp != nullptr ? sp + (bh / H) * T : nullptr, qp + bh * T * d.D, ktp + kv * d.D * d.Tp, vp + kv * T * d.D,
                     op + bh * T * d.D, lp + bh * T, s.data(), qa.data(), ob.data());
       }
     });
@@ -248,6 +265,7 @@ class FusedAttentionFn : public torch::autograd::Function<FusedAttentionFn> {
     ctx->saved_data["scale"] = scale;
     ctx->saved_data["window"] = window;
     ctx->saved_data["head_dim"] = D0;
+    ctx->saved_data["starts"] = starts;
     return D0 == d.D ? out : out.narrow(-1, 0, D0);
   }
 
@@ -277,13 +295,15 @@ class FusedAttentionFn : public torch::autograd::Function<FusedAttentionFn> {
     float* dqp = dq.data_ptr<float>();
     float* dkp = dk_heads.data_ptr<float>();
     float* dvp = dv_heads.data_ptr<float>();
+    const torch::Tensor starts = ctx->saved_data["starts"].toTensor();
+    const int64_t* sp = starts.numel() > 0 ? starts.data_ptr<int64_t>() : nullptr;
     at::parallel_for(0, B * H, 1, [&](int64_t begin, int64_t end) {
       std::vector<float> s(static_cast<size_t>(kRows * d.Tp)), g(s.size());
       std::vector<float> qa(static_cast<size_t>(kRows * d.D)), ga(qa.size()), ob(qa.size());
       for (int64_t bh = begin; bh < end; ++bh) {
         const int64_t kv = (bh / H) * Hkv + (bh % H) / rep;
         const int64_t at = bh * T * d.D;
-        BackwardHead(d, qp + at, kp + kv * T * d.D, ktp + kv * d.D * d.Tp, vtp + kv * d.D * d.Tp,
+        BackwardHead(d, sp != nullptr ? sp + (bh / H) * T : nullptr, qp + at, kp + kv * T * d.D, ktp + kv * d.D * d.Tp, vtp + kv * d.D * d.Tp,
                      gp + at, dlp + bh * T, lp + bh * T, dqp + at, dkp + at, dvp + at, s.data(),
                      g.data(), qa.data(), ga.data(), ob.data());
       }
@@ -295,7 +315,7 @@ class FusedAttentionFn : public torch::autograd::Function<FusedAttentionFn> {
       dk = dk.narrow(-1, 0, D0);
       dv = dv.narrow(-1, 0, D0);
     }
-    return {dq, dk, dv, torch::Tensor(), torch::Tensor()};
+    return {dq, dk, dv, torch::Tensor(), torch::Tensor(), torch::Tensor()};
   }
 };
 
@@ -313,12 +333,40 @@ bool FusedAttentionApplies(const torch::Tensor& q, const torch::Tensor& k,
 }
 
 torch::Tensor FusedCausalAttention(const torch::Tensor& q, const torch::Tensor& k,
-                                   const torch::Tensor& v, double scale, int64_t window) {
+                                   const torch::Tensor& v, double scale, int64_t window,
+                                   const torch::Tensor& starts) {
   TORCH_CHECK(FusedAttentionApplies(q, k, v),
               "FusedCausalAttention: needs float32 q [B,H,T,D] and k, v [B,Hkv,T,D] with H % Hkv "
               "== 0; got q ",
               q.sizes(), " ", q.scalar_type(), ", k ", k.sizes(), ", v ", v.sizes());
-  return FusedAttentionFn::apply(q, k, v, scale, window);
+  torch::Tensor st = torch::empty({0}, torch::kLong);  // none (apply needs a defined tensor)
+  if (starts.defined()) {
+    const int64_t B = q.size(0), T = q.size(2);
+    TORCH_CHECK(starts.scalar_type() == torch::kLong && starts.dim() == 2 &&
+                    starts.size(0) == B && starts.size(1) == T,
+                "FusedCausalAttention: expected int64 starts [", B, ", ", T, "], found ",
+                starts.scalar_type(), " ", starts.sizes());
+    st = starts.contiguous();
+    const torch::Tensor pos = torch::arange(T, torch::kLong).unsqueeze(0);
+    TORCH_CHECK(torch::logical_and(st >= 0, st <= pos).all().item<bool>(),
+                "FusedCausalAttention: every start must be in [0, i] for its query i");
+  }
+  return FusedAttentionFn::apply(q, k, v, scale, window, st);
+}
+
+torch::Tensor VisibleRangeStarts(const torch::Tensor& masked, int64_t B, int64_t T) {
+  if (!masked.defined() || masked.scalar_type() != torch::kBool || masked.dim() != 4 ||
+      masked.size(0) != B || masked.size(1) != 1 || masked.size(2) != T || masked.size(3) != T) {
+    return {};
+  }
+  const torch::Tensor visible = masked.squeeze(1).logical_not();  // [B, T, T]
+  if (visible.triu(1).any().item<bool>()) return {};              // a later key is visible
+  const torch::Tensor starts = visible.to(torch::kByte).argmax(-1);  // first visible key
+  const torch::Tensor counts = visible.sum(-1);
+  const torch::Tensor pos = torch::arange(T, torch::kLong).unsqueeze(0);
+  // No later key visible, the first at `start` and i - start + 1 in all: [start, i].
+  if (!counts.eq(pos - starts + 1).all().item<bool>()) return {};
+  return starts;
 }
 
 }  // namespace fedlora::edge

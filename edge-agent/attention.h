@@ -20,10 +20,20 @@ namespace fedlora::edge {
 // of Hkv; query head h reads key/value head h / (H / Hkv). Returns [B, H, T, D]:
 //   out[b, h, i] = sum_j softmax_j(scale * q[b, h, i] . k[b, h', j]) v[b, h', j]
 // over the keys j visible to query i: j <= i and, when window > 0, i - j < window.
-// Differentiable with respect to q, k and v. Throws c10::Error on other dtypes or
-// shapes (the caller checks FusedAttentionApplies first).
+// With `starts` (int64 [B, T], 0 <= starts[b, i] <= i) query i of batch row b
+// also sees only keys j >= starts[b, i] (packed sequences: the first position of
+// its own sequence). Differentiable with respect to q, k and v. Throws
+// c10::Error on other dtypes or shapes (the caller checks FusedAttentionApplies
+// first) and on starts out of range.
 torch::Tensor FusedCausalAttention(const torch::Tensor& q, const torch::Tensor& k,
-                                   const torch::Tensor& v, double scale, int64_t window = 0);
+                                   const torch::Tensor& v, double scale, int64_t window = 0,
+                                   const torch::Tensor& starts = {});
+
+// When the boolean mask `masked` ([B, 1, T, T], true = hidden) leaves each
+// query i exactly the keys [s, i] for some s (a causal mask restricted to
+// contiguous sequences, as packing makes), returns those s as int64 [B, T];
+// otherwise an undefined tensor (the caller then keeps the masked path).
+torch::Tensor VisibleRangeStarts(const torch::Tensor& masked, int64_t B, int64_t T);
 
 // Whether FusedCausalAttention handles these inputs (float32, 4-D, matching
 // batch / length / head_dim, H a multiple of Hkv, T >= 1).

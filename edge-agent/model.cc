@@ -506,11 +506,17 @@ torch::Tensor Model::Attention(const DecoderLayer& L, int index, const torch::Te
   if (fused_attention_ && q.scalar_type() == torch::kFloat && v.scalar_type() != torch::kFloat) {
     v = v.to(torch::kFloat);
   }
-  if (fused_attention_ && !masked_in.defined() && past == 0 && S == T &&
-      FusedAttentionApplies(q, k, v)) {
-    torch::Tensor out = FusedCausalAttention(q, k, v, 1.0 / std::sqrt(static_cast<double>(D)),
-                                             c.sliding_window);
-    return L.o_proj.forward(out.transpose(1, 2).reshape({B, T, nh * D}), gen);
+  if (fused_attention_ && past == 0 && S == T && FusedAttentionApplies(q, k, v)) {
+    // A packing mask (sliding window included) that leaves each query a
+    // contiguous range of keys runs fused too, as per-query starts.
+    const torch::Tensor starts =
+        masked_in.defined() ? VisibleRangeStarts(masked_in, B, T) : torch::Tensor();
+    if (!masked_in.defined() || starts.defined()) {
+      torch::Tensor out =
+          FusedCausalAttention(q, k, v, 1.0 / std::sqrt(static_cast<double>(D)),
+                               masked_in.defined() ? 0 : c.sliding_window, starts);
+      return L.o_proj.forward(out.transpose(1, 2).reshape({B, T, nh * D}), gen);
+    }
   }
   if (nh != nkv) {
     const int64_t rep = nh / nkv;

@@ -100,6 +100,88 @@ TEST(FusedAttentionTest, LargeScoresStayFinite) {
   EXPECT_LT((fused - PlainAttention(q, k, v, 1.0, 0)).abs().max().item<float>(), 1e-5);
 }
 
+// The plain path with an explicit [B, 1, T, T] mask (true = hidden).
+torch::Tensor MaskedAttention(const torch::Tensor& q, const torch::Tensor& k,
+                              const torch::Tensor& v, double scale, const torch::Tensor& masked) {
+  const int64_t H = q.size(1), Hkv = k.size(1);
+  torch::Tensor scores =
+      torch::matmul(q, k.repeat_interleave(H / Hkv, 1).transpose(-1, -2)) * scale;
+  scores = scores.masked_fill(masked, -std::numeric_limits<float>::infinity());
+  return torch::matmul(torch::softmax(scores, -1), v.repeat_interleave(H / Hkv, 1));
+}
+
+// A packing mask: each row holds sequences of the given lengths (then
+// padding, its own sequence), each query sees its own sequence up to itself
+// and, with window > 0, only the last `window` positions.
+torch::Tensor PackingMask(const std::vector<std::vector<int64_t>>& rows, int64_t T,
+                          int64_t window) {
+  torch::Tensor seg = torch::full({static_cast<int64_t>(rows.size()), T}, -1, torch::kLong);
+  for (size_t b = 0; b < rows.size(); ++b) {
+    int64_t at = 0, id = 0;
+    for (int64_t len : rows[b]) {
+      seg[static_cast<int64_t>(b)].slice(0, at, at + len).fill_(id++);
+      at += len;
+    }
+  }
+  torch::Tensor i = torch::arange(T).unsqueeze(1), j = torch::arange(T).unsqueeze(0);
+  torch::Tensor hidden = (j > i).unsqueeze(0).logical_or(seg.unsqueeze(2) != seg.unsqueeze(1));
+  if (window > 0) hidden = hidden.logical_or(((i - j) >= window).unsqueeze(0));
+  return hidden.unsqueeze(1);
+}
+
+TEST(FusedAttentionTest, PackedSequencesMatchTheMaskedPath) {
+  torch::manual_seed(9);
+  const int64_t B = 2, H = 4, Hkv = 2, T = 45, D = 16;
+  for (int64_t window : {0, 6}) {
+    // Row 0: 3 sequences and padding; row 1: a 1-token sequence, then one of 44.
+    const torch::Tensor masked = PackingMask({{10, 17, 13}, {1, 44}}, T, window);
+    const torch::Tensor starts = VisibleRangeStarts(masked, B, T);
+    ASSERT_TRUE(starts.defined()) << "window " << window;
+    EXPECT_EQ(starts[0][12].item<int64_t>(), window > 0 ? 10 : 10);
+    EXPECT_EQ(starts[0][26].item<int64_t>(), window > 0 ? 21 : 10);
+    EXPECT_EQ(starts[1][0].item<int64_t>(), 0);
+    EXPECT_EQ(starts[1][1].item<int64_t>(), 1);
+    auto make = [](std::vector<int64_t> sizes) {
+      return (torch::randn(sizes) * 2.0).requires_grad_(true);
+    };
+    torch::Tensor q = make({B, H, T, D}), k = make({B, Hkv, T, D}), v = make({B, Hkv, T, D});
+    torch::Tensor q2 = q.detach().clone().requires_grad_(true);
+    torch::Tensor k2 = k.detach().clone().requires_grad_(true);
+    torch::Tensor v2 = v.detach().clone().requires_grad_(true);
+    torch::Tensor fused = FusedCausalAttention(q, k, v, 0.25, 0, starts);
+    torch::Tensor plain = MaskedAttention(q2, k2, v2, 0.25, masked);
+    EXPECT_LT((fused - plain).abs().max().item<float>(), 2e-5) << "window " << window;
+    torch::Tensor upstream = torch::randn(plain.sizes());
+    (fused * upstream).sum().backward();
+    (plain * upstream).sum().backward();
+    EXPECT_LT((q.grad() - q2.grad()).abs().max().item<float>(), 1e-4);
+    EXPECT_LT((k.grad() - k2.grad()).abs().max().item<float>(), 1e-4);
+    EXPECT_LT((v.grad() - v2.grad()).abs().max().item<float>(), 1e-4);
+    EXPECT_GT(k.grad().abs().max().item<float>(), 1e-3);
+  }
+}
+
+TEST(FusedAttentionTest, MasksThatAreNotRangesKeepTheMaskedPath) {
+  const int64_t T = 6;
+  torch::Tensor causal = PackingMask({{T}}, T, 0);
+  ASSERT_TRUE(VisibleRangeStarts(causal, 1, T).defined());
+  torch::Tensor hole = causal.clone();
+  hole[0][0][4][2] = true;  // a gap inside query 4's range
+  EXPECT_FALSE(VisibleRangeStarts(hole, 1, T).defined());
+  torch::Tensor future = causal.clone();
+  future[0][0][1][3] = false;  // a later key visible
+  EXPECT_FALSE(VisibleRangeStarts(future, 1, T).defined());
+  torch::Tensor blind = causal.clone();
+  blind[0][0][2].fill_(true);  // a query that sees nothing
+  EXPECT_FALSE(VisibleRangeStarts(blind, 1, T).defined());
+  EXPECT_FALSE(VisibleRangeStarts(causal, 2, T).defined());                      // wrong batch
+  EXPECT_FALSE(VisibleRangeStarts(causal.to(torch::kFloat), 1, T).defined());  // not bool
+  // Starts out of range are refused.
+  torch::Tensor q = torch::randn({1, 1, T, 8});
+  EXPECT_THROW(FusedCausalAttention(q, q, q, 1.0, 0, torch::full({1, T}, 3, torch::kLong)),
+               c10::Error);
+}
+
 TEST(FusedAttentionTest, UnsupportedInputsAreRefused) {
   torch::Tensor q = torch::randn({1, 3, 5, 8}), k = torch::randn({1, 2, 5, 8});
   EXPECT_FALSE(FusedAttentionApplies(q, k, k));  // 3 heads over 2 kv heads
