@@ -63,13 +63,17 @@ class HeadCrossEntropyFn : public torch::autograd::Function<HeadCrossEntropyFn> 
     for (int64_t r0 = 0; r0 < vocab; r0 += kHeadBlockRows) {
       const int64_t r1 = std::min(vocab, r0 + kHeadBlockRows);
       torch::Tensor logits = BlockLogits(h, WeightBlock(weight, r0, r1, low));  // [n, r1 - r0]
-      torch::Tensor new_max = torch::maximum(run_max, std::get<0>(logits.max(1)));
-      run_sum.mul_((run_max - new_max).exp_()).add_((logits - new_max.unsqueeze(1)).exp_().sum(1));
-      run_max = new_max;
       torch::Tensor local = targets - r0;
       torch::Tensor inside = (local >= 0).logical_and_(local < r1 - r0);
       torch::Tensor picked = logits.gather(1, local.clamp(0, r1 - r0 - 1).unsqueeze(1)).squeeze(1);
       target_logit.add_(picked.mul_(inside));
+      torch::Tensor new_max = torch::maximum(run_max, std::get<0>(logits.max(1)));
+      // exp(logits - max): in place when the block is not kept (one block-sized
+      // buffer at a time instead of two).
+      torch::Tensor shifted =
+          keep ? logits - new_max.unsqueeze(1) : logits.sub_(new_max.unsqueeze(1));
+      run_sum.mul_((run_max - new_max).exp_()).add_(shifted.exp_().sum(1));
+      run_max = new_max;
       if (keep) saved.push_back(logits);
     }
     torch::Tensor lse = run_max.add_(run_sum.log_());
