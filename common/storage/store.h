@@ -82,7 +82,7 @@ class Store {
   // Consistent on-line checkpoint (hard links) into a new directory.
   absl::Status Checkpoint(const std::string& dir) const;
   absl::Status Flush();
-  // RocksDB's property `name` of column family `cf` (e.g. "rocksdb.num-blob-files",
+  // RocksDB's property `name` of column family `cf` (e.g. "rocksdb.live-sst-files-size",
   // "rocksdb.cur-size-all-mem-tables"); NotFound when RocksDB does not know it.
   absl::StatusOr<uint64_t> IntProperty(std::string_view cf, std::string_view name) const;
 
