@@ -109,6 +109,15 @@ const std::vector<Field>& Fields() {
                 "Let gRPC grow HTTP/2 receive windows by BDP probing (faster uploads on "
                 "long-RTT links; waiting uploads may then hold megabytes each)",
                 &C::grpc_bdp_probe),
+      MakeField("grpc_memory_quota_mb",
+                "Memory quota of all gRPC connections of the main port (MiB; under its "
+                "pressure gRPC reads in smaller pieces and frees idle buffers, at it it may "
+                "cancel calls; 0 = none)",
+                &C::grpc_memory_quota_mb),
+      MakeField("store_memtable_mb",
+                "RocksDB memtable budget of all column families together (MiB; 0 = RocksDB "
+                "defaults, up to 2 x 64 MiB per column family)",
+                &C::store_memtable_mb),
       MakeField("heartbeat_interval_ms", "Heartbeat interval told to agents",
                 &C::heartbeat_interval_ms),
       MakeField("eval_grace_s", "Seconds to wait for eval reports after a publish",

@@ -84,6 +84,14 @@ struct CoordinatorConfig {
   // product (faster single uploads over long-RTT links), and a waiting upload may
   // hold up to that window (megabytes on fast links) in coordinator memory.
   bool grpc_bdp_probe = false;
+  // Memory of all gRPC connections of the main port together (MiB; a
+  // grpc::ResourceQuota). Under its pressure gRPC reads sockets in smaller pieces
+  // and gives back buffers it holds for later reads; at the quota it may cancel
+  // calls (RESOURCE_EXHAUSTED). 0 = no quota (gRPC's default).
+  uint32_t grpc_memory_quota_mb = 128;
+  // RocksDB memtables of all column families together (MiB, common::StoreTuning);
+  // 0 = RocksDB's defaults (up to 2 x 64 MiB per column family).
+  uint32_t store_memtable_mb = 64;
   uint32_t heartbeat_interval_ms = 10000;
   uint64_t eval_grace_s = 60;         // wait for eval reports after publish
   uint32_t tick_ms = 200;             // round manager timer period

@@ -1,5 +1,7 @@
 #include "coordinator/server.h"
 
+#include <grpcpp/resource_quota.h>
+
 #include <chrono>
 #include <iostream>
 
@@ -78,6 +80,13 @@ absl::StatusOr<std::unique_ptr<CoordinatorServer>> CoordinatorServer::Start(
   builder.AddChannelArgument(GRPC_ARG_KEEPALIVE_TIMEOUT_MS, 10000);
   builder.AddChannelArgument(GRPC_ARG_KEEPALIVE_PERMIT_WITHOUT_CALLS, 1);
   builder.AddChannelArgument(GRPC_ARG_HTTP2_MIN_RECV_PING_INTERVAL_WITHOUT_DATA_MS, 5000);
+  // Without a quota gRPC's socket read buffers reached 180 MB at 300 agents uploading
+  // 4 MB each (heaptrack of bench coordinator); under a 64 MiB quota, 10 MB.
+  if (config.grpc_memory_quota_mb > 0) {
+    grpc::ResourceQuota quota("fedlora-coordinator");
+    quota.Resize(static_cast<size_t>(config.grpc_memory_quota_mb) << 20);
+    builder.SetResourceQuota(quota);
+  }
   server->server_ = builder.BuildAndStart();
   if (server->server_ == nullptr || server->port_ == 0) {
     server->manager_->Stop();

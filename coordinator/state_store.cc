@@ -439,6 +439,7 @@ absl::StatusOr<UpdateRecord> DecodeUpdate(const std::string& bytes, const std::s
 
 absl::StatusOr<StateStoreOptions> StateStoreOptionsFromConfig(const CoordinatorConfig& config) {
   StateStoreOptions options;
+  options.memtable_budget_bytes = static_cast<uint64_t>(config.store_memtable_mb) << 20;
   if (!config.at_rest_key.empty()) {
     ASSIGN_OR_RETURN(options.at_rest, common::AtRestCipher::LoadFile(config.at_rest_key));
   }
@@ -502,9 +503,15 @@ absl::StatusOr<int> StoredSchema(const common::Store& store) {
 
 absl::StatusOr<std::unique_ptr<StateStore>> StateStore::Open(const std::string& dir,
                                                              StateStoreOptions options) {
+  // Sealed updates (megabytes each, N per round) pass through the memtables; the
+  // budget bounds what RocksDB holds of them before a flush.
+  common::StoreTuning tuning;
+  tuning.memtable_budget_bytes = options.memtable_budget_bytes;
   ASSIGN_OR_RETURN(auto store,
-                   common::Store::Open(dir, {kAgents, kRounds, kUpdates, kVersions, kBlobs, kMeta,
-                                             kAuditColumnFamily, kSecurity}));
+                   common::Store::Open(dir,
+                                       {kAgents, kRounds, kUpdates, kVersions, kBlobs, kMeta,
+                                        kAuditColumnFamily, kSecurity},
+                                       tuning));
   std::unique_ptr<StateStore> state(new StateStore(std::move(store), std::move(options)));
   // Checks that can refuse come before any write.
   ASSIGN_OR_RETURN(int schema, StoredSchema(*state->store_));

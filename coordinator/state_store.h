@@ -204,6 +204,9 @@ struct StateStoreOptions {
   // A writable open with `at_rest` of a plaintext store encrypts it (true) or
   // refuses (false, FailedPrecondition) as a read-only open does.
   bool encrypt_existing = true;
+  // Memtable budget of all column families (common::StoreTuning; 0 = RocksDB's
+  // defaults, up to 2 x 64 MiB per column family).
+  uint64_t memtable_budget_bytes = 64ull << 20;
 };
 
 struct CoordinatorConfig;

@@ -6,6 +6,7 @@
 #include <rocksdb/status.h>
 #include <rocksdb/utilities/checkpoint.h>
 #include <rocksdb/write_batch.h>
+#include <rocksdb/write_buffer_manager.h>
 
 #include <algorithm>
 #include <filesystem>
@@ -122,8 +123,9 @@ absl::Status Store::Batch::Commit(bool sync) {
 
 // ---- Store ----------------------------------------------------------------
 
-absl::StatusOr<std::unique_ptr<Store>> Store::Open(
-    const std::string& dir, const std::vector<std::string>& column_families) {
+absl::StatusOr<std::unique_ptr<Store>> Store::Open(const std::string& dir,
+                                                   const std::vector<std::string>& column_families,
+                                                   const StoreTuning& tuning) {
   if (dir.empty())
     return absl::InvalidArgumentError("store: expected a directory path, found \"\"");
   for (const std::string& cf : column_families) {
@@ -139,6 +141,13 @@ absl::StatusOr<std::unique_ptr<Store>> Store::Open(
   options.create_if_missing = true;
   options.create_missing_column_families = true;
   options.paranoid_checks = true;
+  if (tuning.memtable_budget_bytes > 0) {
+    constexpr uint64_t kMinMemtable = 1 << 20;
+    const uint64_t per_cf = std::max<uint64_t>(kMinMemtable, tuning.memtable_budget_bytes / 2);
+    options.write_buffer_size = std::min<uint64_t>(options.write_buffer_size, per_cf);
+    options.write_buffer_manager = std::make_shared<rocksdb::WriteBufferManager>(
+        tuning.memtable_budget_bytes, /*cache=*/nullptr, /*allow_stall=*/false);
+  }
 
   // An existing database must be opened with all of its column families.
   std::vector<std::string> names;
@@ -301,6 +310,17 @@ absl::Status Store::Flush() {
   opts.wait = true;
   RETURN_IF_ERROR(FromRocksStatus(db_->Flush(opts, handles_), "store: flushing memtables"));
   return FromRocksStatus(db_->FlushWAL(/*sync=*/true), "store: syncing WAL");
+}
+
+absl::StatusOr<uint64_t> Store::IntProperty(std::string_view cf, std::string_view name) const {
+  rocksdb::ColumnFamilyHandle* h = Handle(cf);
+  if (h == nullptr) return UnknownCf(absl::StrCat("property ", Sv(name)), cf, names_);
+  uint64_t value = 0;
+  if (!db_->GetIntProperty(h, ToSlice(name), &value)) {
+    return absl::NotFoundError(absl::StrCat("store: RocksDB has no integer property '", Sv(name),
+                                            "' for column family '", Sv(cf), "'"));
+  }
+  return value;
 }
 
 }  // namespace fedlora::common

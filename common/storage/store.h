@@ -12,6 +12,10 @@
 // the state as of the open (later writes of the other process are not seen).
 // Every write (Put, Delete, Batch::Commit, Flush) on a read-only store returns
 // FailedPrecondition; Checkpoint is Unimplemented there.
+//
+// StoreTuning bounds the store's memory with a memtable budget shared by all
+// column families. It does not change durability: every write still goes to the
+// WAL first (fsynced when sync=true); a smaller budget only flushes sooner.
 
 #include <functional>
 #include <memory>
@@ -33,6 +37,14 @@ namespace fedlora::common {
 
 absl::Status FromRocksStatus(const rocksdb::Status& s, std::string_view context);
 
+struct StoreTuning {
+  // Memtable memory of all column families together, in bytes (a RocksDB
+  // WriteBufferManager: past it the largest memtable is flushed; writes do not
+  // stall). Each column family's memtable is then at most half of it. 0 = RocksDB's
+  // defaults: up to 2 x 64 MiB per column family.
+  uint64_t memtable_budget_bytes = 0;
+};
+
 class Store {
  public:
   class Batch {
@@ -51,7 +63,8 @@ class Store {
   };
 
   static absl::StatusOr<std::unique_ptr<Store>> Open(const std::string& dir,
-                                                     const std::vector<std::string>& column_families);
+                                                     const std::vector<std::string>& column_families,
+                                                     const StoreTuning& tuning = {});
   // NotFound when `dir` holds no database; Get/Scan of a column family the
   // database does not have: InvalidArgument (as for Open).
   static absl::StatusOr<std::unique_ptr<Store>> OpenReadOnly(const std::string& dir);
@@ -69,6 +82,9 @@ class Store {
   // Consistent on-line checkpoint (hard links) into a new directory.
   absl::Status Checkpoint(const std::string& dir) const;
   absl::Status Flush();
+  // RocksDB's property `name` of column family `cf` (e.g. "rocksdb.live-sst-files-size",
+  // "rocksdb.cur-size-all-mem-tables"); NotFound when RocksDB does not know it.
+  absl::StatusOr<uint64_t> IntProperty(std::string_view cf, std::string_view name) const;
 
  private:
   Store() = default;

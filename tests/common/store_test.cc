@@ -4,6 +4,7 @@
 #include <gtest/gtest.h>
 #include <rocksdb/status.h>
 
+#include <chrono>
 #include <cstdlib>
 #include <filesystem>
 #include <fstream>
@@ -283,6 +284,54 @@ TEST(Store, ReadOnlyOpenOfMissingDatabaseIsNotFound) {
   EXPECT_EQ(Store::OpenReadOnly("").status().code(), absl::StatusCode::kInvalidArgument);
   // And nothing was created.
   EXPECT_FALSE(std::filesystem::exists(dir.path() + "/absent"));
+}
+
+TEST(Store, MemtableBudgetFlushesAndKeepsEveryValue) {
+  TempDir dir;
+  StoreTuning tuning;
+  tuning.memtable_budget_bytes = 4 << 20;
+  const std::string big(512 << 10, 'x');
+  auto value = [&](int i) { return std::to_string(i) + big; };
+  {
+    auto opened = Store::Open(dir.path(), kCfs, tuning);
+    ASSERT_TRUE(opened.ok()) << opened.status();
+    Store& store = **opened;
+    // 20 MiB into one column family: RocksDB's default (64 MiB memtables) would
+    // hold all of it in memory; the 4 MiB budget must have flushed some to SST files.
+    for (int i = 0; i < 40; ++i) {
+      ASSERT_TRUE(store.Put("updates", "u" + std::to_string(i), value(i), /*sync=*/i % 8 == 0).ok());
+    }
+    uint64_t sst = 0;
+    for (int wait = 0; wait < 200 && sst == 0; ++wait) {
+      auto size = store.IntProperty("updates", "rocksdb.live-sst-files-size");
+      ASSERT_TRUE(size.ok()) << size.status();
+      sst = *size;
+      if (sst == 0) std::this_thread::sleep_for(std::chrono::milliseconds(50));
+    }
+    EXPECT_GT(sst, 0u);
+    auto memtables = store.IntProperty("updates", "rocksdb.cur-size-all-mem-tables");
+    ASSERT_TRUE(memtables.ok()) << memtables.status();
+    EXPECT_LT(*memtables, 20u << 20);
+    for (int i = 0; i < 40; ++i) {
+      auto got = store.Get("updates", "u" + std::to_string(i));
+      ASSERT_TRUE(got.ok()) << got.status();
+      EXPECT_EQ(*got, value(i));
+    }
+    EXPECT_THAT(store.IntProperty("updates", "rocksdb.no-such-property").status(),
+                StatusIs(absl::StatusCode::kNotFound, "no-such-property"));
+    EXPECT_THAT(store.IntProperty("nope", "rocksdb.live-sst-files-size").status(),
+                StatusIs(absl::StatusCode::kInvalidArgument, "unknown column family 'nope'"));
+  }
+  // Reopened with RocksDB's defaults, and with the budget again: every value is there.
+  for (uint64_t budget : {uint64_t{0}, uint64_t{4} << 20}) {
+    StoreTuning again;
+    again.memtable_budget_bytes = budget;
+    auto reopened = Store::Open(dir.path(), kCfs, again);
+    ASSERT_TRUE(reopened.ok()) << reopened.status();
+    auto all = ScanAll(**reopened, "updates");
+    ASSERT_EQ(all.size(), 40u) << "budget " << budget;
+    for (int i = 0; i < 40; ++i) EXPECT_EQ(all["u" + std::to_string(i)], value(i));
+  }
 }
 
 TEST(FromRocksStatus, MapsCodes) {

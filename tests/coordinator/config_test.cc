@@ -4,6 +4,7 @@
 #include <gtest/gtest.h>
 
 #include "common/crypto/crypto.h"
+#include "coordinator/state_store.h"
 #include "tests/coordinator/coordinator_test_util.h"
 
 namespace fedlora::coordinator {
@@ -378,6 +379,31 @@ TEST(ConfigTest, AsyncModeKeysFlagsAndRules) {
         "--async-staleness-weight", "--async-staleness-exponent", "--async-server-lr"}) {
     EXPECT_THAT(CoordinatorHelp(), HasSubstr(flag));
   }
+}
+
+TEST(ConfigTest, MemoryBoundsKeysFlagsAndDefaults) {
+  // The documented defaults (docs/operations.md "Coordinator memory").
+  EXPECT_EQ(CoordinatorConfig().grpc_memory_quota_mb, 128u);
+  EXPECT_EQ(CoordinatorConfig().store_memtable_mb, 64u);
+  CoordinatorConfig cfg;
+  ASSERT_TRUE(
+      LoadYamlString("grpc_memory_quota_mb: 256\nstore_memtable_mb: 0\n", "c.yaml", &cfg).ok());
+  EXPECT_EQ(cfg.grpc_memory_quota_mb, 256u);
+  EXPECT_EQ(cfg.store_memtable_mb, 0u);
+  const std::string hash(64, 'a');
+  std::vector<const char*> argv = {"fedlora-coordinator", "--tls-ca", "ca.pem", "--tls-cert",
+                                   "c.pem", "--tls-key", "c.key", "--base-model-hash",
+                                   hash.c_str(), "--grpc-memory-quota-mb", "0",
+                                   "--store-memtable-mb", "16"};
+  auto parsed = ParseCoordinatorFlags(static_cast<int>(argv.size()), argv.data());
+  ASSERT_TRUE(parsed.ok()) << parsed.status();
+  EXPECT_EQ(parsed->grpc_memory_quota_mb, 0u);
+  EXPECT_EQ(parsed->store_memtable_mb, 16u);
+  EXPECT_THAT(CoordinatorHelp(), HasSubstr("--grpc-memory-quota-mb"));
+  EXPECT_THAT(CoordinatorHelp(), HasSubstr("--store-memtable-mb"));
+  auto options = StateStoreOptionsFromConfig(*parsed);
+  ASSERT_TRUE(options.ok()) << options.status();
+  EXPECT_EQ(options->memtable_budget_bytes, 16ull << 20);
 }
 
 }  // namespace
