@@ -928,10 +928,10 @@ absl::Status Agent::SubmitUpdate(const v1::RoundTask& task, const std::string& p
                           task.round_id()));
       return absl::OkStatus();
     }
-    if (status.code() != absl::StatusCode::kUnavailable &&
-        status.code() != absl::StatusCode::kDeadlineExceeded) {
-      return status;
-    }
+    // Broken connections, deadlines and calls the server cancelled (gRPC under
+    // its memory quota) are retried: the coordinator deduplicates a replayed
+    // update. Refusals (too large, wrong round, bad header) are final.
+    if (!IsTransientCode(status.code())) return status;
     if (attempt == options_.submit_max_attempts) break;
     milliseconds delay = Backoff(attempt);
     Log(absl::StrFormat("round %d: %s; retrying SubmitUpdate in %d ms", task.round_id(),

@@ -189,7 +189,8 @@ class FakeCoordinator final : public v1::Coordinator::Service {
   void set_break_first_fetch_after(int n) { break_first_fetch_after_ = n; }
   // On the first FetchAdapter call: send chunk number `n` with a flipped byte (-1 = never).
   void set_corrupt_first_fetch_chunk(int n) { corrupt_first_fetch_chunk_ = n; }
-  void set_fail_first_submit(bool v) { fail_first_submit_ = v; }
+  // The first SubmitUpdate fails with `code` (OK: it does not fail).
+  void set_fail_first_submit(grpc::StatusCode code) { first_submit_code_ = code; }
 
   // -- observations
   std::vector<v1::Hello> hellos() const { std::lock_guard<std::mutex> l(mu_); return hellos_; }
@@ -271,13 +272,13 @@ class FakeCoordinator final : public v1::Coordinator::Service {
       s.payload += chunk.data();
       s.chunks.push_back(chunk);
     }
-    bool fail;
+    grpc::StatusCode fail = grpc::StatusCode::OK;
     {
       std::lock_guard<std::mutex> lock(mu_);
-      fail = fail_first_submit_ && submissions_.empty();
+      if (submissions_.empty()) fail = first_submit_code_;
       submissions_.push_back(s);
     }
-    if (fail) return grpc::Status(grpc::StatusCode::UNAVAILABLE, "injected submit failure");
+    if (fail != grpc::StatusCode::OK) return grpc::Status(fail, "injected submit failure");
     response->set_accepted(true);
     response->set_bytes_received(s.payload.size());
     return grpc::Status::OK;
@@ -330,7 +331,7 @@ class FakeCoordinator final : public v1::Coordinator::Service {
   std::atomic<size_t> fetch_chunk_{1 << 20};
   std::atomic<int> break_first_fetch_after_{0};
   std::atomic<int> corrupt_first_fetch_chunk_{-1};
-  std::atomic<bool> fail_first_submit_{false};
+  std::atomic<grpc::StatusCode> first_submit_code_{grpc::StatusCode::OK};
 
   std::vector<v1::Hello> hellos_;
   std::vector<std::string> peer_cns_;
@@ -579,7 +580,7 @@ TEST_F(AgentTest, FreshRoundTrainsAndSubmitsSealedChunkedUpdate) {
 }
 
 TEST_F(AgentTest, SubmitRetriesAfterUnavailable) {
-  fake_->set_fail_first_submit(true);
+  fake_->set_fail_first_submit(grpc::StatusCode::UNAVAILABLE);
   StartServer();
   StartAgent(Options());
   ASSERT_TRUE(WaitWelcomed());
@@ -589,6 +590,29 @@ TEST_F(AgentTest, SubmitRetriesAfterUnavailable) {
   ASSERT_EQ(subs.size(), 2u);
   EXPECT_EQ(subs[0].payload, subs[1].payload);  // the same sealed bytes again
   EXPECT_EQ(agent_->stats().rounds_failed, 0u);
+}
+
+// A call the server cancelled (e.g. gRPC under its memory quota) is retried too.
+TEST_F(AgentTest, SubmitRetriesACancelledCall) {
+  fake_->set_fail_first_submit(grpc::StatusCode::CANCELLED);
+  StartServer();
+  StartAgent(Options());
+  ASSERT_TRUE(WaitWelcomed());
+  fake_->Push(Task(1, ""));
+  ASSERT_TRUE(WaitFor([&] { return agent_->stats().rounds_submitted == 1; }));
+  EXPECT_EQ(fake_->submissions().size(), 2u);
+  EXPECT_EQ(agent_->stats().rounds_failed, 0u);
+}
+
+TEST_F(AgentTest, SubmitRefusedAsTooLargeIsNotRetried) {
+  fake_->set_fail_first_submit(grpc::StatusCode::RESOURCE_EXHAUSTED);
+  StartServer();
+  StartAgent(Options());
+  ASSERT_TRUE(WaitWelcomed());
+  fake_->Push(Task(1, ""));
+  ASSERT_TRUE(WaitFor([&] { return agent_->stats().rounds_failed == 1; }));
+  EXPECT_EQ(fake_->submissions().size(), 1u);
+  EXPECT_EQ(agent_->stats().rounds_submitted, 0u);
 }
 
 TEST_F(AgentTest, VersionNoticeFetchResumesAfterBrokenStreamAndReportsEval) {
