@@ -396,6 +396,51 @@ torch::Tensor DequantGradInput(const torch::Tensor& g, const torch::Tensor& weig
   return gx;
 }
 
+// Frozen-projection outputs of a checkpointed layer: recorded by its forward,
+// replayed (in the same order) by its recompute in backward instead of running
+// the GEMMs again. Set per thread by CheckpointedLayerFn for the duration of the
+// layer's forward or recompute.
+struct GemmReplay {
+  bool record = true;
+  std::vector<torch::Tensor> outputs;
+  size_t next = 0;
+};
+thread_local GemmReplay* g_gemm_replay = nullptr;
+
+class GemmReplayScope {
+ public:
+  explicit GemmReplayScope(GemmReplay* r) : saved_(g_gemm_replay) { g_gemm_replay = r; }
+  ~GemmReplayScope() { g_gemm_replay = saved_; }
+  GemmReplayScope(const GemmReplayScope&) = delete;
+  GemmReplayScope& operator=(const GemmReplayScope&) = delete;
+
+ private:
+  GemmReplay* saved_;
+};
+
+// x W^T, or the recorded output of this call when replaying (checked against
+// the expected shape; a mismatch stops the replay and computes).
+torch::Tensor ComputeOrReplay(const torch::Tensor& x, const torch::Tensor& weight,
+                              const torch::Tensor& weight_scale, int64_t int4_in) {
+  GemmReplay* r = g_gemm_replay;
+  if (r != nullptr && !r->record) {
+    if (r->next < r->outputs.size()) {
+      torch::Tensor y = r->outputs[r->next];
+      std::vector<int64_t> expect(x.sizes().begin(), x.sizes().end());
+      expect.back() = weight.size(0);
+      if (y.sizes() == c10::IntArrayRef(expect)) {
+        r->outputs[r->next++] = torch::Tensor();  // handed over: freed with its last use
+        return y;
+      }
+    }
+    r->outputs.clear();  // out of step: compute from here on
+    r->next = 0;
+  }
+  torch::Tensor y = DequantMatmul(x, weight, weight_scale, int4_in);
+  if (r != nullptr && r->record) r->outputs.push_back(y);
+  return y;
+}
+
 // y = x W^T for a frozen W: autograd would otherwise hold the converted fp32 W
 // of every compact layer until backward, and an fp32 W's products would run on
 // BLAS instead of oneDNN (gemm.h).
@@ -407,7 +452,7 @@ class FrozenMatmulFn : public torch::autograd::Function<FrozenMatmulFn> {
     ctx->save_for_backward({weight, weight_scale});
     ctx->saved_data["int4_in"] = int4_in;
     ctx->saved_data["x_dtype"] = static_cast<int64_t>(x.scalar_type());
-    return DequantMatmul(x, weight, weight_scale, int4_in);
+    return ComputeOrReplay(x, weight, weight_scale, int4_in);
   }
 
   static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
@@ -437,7 +482,7 @@ torch::Tensor FrozenMatmul(const torch::Tensor& x, const torch::Tensor& weight,
     return FrozenMatmulFn::apply(
         x, weight, weight_scale.defined() ? weight_scale : torch::empty({0}), int4_in);
   }
-  return DequantMatmul(x, weight, weight_scale, int4_in);
+  return ComputeOrReplay(x, weight, weight_scale, int4_in);
 }
 
 torch::Tensor LoraLinear::DenseWeight() const {
@@ -601,7 +646,19 @@ class CheckpointedLayerFn : public torch::autograd::Function<CheckpointedLayerFn
     ctx->saved_data["n_lora"] = static_cast<int64_t>(lora.size());
     if (gen != nullptr) ctx->saved_data["gen"] = gen->clone();
     torch::NoGradGuard no_grad;
-    return model->Layer(static_cast<size_t>(index), x, cos, sin, nullptr, 0, gen, mask);
+    if (!model->checkpoint_keeps_gemm_outputs()) {
+      return model->Layer(static_cast<size_t>(index), x, cos, sin, nullptr, 0, gen, mask);
+    }
+    GemmReplay record;
+    torch::Tensor y;
+    {
+      GemmReplayScope scope(&record);
+      y = model->Layer(static_cast<size_t>(index), x, cos, sin, nullptr, 0, gen, mask);
+    }
+    c10::List<at::Tensor> outputs;
+    for (auto& t : record.outputs) outputs.push_back(std::move(t));
+    ctx->saved_data["gemm_out"] = outputs;
+    return y;
   }
 
   static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
@@ -617,7 +674,16 @@ class CheckpointedLayerFn : public torch::autograd::Function<CheckpointedLayerFn
                 "gradient checkpointing: the adapter changed between forward and backward");
     torch::Tensor xin = x.detach().requires_grad_(x.requires_grad());
     torch::Tensor y;
+    GemmReplay replay;
+    replay.record = false;
+    if (ctx->saved_data.count("gemm_out")) {
+      for (const at::Tensor& t : ctx->saved_data["gemm_out"].toTensorList()) {
+        replay.outputs.push_back(t);
+      }
+      ctx->saved_data.erase("gemm_out");  // the replay owns them now
+    }
     {
+      GemmReplayScope scope(replay.outputs.empty() ? nullptr : &replay);
       torch::AutoGradMode grad_mode(true);
       y = model->Layer(
           index, xin, ctx->saved_data["cos"].toTensor(), ctx->saved_data["sin"].toTensor(), nullptr,

@@ -120,8 +120,15 @@ class Model {
   // Gradient checkpointing: while on, a forward with grad enabled and no KV
   // cache keeps only each decoder layer's input and recomputes the layer in
   // backward (same results, same dropout draws; less memory, more compute).
+  // By default the layer also keeps the outputs of its frozen projections
+  // (x W^T, the costly part of its forward) and the recompute reuses them, so
+  // only the cheap element-wise work, attention and the LoRA branches run
+  // again; set_checkpoint_keeps_gemm_outputs(false) recomputes everything
+  // (least memory).
   void set_gradient_checkpointing(bool on) { gradient_checkpointing_ = on; }
   bool gradient_checkpointing() const { return gradient_checkpointing_; }
+  void set_checkpoint_keeps_gemm_outputs(bool on) { checkpoint_keeps_gemm_outputs_ = on; }
+  bool checkpoint_keeps_gemm_outputs() const { return checkpoint_keeps_gemm_outputs_; }
 
   // Fused causal attention (edge-agent/attention.h) for forwards without a packing
   // mask or a KV-cache prefix: on by default; off runs the plain matmul / softmax
@@ -175,6 +182,7 @@ class Model {
   std::map<std::string, int> dtypes_;
   int64_t checkpoint_bytes_ = 0;
   bool gradient_checkpointing_ = false;
+  bool checkpoint_keeps_gemm_outputs_ = true;
   bool fused_attention_ = true;
 };
 

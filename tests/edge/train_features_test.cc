@@ -15,6 +15,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "edge-agent/engine.h"
+#include "edge-agent/gemm.h"
 #include "edge-agent/lora.h"
 #include "edge-agent/model.h"
 #include "edge-agent/trainer.h"
@@ -318,6 +319,46 @@ TEST(GradCheckpointTest, GradientsEqualTheStoredActivationOnes) {
     }
     EXPECT_GT(norm, 0.0);
     EXPECT_FALSE((*m)->gradient_checkpointing());
+  }
+}
+
+// The recompute replays the frozen projections' outputs kept by the forward
+// (fewer GEMMs, same gradients) unless told to recompute everything.
+TEST(GradCheckpointTest, KeptGemmOutputsAreReplayedWithTheSameGradients) {
+  for (const std::string dtype : {"fp32", "int4"}) {
+    SCOPED_TRACE(dtype);
+    ModelLoadOptions opts;
+    opts.base_dtype = dtype;
+    auto m = Model::Load(FixtureDir("llama"), opts);
+    ASSERT_TRUE(m.ok()) << m.status();
+    LoraConfig cfg = SmallLora();
+    cfg.dropout = 0.2f;
+    ASSERT_TRUE(InitLora(**m, cfg).ok());
+    {
+      torch::NoGradGuard no_grad;
+      for (auto& p : LoraParameters(**m)) {
+        if (p.size(1) == cfg.rank) p.normal_(0, 0.05);
+      }
+    }
+    torch::manual_seed(1);
+    torch::Tensor ids = torch::randint(0, (*m)->config().vocab_size, {2, 13}, torch::kLong);
+    const auto [loss_plain, g_plain] = LossAndGrads(**m, ids, false);
+    ASSERT_TRUE((*m)->checkpoint_keeps_gemm_outputs());  // the default
+    int64_t before = OnednnGemmCount();
+    const auto [loss_kept, g_kept] = LossAndGrads(**m, ids, true);
+    const int64_t gemms_kept = OnednnGemmCount() - before;
+    (*m)->set_checkpoint_keeps_gemm_outputs(false);
+    before = OnednnGemmCount();
+    const auto [loss_full, g_full] = LossAndGrads(**m, ids, true);
+    const int64_t gemms_full = OnednnGemmCount() - before;
+    EXPECT_EQ(loss_kept, loss_plain);
+    EXPECT_EQ(loss_full, loss_plain);
+    // 7 projections per layer x 2 layers are not run again.
+    EXPECT_EQ(gemms_full - gemms_kept, 7 * (*m)->config().num_hidden_layers);
+    for (size_t i = 0; i < g_plain.size(); ++i) {
+      EXPECT_TRUE(torch::allclose(g_kept[i], g_plain[i], 1e-5, 1e-7)) << i;
+      EXPECT_TRUE(torch::allclose(g_full[i], g_plain[i], 1e-5, 1e-7)) << i;
+    }
   }
 }
 
