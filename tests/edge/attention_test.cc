@@ -33,6 +33,25 @@ void PrintTo(const Shape& s, std::ostream* os) {
       << s.window;
 }
 
+// Backpropagates the same random upstream gradient through both outputs and
+// expects equal gradients for (q, k, v) and (q2, k2, v2), k's not trivially zero
+// when `k_moves`.
+void ExpectSameGradients(const torch::Tensor& fused, const torch::Tensor& plain,
+                         const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v,
+                         const torch::Tensor& q2, const torch::Tensor& k2, const torch::Tensor& v2,
+                         bool k_moves) {
+  torch::Tensor upstream = torch::randn(plain.sizes());
+  (fused * upstream).sum().backward();
+  (plain * upstream).sum().backward();
+  EXPECT_LT((q.grad() - q2.grad()).abs().max().item<float>(), 1e-4);
+  EXPECT_LT((k.grad() - k2.grad()).abs().max().item<float>(), 1e-4);
+  EXPECT_LT((v.grad() - v2.grad()).abs().max().item<float>(), 1e-4);
+  // The gradients are not trivially zero (with one position the softmax is constant,
+  // so only v gets a gradient).
+  EXPECT_GT(v.grad().abs().max().item<float>(), 1e-3);
+  if (k_moves) EXPECT_GT(k.grad().abs().max().item<float>(), 1e-3);
+}
+
 class FusedAttentionTest : public ::testing::TestWithParam<Shape> {};
 
 TEST_P(FusedAttentionTest, ValuesAndGradientsMatchThePlainPath) {
@@ -55,18 +74,7 @@ TEST_P(FusedAttentionTest, ValuesAndGradientsMatchThePlainPath) {
   ASSERT_EQ(fused.sizes(), plain.sizes());
   EXPECT_LT((fused - plain).abs().max().item<float>(), 2e-5);
 
-  torch::Tensor upstream = torch::randn(plain.sizes());
-  (fused * upstream).sum().backward();
-  (plain * upstream).sum().backward();
-  EXPECT_LT((q.grad() - q2.grad()).abs().max().item<float>(), 1e-4);
-  EXPECT_LT((k.grad() - k2.grad()).abs().max().item<float>(), 1e-4);
-  EXPECT_LT((v.grad() - v2.grad()).abs().max().item<float>(), 1e-4);
-  // The gradients are not trivially zero (with one position the softmax is constant,
-  // so only v gets a gradient).
-  EXPECT_GT(v.grad().abs().max().item<float>(), 1e-3);
-  if (s.T > 1) {
-    EXPECT_GT(k.grad().abs().max().item<float>(), 1e-3);
-  }
+  ExpectSameGradients(fused, plain, q, k, v, q2, k2, v2, s.T > 1);
 }
 
 INSTANTIATE_TEST_SUITE_P(
@@ -151,13 +159,7 @@ TEST(FusedAttentionTest, PackedSequencesMatchTheMaskedPath) {
     torch::Tensor fused = FusedCausalAttention(q, k, v, 0.25, 0, starts);
     torch::Tensor plain = MaskedAttention(q2, k2, v2, 0.25, masked);
     EXPECT_LT((fused - plain).abs().max().item<float>(), 2e-5) << "window " << window;
-    torch::Tensor upstream = torch::randn(plain.sizes());
-    (fused * upstream).sum().backward();
-    (plain * upstream).sum().backward();
-    EXPECT_LT((q.grad() - q2.grad()).abs().max().item<float>(), 1e-4);
-    EXPECT_LT((k.grad() - k2.grad()).abs().max().item<float>(), 1e-4);
-    EXPECT_LT((v.grad() - v2.grad()).abs().max().item<float>(), 1e-4);
-    EXPECT_GT(k.grad().abs().max().item<float>(), 1e-3);
+    ExpectSameGradients(fused, plain, q, k, v, q2, k2, v2, /*k_moves=*/true);
   }
 }
 

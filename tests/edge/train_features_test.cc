@@ -290,26 +290,34 @@ std::pair<double, std::vector<torch::Tensor>> LossAndGrads(Model& m, const torch
   return {loss.item<double>(), grads};
 }
 
+// A fixture model with a base of `dtype` and LoRA with dropout 0.2 (the
+// recomputation must replay the same dropout draws) and non-zero B (B = 0 would
+// leave A without gradient).
+std::unique_ptr<Model> CheckpointModel(const std::string& fixture, const std::string& dtype) {
+  ModelLoadOptions opts;
+  opts.base_dtype = dtype;
+  auto m = Model::Load(FixtureDir(fixture), opts);
+  EXPECT_TRUE(m.ok()) << m.status();
+  if (!m.ok()) return nullptr;
+  LoraConfig cfg = SmallLora();
+  cfg.dropout = 0.2f;
+  EXPECT_TRUE(InitLora(**m, cfg).ok());
+  torch::NoGradGuard no_grad;
+  for (auto& p : LoraParameters(**m)) {
+    if (p.size(1) == cfg.rank) p.normal_(0, 0.05);
+  }
+  return std::move(*m);
+}
+
 TEST(GradCheckpointTest, GradientsEqualTheStoredActivationOnes) {
   for (const std::string dtype : {"fp32", "int4"}) {
     SCOPED_TRACE(dtype);
-    ModelLoadOptions opts;
-    opts.base_dtype = dtype;
-    auto m = Model::Load(FixtureDir("qwen2"), opts);
-    ASSERT_TRUE(m.ok()) << m.status();
-    LoraConfig cfg = SmallLora();
-    cfg.dropout = 0.2f;  // the recomputation must replay the same dropout draws
-    ASSERT_TRUE(InitLora(**m, cfg).ok());
-    {
-      torch::NoGradGuard no_grad;  // B = 0 would leave A without gradient
-      for (auto& p : LoraParameters(**m)) {
-        if (p.size(1) == cfg.rank) p.normal_(0, 0.05);
-      }
-    }
+    auto m = CheckpointModel("qwen2", dtype);
+    ASSERT_NE(m, nullptr);
     torch::manual_seed(0);
-    torch::Tensor ids = torch::randint(0, (*m)->config().vocab_size, {2, 17}, torch::kLong);
-    const auto [loss_plain, g_plain] = LossAndGrads(**m, ids, false);
-    const auto [loss_ckpt, g_ckpt] = LossAndGrads(**m, ids, true);
+    torch::Tensor ids = torch::randint(0, m->config().vocab_size, {2, 17}, torch::kLong);
+    const auto [loss_plain, g_plain] = LossAndGrads(*m, ids, false);
+    const auto [loss_ckpt, g_ckpt] = LossAndGrads(*m, ids, true);
     EXPECT_EQ(loss_ckpt, loss_plain);
     ASSERT_EQ(g_ckpt.size(), g_plain.size());
     double norm = 0;
@@ -318,7 +326,7 @@ TEST(GradCheckpointTest, GradientsEqualTheStoredActivationOnes) {
       norm += g_plain[i].norm().item<double>();
     }
     EXPECT_GT(norm, 0.0);
-    EXPECT_FALSE((*m)->gradient_checkpointing());
+    EXPECT_FALSE(m->gradient_checkpointing());
   }
 }
 
@@ -327,34 +335,23 @@ TEST(GradCheckpointTest, GradientsEqualTheStoredActivationOnes) {
 TEST(GradCheckpointTest, KeptGemmOutputsAreReplayedWithTheSameGradients) {
   for (const std::string dtype : {"fp32", "int4"}) {
     SCOPED_TRACE(dtype);
-    ModelLoadOptions opts;
-    opts.base_dtype = dtype;
-    auto m = Model::Load(FixtureDir("llama"), opts);
-    ASSERT_TRUE(m.ok()) << m.status();
-    LoraConfig cfg = SmallLora();
-    cfg.dropout = 0.2f;
-    ASSERT_TRUE(InitLora(**m, cfg).ok());
-    {
-      torch::NoGradGuard no_grad;
-      for (auto& p : LoraParameters(**m)) {
-        if (p.size(1) == cfg.rank) p.normal_(0, 0.05);
-      }
-    }
+    auto m = CheckpointModel("llama", dtype);
+    ASSERT_NE(m, nullptr);
     torch::manual_seed(1);
-    torch::Tensor ids = torch::randint(0, (*m)->config().vocab_size, {2, 13}, torch::kLong);
-    const auto [loss_plain, g_plain] = LossAndGrads(**m, ids, false);
-    ASSERT_TRUE((*m)->checkpoint_keeps_gemm_outputs());  // the default
+    torch::Tensor ids = torch::randint(0, m->config().vocab_size, {2, 13}, torch::kLong);
+    const auto [loss_plain, g_plain] = LossAndGrads(*m, ids, false);
+    ASSERT_TRUE(m->checkpoint_keeps_gemm_outputs());  // the default
     int64_t before = OnednnGemmCount();
-    const auto [loss_kept, g_kept] = LossAndGrads(**m, ids, true);
+    const auto [loss_kept, g_kept] = LossAndGrads(*m, ids, true);
     const int64_t gemms_kept = OnednnGemmCount() - before;
-    (*m)->set_checkpoint_keeps_gemm_outputs(false);
+    m->set_checkpoint_keeps_gemm_outputs(false);
     before = OnednnGemmCount();
-    const auto [loss_full, g_full] = LossAndGrads(**m, ids, true);
+    const auto [loss_full, g_full] = LossAndGrads(*m, ids, true);
     const int64_t gemms_full = OnednnGemmCount() - before;
     EXPECT_EQ(loss_kept, loss_plain);
     EXPECT_EQ(loss_full, loss_plain);
     // 7 projections per layer x 2 layers are not run again.
-    EXPECT_EQ(gemms_full - gemms_kept, 7 * (*m)->config().num_hidden_layers);
+    EXPECT_EQ(gemms_full - gemms_kept, 7 * m->config().num_hidden_layers);
     for (size_t i = 0; i < g_plain.size(); ++i) {
       EXPECT_TRUE(torch::allclose(g_kept[i], g_plain[i], 1e-5, 1e-7)) << i;
       EXPECT_TRUE(torch::allclose(g_full[i], g_plain[i], 1e-5, 1e-7)) << i;
