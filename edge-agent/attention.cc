@@ -186,8 +186,7 @@ void ForwardHead(const Dims d, const int64_t* __restrict starts, const float* __
 // dout[i] . out[i]. Scratch: s and g [kRows, Tp], qa, ga and ob [kRows, D].
 FEDLORA_MULTI_ISA
 void BackwardHead(const Dims d, const int64_t* __restrict starts, const float* __restrict q,
-                  const float* __restrict k,
-                  const float* __restrict kt, const float* __restrict vt,
+                  const float* __restrict k, const float* __restrict kt, const float* __restrict vt,
                   const float* __restrict dout, const float* __restrict delta,
                   const float* __restrict lse, float* __restrict dq, float* __restrict dk,
                   float* __restrict dv, float* __restrict s, float* __restrict g,
@@ -228,6 +227,16 @@ void BackwardHead(const Dims d, const int64_t* __restrict starts, const float* _
   }
 }
 
+// The per-query starts of (batch, head) bh's batch row, or null without starts
+// (an empty tensor).
+struct RowStarts {
+  const torch::Tensor& starts;
+  int64_t H, T;
+  const int64_t* operator()(int64_t bh) const {
+    return starts.numel() > 0 ? starts.data_ptr<int64_t>() + (bh / H) * T : nullptr;
+  }
+};
+
 // x [..., D] padded with zero columns to Dp, contiguous.
 torch::Tensor PadLast(const torch::Tensor& x, int64_t to) {
   const int64_t n = x.size(-1);
@@ -251,14 +260,15 @@ class FusedAttentionFn : public torch::autograd::Function<FusedAttentionFn> {
     const float* vp = v.data_ptr<float>();
     float* op = out.data_ptr<float>();
     float* lp = lse.data_ptr<float>();
-    const int64_t* sp = starts.numel() > 0 ? starts.data_ptr<int64_t>() : nullptr;
+    const RowStarts starts_of{starts, H, T};
     at::parallel_for(0, B * H, 1, [&](int64_t begin, int64_t end) {
       std::vector<float> s(static_cast<size_t>(kRows * d.Tp));
       std::vector<float> qa(static_cast<size_t>(kRows * d.D)), ob(qa.size());
       for (int64_t bh = begin; bh < end; ++bh) {
         const int64_t kv = (bh / H) * Hkv + (bh % H) / rep;
-        ForwardHead(d, sp != nullptr ? sp + (bh / H) * T : nullptr, qp + bh * T * d.D, ktp + kv * d.D * d.Tp, vp + kv * T * d.D,
-                    op + bh * T * d.D, lp + bh * T, s.data(), qa.data(), ob.data());
+        ForwardHead(d, starts_of(bh), qp + bh * T * d.D, ktp + kv * d.D * d.Tp,
+                    vp + kv * T * d.D, op + bh * T * d.D, lp + bh * T, s.data(), qa.data(),
+                    ob.data());
       }
     });
     ctx->save_for_backward({q, k, v, out, lse});
@@ -296,15 +306,15 @@ class FusedAttentionFn : public torch::autograd::Function<FusedAttentionFn> {
     float* dkp = dk_heads.data_ptr<float>();
     float* dvp = dv_heads.data_ptr<float>();
     const torch::Tensor starts = ctx->saved_data["starts"].toTensor();
-    const int64_t* sp = starts.numel() > 0 ? starts.data_ptr<int64_t>() : nullptr;
+    const RowStarts starts_of{starts, H, T};
     at::parallel_for(0, B * H, 1, [&](int64_t begin, int64_t end) {
       std::vector<float> s(static_cast<size_t>(kRows * d.Tp)), g(s.size());
       std::vector<float> qa(static_cast<size_t>(kRows * d.D)), ga(qa.size()), ob(qa.size());
       for (int64_t bh = begin; bh < end; ++bh) {
         const int64_t kv = (bh / H) * Hkv + (bh % H) / rep;
         const int64_t at = bh * T * d.D;
-        BackwardHead(d, sp != nullptr ? sp + (bh / H) * T : nullptr, qp + at, kp + kv * T * d.D, ktp + kv * d.D * d.Tp, vtp + kv * d.D * d.Tp,
-                     gp + at, dlp + bh * T, lp + bh * T, dqp + at, dkp + at, dvp + at, s.data(),
+        BackwardHead(d, starts_of(bh), qp + at, kp + kv * T * d.D, ktp + kv * d.D * d.Tp,
+                     vtp + kv * d.D * d.Tp, gp + at, dlp + bh * T, lp + bh * T, dqp + at, dkp + at, dvp + at, s.data(),
                      g.data(), qa.data(), ga.data(), ob.data());
       }
     });

@@ -60,24 +60,20 @@ void Run(const at::Tensor& a2, const float* wei_ptr, int64_t n, int64_t s0, int6
          at::Tensor& dst) {
   const int64_t m = a2.size(0), k = a2.size(1);
   ThreadState& st = State();
+  using dt = dnnl::memory::data_type;
+  const dnnl::memory::desc src({m, k}, dt::f32, dnnl::memory::dims{k, 1});
+  const dnnl::memory::desc wei({k, n}, dt::f32, dnnl::memory::dims{s0, s1});
+  const dnnl::memory::desc out({m, n}, dt::f32, dnnl::memory::dims{n, 1});
   const Key key{m, k, n, s0, s1};
   auto it = st.primitives.find(key);
   if (it == st.primitives.end()) {
-    using dt = dnnl::memory::data_type;
-    const dnnl::memory::desc src({m, k}, dt::f32, dnnl::memory::dims{k, 1});
-    const dnnl::memory::desc wei({k, n}, dt::f32, dnnl::memory::dims{s0, s1});
-    const dnnl::memory::desc out({m, n}, dt::f32, dnnl::memory::dims{n, 1});
     dnnl::matmul::primitive_desc pd(dnnl::matmul::desc(src, wei, out), st.engine);
     if (st.primitives.size() >= kMaxPrimitives) st.primitives.clear();
     it = st.primitives.emplace(key, dnnl::matmul(pd)).first;
   }
-  using dt = dnnl::memory::data_type;
-  dnnl::memory src_m({{m, k}, dt::f32, dnnl::memory::dims{k, 1}}, st.engine,
-                     const_cast<float*>(a2.data_ptr<float>()));
-  dnnl::memory wei_m({{k, n}, dt::f32, dnnl::memory::dims{s0, s1}}, st.engine,
-                     const_cast<float*>(wei_ptr));
-  dnnl::memory dst_m({{m, n}, dt::f32, dnnl::memory::dims{n, 1}}, st.engine,
-                     dst.data_ptr<float>());
+  dnnl::memory src_m(src, st.engine, const_cast<float*>(a2.data_ptr<float>()));
+  dnnl::memory wei_m(wei, st.engine, const_cast<float*>(wei_ptr));
+  dnnl::memory dst_m(out, st.engine, dst.data_ptr<float>());
   it->second.execute(st.stream,
                      {{DNNL_ARG_SRC, src_m}, {DNNL_ARG_WEIGHTS, wei_m}, {DNNL_ARG_DST, dst_m}});
   st.stream.wait();

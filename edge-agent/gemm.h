@@ -34,6 +34,20 @@ enum class GemmBackend { kOnednn, kTorch };
 void SetGemmBackend(GemmBackend backend);
 GemmBackend gemm_backend();
 
+// Sets the backend for its lifetime and restores the previous one after.
+class GemmBackendScope {
+ public:
+  explicit GemmBackendScope(GemmBackend backend) : saved_(gemm_backend()) {
+    SetGemmBackend(backend);
+  }
+  ~GemmBackendScope() { SetGemmBackend(saved_); }
+  GemmBackendScope(const GemmBackendScope&) = delete;
+  GemmBackendScope& operator=(const GemmBackendScope&) = delete;
+
+ private:
+  GemmBackend saved_;
+};
+
 // Products run on oneDNN so far in this process (all threads); tests use it
 // to tell the oneDNN path from the fallback.
 int64_t OnednnGemmCount();

@@ -33,14 +33,21 @@ torch::Tensor BlockGradInput(const torch::Tensor& p, const torch::Tensor& w) {
   return out.scalar_type() == torch::kFloat ? out : out.to(torch::kFloat);
 }
 
-// Subtracts `value` at each row's target column where the target falls in the
-// block [r0, r0 + block.size(1)).
-void AddAtTargets(torch::Tensor& block, const torch::Tensor& targets, int64_t r0, float value) {
-  const int64_t cols = block.size(1);
+// Each row's target as a column of the block [r0, r0 + cols): the column index
+// [N, 1] (clamped into the block) and whether the target falls in it [N].
+struct BlockTargets {
+  torch::Tensor column, inside;
+};
+BlockTargets TargetsInBlock(const torch::Tensor& targets, int64_t r0, int64_t cols) {
   torch::Tensor local = targets - r0;
   torch::Tensor inside = (local >= 0).logical_and_(local < cols);
-  torch::Tensor add = inside.to(torch::kFloat).mul_(value).unsqueeze(1);
-  block.scatter_add_(1, local.clamp(0, cols - 1).unsqueeze(1), add);
+  return {local.clamp_(0, cols - 1).unsqueeze(1), inside};
+}
+
+// Adds `value` at each row's target column where the target falls in the block.
+void AddAtTargets(torch::Tensor& block, const torch::Tensor& targets, int64_t r0, float value) {
+  const BlockTargets t = TargetsInBlock(targets, r0, block.size(1));
+  block.scatter_add_(1, t.column, t.inside.to(torch::kFloat).mul_(value).unsqueeze(1));
 }
 
 class HeadCrossEntropyFn : public torch::autograd::Function<HeadCrossEntropyFn> {
@@ -63,10 +70,8 @@ class HeadCrossEntropyFn : public torch::autograd::Function<HeadCrossEntropyFn> 
     for (int64_t r0 = 0; r0 < vocab; r0 += kHeadBlockRows) {
       const int64_t r1 = std::min(vocab, r0 + kHeadBlockRows);
       torch::Tensor logits = BlockLogits(h, WeightBlock(weight, r0, r1, low));  // [n, r1 - r0]
-      torch::Tensor local = targets - r0;
-      torch::Tensor inside = (local >= 0).logical_and_(local < r1 - r0);
-      torch::Tensor picked = logits.gather(1, local.clamp(0, r1 - r0 - 1).unsqueeze(1)).squeeze(1);
-      target_logit.add_(picked.mul_(inside));
+      const BlockTargets t = TargetsInBlock(targets, r0, r1 - r0);
+      target_logit.add_(logits.gather(1, t.column).squeeze(1).mul_(t.inside));
       torch::Tensor new_max = torch::maximum(run_max, std::get<0>(logits.max(1)));
       // exp(logits - max): in place when the block is not kept (one block-sized
       // buffer at a time instead of two).

@@ -349,6 +349,12 @@ namespace {
 // or embedding, vocab x hidden) is never converted to fp32 as a whole.
 constexpr int64_t kDequantRows = 4096;
 
+// Whether a weight's products run on it whole: fp32 (used in place) or small
+// enough to dequantize at once.
+bool WholeWeight(const torch::Tensor& weight) {
+  return weight.size(0) <= kDequantRows || weight.scalar_type() == torch::kFloat;
+}
+
 torch::Tensor ScaleRows(const torch::Tensor& scale, int64_t r0, int64_t r1) {
   return scale.defined() && scale.numel() > 0 ? scale.slice(0, r0, r1) : scale;
 }
@@ -357,7 +363,7 @@ torch::Tensor ScaleRows(const torch::Tensor& scale, int64_t r0, int64_t r1) {
 torch::Tensor DequantMatmul(const torch::Tensor& x, const torch::Tensor& weight,
                             const torch::Tensor& weight_scale, int64_t int4_in) {
   const int64_t rows = weight.size(0);
-  if (rows <= kDequantRows || weight.scalar_type() == torch::kFloat) {
+  if (WholeWeight(weight)) {
     return MatmulNT(x, DequantizeWeight(weight, weight_scale, int4_in));
   }
   torch::Tensor out;
@@ -379,7 +385,7 @@ torch::Tensor DequantMatmul(const torch::Tensor& x, const torch::Tensor& weight,
 torch::Tensor DequantGradInput(const torch::Tensor& g, const torch::Tensor& weight,
                                const torch::Tensor& weight_scale, int64_t int4_in) {
   const int64_t rows = weight.size(0);
-  if (rows <= kDequantRows || weight.scalar_type() == torch::kFloat) {
+  if (WholeWeight(weight)) {
     torch::Tensor w = DequantizeWeight(weight, weight_scale, int4_in);
     if (w.scalar_type() != g.scalar_type()) w = w.to(g.scalar_type());
     return MatmulNN(g, w);

@@ -54,7 +54,7 @@ absl::StatusOr<std::vector<GemmBenchResult>> RunGemmBench(const GemmBenchOptions
                                      {"gate_proj/up_proj", p.hidden, p.inter},
                                      {"down_proj", p.inter, p.hidden},
                                      {"lm_head", p.hidden, p.vocab}};
-  const edge::GemmBackend saved = edge::gemm_backend();
+  edge::GemmBackendScope backend_scope(edge::GemmBackend::kOnednn);  // restored on return
   std::vector<GemmBenchResult> out;
   try {
     torch::manual_seed(0);
@@ -82,10 +82,8 @@ absl::StatusOr<std::vector<GemmBenchResult>> RunGemmBench(const GemmBenchOptions
       }
     }
   } catch (const std::exception& e) {
-    edge::SetGemmBackend(saved);
     return absl::InternalError(absl::StrCat("bench gemm: ", e.what()));
   }
-  edge::SetGemmBackend(saved);
   return out;
 }
 

@@ -160,11 +160,8 @@ absl::StatusOr<TrainBenchResult> RunImpl(const TrainBenchOptions& o, const Train
   edge::ConfigureThreads(o.threads);
   edge::ConfigureAllocator();
   // The GEMM backend for this run only (process-wide; restored on return).
-  struct BackendScope {
-    edge::GemmBackend saved = edge::gemm_backend();
-    ~BackendScope() { edge::SetGemmBackend(saved); }
-  } backend_scope;
-  edge::SetGemmBackend(o.gemm == "torch" ? edge::GemmBackend::kTorch : edge::GemmBackend::kOnednn);
+  edge::GemmBackendScope backend_scope(o.gemm == "torch" ? edge::GemmBackend::kTorch
+                                                         : edge::GemmBackend::kOnednn);
   std::string root = o.tmp_root;
   if (root.empty()) {
     const char* env = getenv("TMPDIR");

@@ -9,12 +9,6 @@
 namespace fedlora::edge {
 namespace {
 
-// Restores the process-wide backend after a test changes it.
-struct BackendGuard {
-  GemmBackend saved = gemm_backend();
-  ~BackendGuard() { SetGemmBackend(saved); }
-};
-
 // Tolerance for fp32 products of inner dimension k with values ~ N(0, 1):
 // summation order differs between oneDNN and BLAS.
 double Tol(int64_t k) { return 2e-5 * static_cast<double>(k); }
@@ -73,7 +67,7 @@ TEST(GemmTest, BatchedAndNonContiguousInputs) {
 }
 
 TEST(GemmTest, OneDnnAndTorchBackendsAgreeAndBackendSwitches) {
-  BackendGuard guard;
+  GemmBackendScope guard(GemmBackend::kOnednn);  // restores the previous backend
   torch::manual_seed(5);
   torch::Tensor x = torch::randn({33, 70});
   torch::Tensor w = torch::randn({50, 70});
