@@ -519,6 +519,33 @@ torch::Tensor Model::Rms(const torch::Tensor& x, const torch::Tensor& w) const {
   return w * (x * torch::rsqrt(var + config_.rms_norm_eps));
 }
 
+namespace {
+
+// VisibleRangeStarts of a packing mask, worked out once per mask: every layer
+// (and its recompute under checkpointing) gets the same mask tensor. The cache
+// holds a weak reference to the mask: its memory is freed with the mask, but the
+// tensor object's address cannot be reused while the reference exists; an
+// in-place change shows in its version counter.
+torch::Tensor PackedStarts(const torch::Tensor& masked, int64_t B, int64_t T) {
+  using WeakImpl = c10::weak_intrusive_ptr<c10::TensorImpl, c10::UndefinedTensorImpl>;
+  struct Entry {
+    WeakImpl mask{c10::intrusive_ptr<c10::TensorImpl, c10::UndefinedTensorImpl>()};
+    torch::Tensor starts;
+    int64_t version = 0, B = 0, T = 0;
+  };
+  thread_local Entry cache;
+  const int64_t version = masked._version();
+  if (!cache.mask.expired() && cache.mask._unsafe_get_target() == masked.unsafeGetTensorImpl() &&
+      cache.version == version && cache.B == B && cache.T == T) {
+    return cache.starts;
+  }
+  cache = Entry{WeakImpl(masked.getIntrusivePtr()), VisibleRangeStarts(masked, B, T), version, B,
+                T};
+  return cache.starts;
+}
+
+}  // namespace
+
 torch::Tensor Model::Attention(const DecoderLayer& L, int index, const torch::Tensor& h,
                                const torch::Tensor& cos, const torch::Tensor& sin, KvCache* cache,
                                int64_t past, torch::Generator* gen,
@@ -561,7 +588,7 @@ torch::Tensor Model::Attention(const DecoderLayer& L, int index, const torch::Te
     // A packing mask (sliding window included) that leaves each query a
     // contiguous range of keys runs fused too, as per-query starts.
     const torch::Tensor starts =
-        masked_in.defined() ? VisibleRangeStarts(masked_in, B, T) : torch::Tensor();
+        masked_in.defined() ? PackedStarts(masked_in, B, T) : torch::Tensor();
     if (!masked_in.defined() || starts.defined()) {
       torch::Tensor out =
           FusedCausalAttention(q, k, v, 1.0 / std::sqrt(static_cast<double>(D)),
