@@ -1,8 +1,10 @@
 #include "edge-agent/engine.h"
 
 #include <ATen/autocast_mode.h>
+#include <dlfcn.h>
 #include <malloc.h>
 #include <sys/stat.h>
+#include <unistd.h>
 #include <torch/torch.h>
 
 #include <algorithm>
@@ -937,6 +939,32 @@ void ConfigureAllocator() {
     mallopt(M_TRIM_THRESHOLD, 1 << 30);
   });
 }
+
+std::string MallocName() {
+  // gperftools exports tc_malloc beside the malloc it replaces; glibc does not.
+  return dlsym(RTLD_DEFAULT, "tc_malloc") != nullptr ? "tcmalloc" : "glibc";
+}
+
+namespace {
+
+double CurrentRssMb() {
+  FILE* f = fopen("/proc/self/statm", "r");
+  if (f == nullptr) return 0;
+  long pages = 0, resident = 0;
+  const int n = fscanf(f, "%ld %ld", &pages, &resident);
+  fclose(f);
+  if (n != 2) return 0;
+  return static_cast<double>(resident) * static_cast<double>(sysconf(_SC_PAGESIZE)) /
+         (1024.0 * 1024.0);
+}
+
+// Read once, during static initialisation (shared libraries are initialised
+// before the executable's and its static libraries' initialisers).
+const double kStartupRssMb = CurrentRssMb();
+
+}  // namespace
+
+double StartupRssMb() { return kStartupRssMb; }
 
 absl::StatusOr<std::unique_ptr<LocalTrainer>> LoadTrainer(const std::string& model_dir,
                                                           const EngineOptions& options) {

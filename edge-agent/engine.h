@@ -96,7 +96,20 @@ void ConfigureThreads(int threads);
 // Keeps freed tensor memory in the process heap for reuse (glibc mallopt: blocks
 // below 32 MiB come from the heap, and the heap top is not returned to the kernel)
 // instead of unmapping it and taking fresh, zero-filled pages on the next step.
-// Peak RSS is unchanged; the RSS between steps stays at the peak. Once per process.
+// Once per process. Only matters where glibc's malloc is the process's
+// allocator: fedlora-agent and fedlora-sim link tcmalloc (MallocName()), which
+// reuses freed memory by size class with less fragmentation, and on which
+// mallopt is a no-op.
 void ConfigureAllocator();
+
+// The malloc serving this process: "tcmalloc" when gperftools' tcmalloc has
+// replaced glibc's (the programs that train link it), else "glibc".
+std::string MallocName();
+
+// The process's resident set (MiB) when this library's static initialisers ran:
+// after every shared library (libtorch and the ~280 libraries Debian's libtorch
+// loads) was mapped and initialised, before main(). The floor under any peak RSS
+// this process reports.
+double StartupRssMb();
 
 }  // namespace fedlora::edge

@@ -5,7 +5,7 @@ set -euo pipefail
 
 PACKAGES=(
   build-essential cmake ninja-build ccache pkg-config git
-  libtorch-dev libopenblas0-openmp libdnnl-dev
+  libtorch-dev libopenblas0-openmp libdnnl-dev libtcmalloc-minimal4
   libgrpc++-dev protobuf-compiler-grpc libprotobuf-dev protobuf-compiler
   librocksdb-dev libboost-dev libssl-dev
   libgtest-dev libgmock-dev

@@ -191,6 +191,8 @@ absl::StatusOr<TrainBenchResult> RunImpl(const TrainBenchOptions& o, const Train
   for (const auto& t : params) result.trainable_params += t.numel();
   result.frozen_params = model->NumParameters();
   result.load_peak_rss_mb = PeakRssMb();
+  result.startup_rss_mb = edge::StartupRssMb();
+  result.malloc_name = edge::MallocName();
 
   torch::manual_seed(0);
   torch::Tensor ids = torch::randint(0, p.vocab, {o.batch, o.seq + 1}, torch::kLong);
@@ -280,6 +282,8 @@ std::string TrainBenchJson(const TrainBenchResult& r) {
   j["tokens_per_s"] = round1(r.tokens_per_s);
   j["peak_rss_mb"] = round1(r.peak_rss_mb);
   j["load_peak_rss_mb"] = round1(r.load_peak_rss_mb);
+  j["startup_rss_mb"] = round1(r.startup_rss_mb);
+  j["malloc"] = r.malloc_name;
   j["step_ms_mean"] = round1(r.step_ms_mean);
   j["last_loss"] = round3(r.last_loss);
   j["trainable_params"] = r.trainable_params;

@@ -17,7 +17,9 @@
 //    tensors only -- the same ops as the engine's Train step;
 //  * removes the temp folder (also on error).
 // Peak RSS is getrusage(RUSAGE_SELF).ru_maxrss of the whole process (so it
-// includes the resident mmapped checkpoint pages).
+// includes the resident mmapped checkpoint pages, and the RSS the process had
+// before main(), reported as startup_rss_mb). "malloc" names the allocator
+// (fedlora-sim links tcmalloc; a test binary runs on glibc's malloc).
 // Bad options (unknown preset or dtype, non-positive sizes) are
 // InvalidArgument naming the field; bf16 autocast (options.bf16) runs the
 // forward under CPU autocast to bfloat16; grad_checkpoint turns on the
@@ -61,6 +63,8 @@ struct TrainBenchResult {
   double tokens_per_s = 0;
   double peak_rss_mb = 0;
   double load_peak_rss_mb = 0;  // peak RSS once the model is loaded, before any step
+  double startup_rss_mb = 0;    // RSS before main(): libraries mapped (edge::StartupRssMb)
+  std::string malloc_name;      // "tcmalloc" or "glibc" (edge::MallocName)
   double step_ms_mean = 0;
   double last_loss = 0;
   int64_t trainable_params = 0;
@@ -71,7 +75,7 @@ absl::StatusOr<TrainBenchResult> RunTrainBench(const TrainBenchOptions& options)
 
 // One JSON line (no trailing newline): {"bench":"train","preset":..,"seq":..,
 // "batch":..,"threads":..,"base_dtype":..,"bf16":..,"grad_checkpoint":..,"attention":..,"gemm":..,"steps":..,"tokens_per_s":..,
-// "peak_rss_mb":..,"load_peak_rss_mb":..,"step_ms_mean":..,"last_loss":..,"trainable_params":..,"frozen_params":..}
+// "peak_rss_mb":..,"load_peak_rss_mb":..,"startup_rss_mb":..,"malloc":..,"step_ms_mean":..,"last_loss":..,"trainable_params":..,"frozen_params":..}
 std::string TrainBenchJson(const TrainBenchResult& result);
 
 }  // namespace fedlora::sim

@@ -4,6 +4,7 @@
 #include <string>
 
 #include "edge-agent/gemm.h"
+#include "gmock/gmock.h"
 #include "gtest/gtest.h"
 #include "nlohmann/json.hpp"
 
@@ -37,6 +38,12 @@ TEST(BenchTrainTest, TinyRunPrintsPositiveFiniteFigures) {
     EXPECT_TRUE(std::isfinite(v)) << key;
     EXPECT_GT(v, 0) << key;
   }
+  // The floor before main(), the load and the steps are nested peaks.
+  const double startup = j.at("startup_rss_mb").get<double>();
+  EXPECT_GT(startup, 0);
+  EXPECT_LE(startup, j.at("load_peak_rss_mb").get<double>());
+  EXPECT_LE(j.at("load_peak_rss_mb").get<double>(), j.at("peak_rss_mb").get<double>());
+  EXPECT_THAT(j.at("malloc").get<std::string>(), ::testing::AnyOf("glibc", "tcmalloc"));
   // tiny preset, LoRA r=8 on 7 projections of 4 layers:
   // per layer r*(in+out) summed over q(256,256) k(256,128) v(256,128) o(256,256)
   // gate(256,688) up(256,688) down(688,256).

@@ -48,6 +48,18 @@ TEST_F(SimCliTest, MakeDataWritesEverySite) {
   EXPECT_FALSE(std::filesystem::exists(dir_ + "/d/site-2"));
 }
 
+TEST_F(SimCliTest, BenchTrainRunsOnTcmalloc) {
+  // The program links tcmalloc (CMakeLists.txt: fedlora_use_tcmalloc); the
+  // bench reports the malloc that actually served it.
+  Result r = RunSim("bench train --preset tiny --seq 16 --batch 1 --threads 1 --steps 1");
+  ASSERT_EQ(r.exit_code, 0) << r.output;
+  const size_t at = r.output.find("{\"bench\"");
+  ASSERT_NE(at, std::string::npos) << r.output;
+  const nlohmann::json j = nlohmann::json::parse(r.output.substr(at, r.output.find('\n', at) - at));
+  EXPECT_EQ(j.at("malloc"), "tcmalloc");
+  EXPECT_GT(j.at("startup_rss_mb").get<double>(), 0);
+}
+
 TEST_F(SimCliTest, MakeModelHonoursSizeFlags) {
   Result r = RunSim("make-model --out " + dir_ + "/m --hidden 32 --intermediate 64 --layers 1 "
                     "--heads 2 --kv-heads 1 --head-dim 16 --vocab 300 --corpus-examples 20");
