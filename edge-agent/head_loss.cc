@@ -50,6 +50,29 @@ void AddAtTargets(torch::Tensor& block, const torch::Tensor& targets, int64_t r0
   block.scatter_add_(1, t.column, t.inside.to(torch::kFloat).mul_(value).unsqueeze(1));
 }
 
+// Vocabulary rows per block: kHeadBlockRows when the blocks are kept (they
+// are all resident anyway); when recomputed, few enough that one fp32 block of
+// n rows stays near kHeadRecomputeBlockBytes (a multiple of 256, at least 256).
+int64_t BlockRows(int64_t n, bool keep) {
+  if (keep || n == 0) return kHeadBlockRows;
+  const int64_t rows = kHeadRecomputeBlockBytes / (n * static_cast<int64_t>(sizeof(float)));
+  return std::clamp<int64_t>(rows / 256 * 256, 256, kHeadBlockRows);
+}
+
+// sum_j exp(logits_ij - max_i) per row, through a temporary of about 1 MB at a
+// time rather than one as large as the (kept, so untouchable) block.
+torch::Tensor RowSumExpShifted(const torch::Tensor& logits, const torch::Tensor& max) {
+  const int64_t n = logits.size(0), cols = std::max<int64_t>(1, logits.size(1));
+  const int64_t chunk = std::max<int64_t>(1, (1 << 20) / (cols * static_cast<int64_t>(sizeof(float))));
+  torch::Tensor sum = torch::empty({n}, logits.options());
+  for (int64_t i0 = 0; i0 < n; i0 += chunk) {
+    const int64_t i1 = std::min(n, i0 + chunk);
+    torch::Tensor shifted = logits.slice(0, i0, i1) - max.slice(0, i0, i1).unsqueeze(1);
+    sum.slice(0, i0, i1).copy_(shifted.exp_().sum(1));
+  }
+  return sum;
+}
+
 class HeadCrossEntropyFn : public torch::autograd::Function<HeadCrossEntropyFn> {
  public:
   static torch::Tensor forward(torch::autograd::AutogradContext* ctx, const torch::Tensor& hidden,
@@ -67,17 +90,18 @@ class HeadCrossEntropyFn : public torch::autograd::Function<HeadCrossEntropyFn> 
     torch::Tensor run_sum = torch::zeros({n}, h.options());
     torch::Tensor target_logit = torch::zeros({n}, h.options());
     std::vector<torch::Tensor> saved = {h, targets};
-    for (int64_t r0 = 0; r0 < vocab; r0 += kHeadBlockRows) {
-      const int64_t r1 = std::min(vocab, r0 + kHeadBlockRows);
+    const int64_t rows = BlockRows(n, keep);
+    for (int64_t r0 = 0; r0 < vocab; r0 += rows) {
+      const int64_t r1 = std::min(vocab, r0 + rows);
       torch::Tensor logits = BlockLogits(h, WeightBlock(weight, r0, r1, low));  // [n, r1 - r0]
       const BlockTargets t = TargetsInBlock(targets, r0, r1 - r0);
       target_logit.add_(logits.gather(1, t.column).squeeze(1).mul_(t.inside));
       torch::Tensor new_max = torch::maximum(run_max, std::get<0>(logits.max(1)));
-      // exp(logits - max): in place when the block is not kept (one block-sized
-      // buffer at a time instead of two).
-      torch::Tensor shifted =
-          keep ? logits - new_max.unsqueeze(1) : logits.sub_(new_max.unsqueeze(1));
-      run_sum.mul_((run_max - new_max).exp_()).add_(shifted.exp_().sum(1));
+      // sum exp(logits - max): in place when the block is not kept, else
+      // through a small temporary, so one block-sized buffer at a time.
+      torch::Tensor block_sum = keep ? RowSumExpShifted(logits, new_max)
+                                     : logits.sub_(new_max.unsqueeze(1)).exp_().sum(1);
+      run_sum.mul_((run_max - new_max).exp_()).add_(block_sum);
       run_max = new_max;
       if (keep) saved.push_back(logits);
     }
@@ -86,6 +110,7 @@ class HeadCrossEntropyFn : public torch::autograd::Function<HeadCrossEntropyFn> 
     ctx->save_for_backward(saved);
     ctx->saved_data["weight"] = weight;
     ctx->saved_data["low"] = static_cast<int64_t>(low);
+    ctx->saved_data["rows"] = rows;
     return (lse - target_logit).sum();
   }
 
@@ -99,11 +124,11 @@ class HeadCrossEntropyFn : public torch::autograd::Function<HeadCrossEntropyFn> 
     const torch::Tensor weight = ctx->saved_data["weight"].toTensor();
     const auto low = static_cast<torch::ScalarType>(ctx->saved_data["low"].toInt());
     const float g = grads[0].item<float>();
-    const int64_t vocab = weight.size(0);
+    const int64_t vocab = weight.size(0), rows = ctx->saved_data["rows"].toInt();
     torch::Tensor gh;
     size_t block = 0;
-    for (int64_t r0 = 0; r0 < vocab; r0 += kHeadBlockRows, ++block) {
-      const int64_t r1 = std::min(vocab, r0 + kHeadBlockRows);
+    for (int64_t r0 = 0; r0 < vocab; r0 += rows, ++block) {
+      const int64_t r1 = std::min(vocab, r0 + rows);
       torch::Tensor w = WeightBlock(weight, r0, r1, low);
       // softmax - one-hot, in place on the kept (or recomputed) logits.
       torch::Tensor p = kept ? saved[3 + block] : BlockLogits(h, w);

@@ -25,6 +25,9 @@
 namespace fedlora::edge {
 
 constexpr int64_t kHeadBlockRows = 4096;
+// When the blocks are recomputed, fewer rows per block (a multiple of 256, at
+// least 256) so that one fp32 block of N positions takes about this many bytes.
+constexpr int64_t kHeadRecomputeBlockBytes = 4ll << 20;
 // The logit blocks of a call are kept for backward when N * V fp32 values take
 // at most this many bytes; above it backward recomputes them (one more GEMM).
 constexpr int64_t kHeadKeepLogitsBytes = 64ll << 20;

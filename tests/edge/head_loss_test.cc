@@ -32,6 +32,11 @@ TEST_P(HeadLossTest, LossAndGradientMatchCrossEntropy) {
   targets[0] = 0;
   if (c.n > 2) targets[1] = std::min<int64_t>(kHeadBlockRows, c.vocab - 1);
   if (c.n > 3) targets[2] = c.vocab - 1;
+  // Edges of the smaller recompute blocks (multiples of 256 rows).
+  if (c.n > 5) {
+    targets[3] = std::min<int64_t>(256, c.vocab - 1);
+    targets[4] = std::min<int64_t>(512, c.vocab - 1);
+  }
   torch::Tensor base = torch::randn({c.n, c.h}) * 2.0;
 
   torch::Tensor h1 = base.clone().requires_grad_(true);
@@ -57,7 +62,11 @@ INSTANTIATE_TEST_SUITE_P(
                       Case{9, 16, 10000, false, torch::kFloat},        // recomputed in backward
                       Case{5, 24, 8193, true, torch::kBFloat16},       // bf16 head, 1-row tail
                       Case{5, 24, 8192, false, torch::kHalf},          // exact blocks, fp16
-                      Case{1, 8, 4097, true, torch::kFloat}));         // one position
+                      Case{1, 8, 4097, true, torch::kFloat},           // one position
+                      // 2048 positions: recompute blocks of 512 rows (kHeadRecomputeBlockBytes)
+                      Case{2048, 8, 1300, false, torch::kFloat},
+                      // kept 4096-wide block, its exp-sum taken 64 rows at a time
+                      Case{300, 8, 5000, true, torch::kFloat}));
 
 TEST(HeadLossTest, UnderAutocastTheProductsRunInBf16) {
   torch::manual_seed(12);
