@@ -16,6 +16,7 @@
 #include "common/crypto/crypto.h"
 #include "common/status/status.h"
 #include "edge-agent/attention.h"
+#include "edge-agent/fused_ops.h"
 #include "edge-agent/gemm.h"
 #include "edge-agent/head_loss.h"
 #include "nlohmann/json.hpp"
@@ -173,11 +174,6 @@ class WeightSource {
   std::map<std::string, Entry> views_;
   std::set<std::string> used_;
 };
-
-torch::Tensor RotateHalf(const torch::Tensor& x) {
-  const int64_t half = x.size(-1) / 2;
-  return torch::cat({-x.slice(-1, half), x.slice(-1, 0, half)}, -1);
-}
 
 torch::Tensor InvFreq(const ModelConfig& c) {
   const int64_t dim = c.head_dim;
@@ -515,8 +511,7 @@ torch::Tensor Model::Embed(const torch::Tensor& ids) const {
 }
 
 torch::Tensor Model::Rms(const torch::Tensor& x, const torch::Tensor& w) const {
-  torch::Tensor var = x.pow(2).mean(-1, /*keepdim=*/true);
-  return w * (x * torch::rsqrt(var + config_.rms_norm_eps));
+  return RmsNorm(x, w, config_.rms_norm_eps);
 }
 
 namespace {
@@ -567,8 +562,8 @@ torch::Tensor Model::Attention(const DecoderLayer& L, int index, const torch::Te
   q = q.reshape({B, T, nh, D}).transpose(1, 2);
   k = k.reshape({B, T, nkv, D}).transpose(1, 2);
   v = v.reshape({B, T, nkv, D}).transpose(1, 2);
-  q = q * cos + RotateHalf(q) * sin;
-  k = k * cos + RotateHalf(k) * sin;
+  q = Rope(q, cos, sin);
+  k = Rope(k, cos, sin);
   if (cache != nullptr) {
     auto& ck = cache->k[static_cast<size_t>(index)];
     auto& cv = cache->v[static_cast<size_t>(index)];
@@ -631,7 +626,7 @@ torch::Tensor Model::Mlp(const DecoderLayer& L, const torch::Tensor& h,
     gate = L.gate_proj.forward(h, gen);
     up = L.up_proj.forward(h, gen);
   }
-  return L.down_proj.forward(torch::silu(gate) * up, gen);
+  return L.down_proj.forward(SwiGlu(gate, up), gen);
 }
 
 torch::Tensor Model::Layer(size_t i, const torch::Tensor& x, const torch::Tensor& cos,

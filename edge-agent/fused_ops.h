@@ -1,0 +1,34 @@
+#pragma once
+// Element-wise pieces of the decoder layer as single autograd nodes that save
+// only what their backward needs.
+//
+// Written as plain libtorch ops, each of these makes autograd keep extra
+// full-size tensors for backward: RMSNorm keeps x * rstd, SwiGLU keeps
+// silu(gate), RoPE keeps rotate_half(x). These functions compute the same
+// forward with the same ops (results equal the composite's bit for bit) and
+// save only their inputs (and RMSNorm's per-row rstd); backward recomputes the
+// rest. At smollm135m shapes that is about 3.5 MB fewer per layer and 256
+// positions (docs/benchmarks.md).
+//
+// Contracts (tests/edge/fused_ops_test.cc checks values and gradients against
+// the composite ops, fp32 and bf16, and under CPU autocast):
+//  * RmsNorm(x, w, eps) = w * (x * rsqrt(mean(x^2, -1) + eps)); x [..., H],
+//    w [H]; gradients for x and, when it requires grad, w.
+//  * SwiGlu(gate, up) = silu(gate) * up, same shapes.
+//  * Rope(x, cos, sin) = x * cos + rotate_half(x) * sin, with rotate_half(x) =
+//    cat(-x[..., D/2:], x[..., :D/2]); x [..., T, D], cos and sin broadcast to
+//    it and get no gradient.
+// Each returns a tensor of the composite's dtype; the input gradients come back
+// in the inputs' dtypes.
+#include <torch/torch.h>
+
+namespace fedlora::edge {
+
+torch::Tensor RmsNorm(const torch::Tensor& x, const torch::Tensor& w, double eps);
+torch::Tensor SwiGlu(const torch::Tensor& gate, const torch::Tensor& up);
+torch::Tensor Rope(const torch::Tensor& x, const torch::Tensor& cos, const torch::Tensor& sin);
+
+// rotate_half(x) = cat(-x[..., D/2:], x[..., :D/2]).
+torch::Tensor RotateHalf(const torch::Tensor& x);
+
+}  // namespace fedlora::edge
