@@ -4,6 +4,8 @@
 
 #include "edge-agent/chat_template.h"
 
+#include <fstream>
+#include <sstream>
 #include <string>
 #include <vector>
 
@@ -115,102 +117,95 @@ TEST(ChatTemplateTest, UnknownNameListsTheKnownOnes) {
   EXPECT_THAT(std::string(t.status().message()), HasSubstr("llama3"));
 }
 
-// Published chat_template strings (abridged only where noted) of the reference models.
-const char kQwen2Template[] =
-    "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
-    "{{ '<|im_start|>system\\nYou are a helpful assistant.<|im_end|>\\n' }}{% endif %}"
-    "{{'<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n'}}"
-    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}";
-const char kSmolLm2Template[] =
-    "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
-    "{{ '<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging "
-    "Face<|im_end|>\n' }}"
-    "{% endif %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + "
-    "'\n'}}"
-    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}";
-const char kLlama3Template[] =
-    "{% set loop_messages = messages %}{% for message in loop_messages %}{% set content = "
-    "'<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n'+ message['content'] | "
-    "trim + "
-    "'<|eot_id|>' %}{% if loop.index0 == 0 %}{% set content = bos_token + content %}{% endif %}{{ "
-    "content }}"
-    "{% endfor %}{% if add_generation_prompt %}{{ "
-    "'<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{% endif %}";
-const char kPhi3Template[] =
-    "{% for message in messages %}{% if message['role'] == 'system' %}{{'<|system|>\n' + "
-    "message['content'] + "
-    "'<|end|>\n'}}{% elif message['role'] == 'user' %}{{'<|user|>\n' + message['content'] + "
-    "'<|end|>\n'}}{% elif "
-    "message['role'] == 'assistant' %}{{'<|assistant|>\n' + message['content'] + '<|end|>\n'}}{% "
-    "endif %}"
-    "{% endfor %}{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% else %}{{ eos_token }}{% "
-    "endif %}";
-const char kTinyLlamaTemplate[] =
-    "{% for message in messages %}\n{% if message['role'] == 'user' %}\n{{ '<|user|>\\n' + "
-    "message['content'] + "
-    "eos_token }}\n{% elif message['role'] == 'system' %}\n{{ '<|system|>\\n' + message['content'] "
-    "+ eos_token }}\n"
-    "{% elif message['role'] == 'assistant' %}\n{{ '<|assistant|>\\n'  + message['content'] + "
-    "eos_token }}\n"
-    "{% endif %}\n{% if loop.last and add_generation_prompt %}\n{{ '<|assistant|>' }}\n{% endif "
-    "%}\n{% endfor %}";
-const char kLlama2Template[] =
-    "{% if messages[0]['role'] == 'system' %}{% set loop_messages = messages[1:] %}{% set "
-    "system_message = "
-    "messages[0]['content'] %}{% else %}{% set loop_messages = messages %}{% set system_message = "
-    "false %}"
-    "{% endif %}{% for message in loop_messages %}{% if (message['role'] == 'user') != "
-    "(loop.index0 % 2 == 0) %}"
-    "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') "
-    "}}{% endif %}"
-    "{% if loop.index0 == 0 and system_message != false %}{% set content = '<<SYS>>\\n' + "
-    "system_message + "
-    "'\\n<</SYS>>\\n\\n' + message['content'] %}{% else %}{% set content = message['content'] %}{% "
-    "endif %}"
-    "{% if message['role'] == 'user' %}{{ bos_token + '[INST] ' + content.strip() + ' [/INST]' }}"
-    "{% elif message['role'] == 'assistant' %}{{ ' '  + content.strip() + ' ' + eos_token }}{% "
-    "endif %}{% endfor %}";
-const char kMistralTemplate[] =
-    "{{ bos_token }}{% for message in messages %}{% if (message['role'] == 'user') != (loop.index0 "
-    "% 2 == 0) %}"
-    "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') "
-    "}}{% endif %}"
-    "{% if message['role'] == 'user' %}{{ '[INST] ' + message['content'] + ' [/INST]' }}{% elif "
-    "message['role'] "
-    "== 'assistant' %}{{ message['content'] + eos_token + ' ' }}{% else %}{{ raise_exception('Only "
-    "user and "
-    "assistant roles are supported!') }}{% endif %}{% endfor %}";
+json ReadTestJson(const std::string& rel) {
+  std::ifstream in(std::string(FEDLORA_TESTDATA) + "/" + rel);
+  std::stringstream ss;
+  ss << in.rdbuf();
+  return json::parse(ss.str());
+}
+
+// A published chat_template string of a reference model (tests/data/chat/templates.json).
+std::string Published(const std::string& key) {
+  static const json templates = ReadTestJson("chat/templates.json").at("templates");
+  return templates.at(key).at("template").get<std::string>();
+}
+
+// FormatChat against Hugging Face's Jinja implementation (@huggingface/jinja)
+// rendering the published templates (tests/data/chat/chat_reference.json, made
+// by make_chat_reference.mjs beside it from templates.json): 7 templates x 9
+// conversations x add_generation_prompt. Where the template raises, FormatChat
+// must fail; where it silently drops a message of another role (Phi-3, Zephyr,
+// Llama-2, Mistral), FormatChat fails too, by contract (chat_template.h).
+TEST(ChatTemplateReferenceTest, MatchesTheJinjaRenderingOfThePublishedTemplates) {
+  const json templates = ReadTestJson("chat/templates.json").at("templates");
+  const json results = ReadTestJson("chat/chat_reference.json").at("results");
+  ASSERT_EQ(results.size(), templates.size());
+  int rendered = 0, refused = 0;
+  for (const auto& [key, entries] : results.items()) {
+    const json& t = templates.at(key);
+    auto tmpl = ChatTemplateByName(t.at("name").get<std::string>());
+    ASSERT_TRUE(tmpl.ok()) << key;
+    EXPECT_EQ(tmpl->bos_token, t.at("bos_token").get<std::string>()) << key;
+    EXPECT_EQ(tmpl->eos_token, t.at("eos_token").get<std::string>()) << key;
+    const bool drops_other_roles =
+        tmpl->family == ChatFamily::kPhi3 || tmpl->family == ChatFamily::kZephyr ||
+        tmpl->family == ChatFamily::kLlama2 || tmpl->family == ChatFamily::kMistral;
+    for (const auto& e : entries) {
+      std::vector<ChatMessage> messages;
+      bool other_role = false;
+      for (const auto& m : e.at("messages")) {
+        messages.push_back({m.at("role"), m.at("content")});
+        const std::string role = m.at("role");
+        other_role |= role != "system" && role != "user" && role != "assistant";
+      }
+      const bool gen = e.at("add_generation_prompt");
+      const std::string what = key + " " + e.at("messages").dump() + (gen ? " +gen" : "");
+      auto got = FormatChat(*tmpl, messages, gen);
+      if (e.contains("error") || (other_role && drops_other_roles)) {
+        EXPECT_FALSE(got.ok()) << what << " gave " << (got.ok() ? *got : "");
+        if (!got.ok()) EXPECT_EQ(got.status().code(), absl::StatusCode::kInvalidArgument) << what;
+        ++refused;
+      } else {
+        ASSERT_TRUE(got.ok()) << what << ": " << got.status();
+        EXPECT_EQ(*got, e.at("text").get<std::string>()) << what;
+        ++rendered;
+      }
+    }
+  }
+  EXPECT_GE(rendered, 100);
+  EXPECT_GE(refused, 10);
+}
 
 TEST(ChatTemplateConfigTest, DetectsFamiliesFromPublishedTemplates) {
-  EXPECT_EQ(DetectChatFamily(kQwen2Template).value(), ChatFamily::kChatMl);
-  EXPECT_EQ(DetectChatFamily(kSmolLm2Template).value(), ChatFamily::kChatMl);
-  EXPECT_EQ(DetectChatFamily(kLlama3Template).value(), ChatFamily::kLlama3);
-  EXPECT_EQ(DetectChatFamily(std::string(kLlama3Template) +
+  EXPECT_EQ(DetectChatFamily(Published("Qwen2")).value(), ChatFamily::kChatMl);
+  EXPECT_EQ(DetectChatFamily(Published("SmolLm2")).value(), ChatFamily::kChatMl);
+  EXPECT_EQ(DetectChatFamily(Published("Llama3")).value(), ChatFamily::kLlama3);
+  EXPECT_EQ(DetectChatFamily(Published("Llama3") +
                              "{{- \"Cutting Knowledge Date: December 2023\\n\" }}")
                 .value(),
             ChatFamily::kLlama31);
-  EXPECT_EQ(DetectChatFamily(kPhi3Template).value(), ChatFamily::kPhi3);
-  EXPECT_EQ(DetectChatFamily(kTinyLlamaTemplate).value(), ChatFamily::kZephyr);
-  EXPECT_EQ(DetectChatFamily(kLlama2Template).value(), ChatFamily::kLlama2);
-  EXPECT_EQ(DetectChatFamily(kMistralTemplate).value(), ChatFamily::kMistral);
+  EXPECT_EQ(DetectChatFamily(Published("Phi3")).value(), ChatFamily::kPhi3);
+  EXPECT_EQ(DetectChatFamily(Published("TinyLlama")).value(), ChatFamily::kZephyr);
+  EXPECT_EQ(DetectChatFamily(Published("Llama2")).value(), ChatFamily::kLlama2);
+  EXPECT_EQ(DetectChatFamily(Published("Mistral")).value(), ChatFamily::kMistral);
   EXPECT_EQ(DetectChatFamily("{{ messages }}").status().code(), absl::StatusCode::kUnimplemented);
 }
 
 TEST(ChatTemplateConfigTest, ReadsTokensAndDefaultSystemFromConfig) {
   json qwen = {
-      {"chat_template", kQwen2Template}, {"eos_token", "<|im_end|>"}, {"bos_token", nullptr}};
+      {"chat_template", Published("Qwen2")}, {"eos_token", "<|im_end|>"}, {"bos_token", nullptr}};
   auto t = ChatTemplateFromConfigJson(qwen.dump(), "qwen/tokenizer_config.json");
   ASSERT_TRUE(t.ok()) << t.status();
   EXPECT_EQ(t->default_system, "You are a helpful assistant.");
   EXPECT_EQ(Format(*t, {kUser1}, true), Format(ByName("qwen2"), {kUser1}, true));
 
-  json smol = {{"chat_template", kSmolLm2Template}};
+  json smol = {{"chat_template", Published("SmolLm2")}};
   t = ChatTemplateFromConfigJson(smol.dump(), "smol");
   ASSERT_TRUE(t.ok()) << t.status();
   EXPECT_EQ(t->default_system,
             "You are a helpful AI assistant named SmolLM, trained by Hugging Face");
 
-  json llama2 = {{"chat_template", kLlama2Template},
+  json llama2 = {{"chat_template", Published("Llama2")},
                  {"bos_token", {{"__type", "AddedToken"}, {"content", "<s>"}, {"lstrip", false}}},
                  {"eos_token", {{"content", "</s>"}}}};
   t = ChatTemplateFromConfigJson(llama2.dump(), "llama2");
@@ -222,7 +217,7 @@ TEST(ChatTemplateConfigTest, ReadsTokensAndDefaultSystemFromConfig) {
 
   json listed = {{"chat_template",
                   {{{"name", "tool_use"}, {"template", "{{ '[INST]' }}"}},
-                   {{"name", "default"}, {"template", kLlama3Template}}}},
+                   {{"name", "default"}, {"template", Published("Llama3")}}}},
                  {"bos_token", "<|begin_of_text|>"}};
   t = ChatTemplateFromConfigJson(listed.dump(), "listed");
   ASSERT_TRUE(t.ok()) << t.status();
@@ -238,7 +233,7 @@ TEST(ChatTemplateConfigTest, ErrorsNameFileAndField) {
   EXPECT_EQ(unknown.status().code(), absl::StatusCode::kUnimplemented);
   EXPECT_THAT(std::string(unknown.status().message()), HasSubstr("cfg.json"));
   auto bad_token = ChatTemplateFromConfigJson(
-      json({{"chat_template", kQwen2Template}, {"eos_token", 5}}).dump(), "cfg.json");
+      json({{"chat_template", Published("Qwen2")}, {"eos_token", 5}}).dump(), "cfg.json");
   EXPECT_THAT(std::string(bad_token.status().message()), HasSubstr("field \"eos_token\""));
   auto not_json = ChatTemplateFromConfigJson("{", "cfg.json");
   EXPECT_EQ(not_json.status().code(), absl::StatusCode::kInvalidArgument);
