@@ -311,6 +311,7 @@ class TorchTrainer final : public LocalTrainer {
     TrainOptions out = o;
     out.bf16_autocast = o.bf16_autocast || engine_.bf16_autocast;
     out.pack_sequences = o.pack_sequences || engine_.pack_sequences;
+    out.gradient_checkpointing = o.gradient_checkpointing || engine_.gradient_checkpointing;
     if (out.progress_every == 0) out.progress_every = engine_.progress_every;
     if (out.replay_fraction == 0 && out.replay.empty()) {
       out.replay_fraction = engine_.replay_fraction;

@@ -3,7 +3,7 @@
 //   fedlora-agent run --coordinator HOST:PORT --ca F --cert F --key F --model DIR
 //                     --data TRAIN.jsonl --eval HELDOUT.jsonl [--threads N]
 //                     [--max-offline SECONDS] [--seed S] [--max-seq-len N]
-//                     [--base-dtype fp32|bf16|fp16|int8|int4] [--bf16] [--pack]
+//                     [--base-dtype fp32|bf16|fp16|int8|int4] [--bf16] [--pack] [--grad-checkpoint]
 //                     [--progress-every N] [--replay GENERAL.jsonl --replay-fraction F]
 //                     [--forgetting-probe GENERAL.jsonl] [--eval-generate N]
 //   fedlora-agent model inspect|tokenize|logits|generate ...
@@ -58,6 +58,7 @@ struct RunFlags {
   std::string base_dtype = "fp32";
   bool bf16 = false;
   bool pack = false;
+  bool grad_checkpoint = false;
   int progress_every = 10;
   std::string replay;
   float replay_fraction = 0.1f;
@@ -108,6 +109,7 @@ int RunAgent(const RunFlags& flags) {
   engine.base_dtype = flags.base_dtype;
   engine.bf16_autocast = flags.bf16;
   engine.pack_sequences = flags.pack;
+  engine.gradient_checkpointing = flags.grad_checkpoint;
   engine.progress_every = flags.progress_every;
   engine.eval_generate_max_new_tokens = flags.eval_generate;
   if (!flags.replay.empty()) {
@@ -254,6 +256,10 @@ int main(int argc, char** argv) {
   run->add_flag("--pack", flags.pack,
                 "Pack several examples into each max-seq-len row (attention does not cross "
                 "examples; same loss, less padding)");
+  run->add_flag("--grad-checkpoint", flags.grad_checkpoint,
+                "Gradient checkpointing: keep each decoder layer's input (and its frozen "
+                "projections' outputs) and recompute the rest in backward; less memory, "
+                "some more compute");
   run->add_option("--progress-every", flags.progress_every,
                   "Print a progress line to stderr every N local training steps (0 = never)")
       ->capture_default_str()

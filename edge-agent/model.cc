@@ -652,6 +652,8 @@ std::vector<torch::Tensor> Model::LayerLoraTensors(size_t i) const {
 
 namespace {
 
+std::atomic<int64_t> g_checkpoint_recomputes{0};
+
 // One decoder layer whose forward keeps only its input: backward runs the
 // layer again with grad enabled (and the same dropout draws, from a copy of
 // the generator taken before the forward) and backpropagates through that.
@@ -691,6 +693,7 @@ class CheckpointedLayerFn : public torch::autograd::Function<CheckpointedLayerFn
 
   static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
                                                  torch::autograd::variable_list grads) {
+    g_checkpoint_recomputes.fetch_add(1, std::memory_order_relaxed);
     const torch::Tensor x = ctx->get_saved_variables()[0];
     const auto* model =
         reinterpret_cast<const Model*>(static_cast<intptr_t>(ctx->saved_data["model"].toInt()));
@@ -741,6 +744,8 @@ class CheckpointedLayerFn : public torch::autograd::Function<CheckpointedLayerFn
 };
 
 }  // namespace
+
+int64_t Model::CheckpointRecomputeCount() { return g_checkpoint_recomputes.load(); }
 
 torch::Tensor Model::CheckpointedLayer(size_t i, const torch::Tensor& x, const torch::Tensor& cos,
                                        const torch::Tensor& sin, torch::Generator* gen,

@@ -129,6 +129,9 @@ class Model {
   bool gradient_checkpointing() const { return gradient_checkpointing_; }
   void set_checkpoint_keeps_gemm_outputs(bool on) { checkpoint_keeps_gemm_outputs_ = on; }
   bool checkpoint_keeps_gemm_outputs() const { return checkpoint_keeps_gemm_outputs_; }
+  // Decoder layers recomputed in backward under gradient checkpointing, by
+  // every Model of the process since it started (for tests and diagnostics).
+  static int64_t CheckpointRecomputeCount();
 
   // Fused causal attention (edge-agent/attention.h) for forwards without a packing
   // mask or a KV-cache prefix: on by default; off runs the plain matmul / softmax

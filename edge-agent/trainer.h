@@ -173,8 +173,8 @@ class LocalTrainer {
 
 // Device-local settings of the engine, applied to every call on top of what
 // the caller (the agent, per round) asks for:
-//  * bf16_autocast / pack_sequences: on when either the call's TrainOptions or
-//    these ask for it;
+//  * bf16_autocast / pack_sequences / gradient_checkpointing: on when either
+//    the call's TrainOptions or these ask for it;
 //  * progress_every: used when the call's TrainOptions.progress_every is 0;
 //  * replay / replay_fraction, forgetting_probe: used when the call's
 //    TrainOptions leave them empty / 0;
@@ -185,6 +185,7 @@ struct EngineOptions {
   std::string base_dtype = "fp32";
   bool bf16_autocast = false;
   bool pack_sequences = false;
+  bool gradient_checkpointing = false;
   int progress_every = 0;
   float replay_fraction = 0.0f;
   std::vector<Example> replay;

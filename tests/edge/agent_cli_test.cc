@@ -77,7 +77,8 @@ TEST_F(AgentCliTest, MissingFlagsAndFilesAreRefused) {
 TEST_F(AgentCliTest, TrainingAndEvaluationFlags) {
   Result help = RunAgentCli("run --help");
   EXPECT_EQ(help.exit_code, 0);
-  for (const char* flag : {"--bf16", "--pack", "--progress-every", "--replay", "--replay-fraction",
+  for (const char* flag : {"--bf16", "--pack", "--grad-checkpoint", "--progress-every", "--replay",
+                           "--replay-fraction",
                            "--forgetting-probe", "--eval-generate", "--base-dtype"}) {
     EXPECT_THAT(help.output, HasSubstr(flag));
   }

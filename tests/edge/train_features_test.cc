@@ -592,6 +592,42 @@ TEST(Bf16AutocastTest, EngineOptionTurnsItOn) {
   EXPECT_NEAR(a->mean_loss, b->mean_loss, 0.05 * b->mean_loss);
 }
 
+// The agent's --grad-checkpoint: the engine setting turns checkpointing on for
+// every Train call (each decoder layer recomputed once per micro-batch in
+// backward) and training reaches the same adapter.
+TEST(GradCheckpointEngineTest, EngineOptionTurnsItOnWithTheSameResult) {
+  EngineOptions opts;
+  opts.threads = 1;
+  opts.gradient_checkpointing = true;
+  auto t = LoadTrainer(FixtureDir("llama"), opts);
+  ASSERT_TRUE(t.ok()) << t.status();
+  ASSERT_TRUE((*t)->InitAdapter(SmallLora()).ok());
+  auto u = Load();
+  ASSERT_TRUE(u->InitAdapter(SmallLora()).ok());
+  const TrainOptions o = Options();
+
+  const int64_t before = Model::CheckpointRecomputeCount();
+  auto a = (*t)->Train(Data(), o);
+  const int64_t during_a = Model::CheckpointRecomputeCount() - before;
+  auto b = u->Train(Data(), o);
+  const int64_t during_b = Model::CheckpointRecomputeCount() - before - during_a;
+  ASSERT_TRUE(a.ok() && b.ok());
+  EXPECT_EQ(during_a, o.steps * 2);  // 6 steps x the fixture's 2 layers
+  EXPECT_EQ(during_b, 0);
+  EXPECT_NEAR(a->mean_loss, b->mean_loss, 1e-5 * b->mean_loss);
+  const common::TensorMap wa = Adapter(**t), wb = Adapter(*u);
+  ASSERT_EQ(wa.size(), wb.size());
+  for (const auto& [name, ta] : wa) {
+    const common::HostTensor& tb = wb.at(name);
+    ASSERT_EQ(ta.data.size(), tb.data.size()) << name;
+    double diff = 0;
+    for (size_t i = 0; i < ta.data.size(); ++i) {
+      diff = std::max(diff, static_cast<double>(std::abs(ta.data[i] - tb.data[i])));
+    }
+    EXPECT_LT(diff, 1e-5) << name;
+  }
+}
+
 TEST(ProgressTest, EngineOptionPrintsProgressToStderr) {
   // What `fedlora-agent run --progress-every N` sets: the agent's per-round
   // TrainOptions leave progress_every 0.
