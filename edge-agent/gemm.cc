@@ -22,10 +22,11 @@ std::atomic<int64_t> g_onednn_calls{0};
 // A matmul dst[M, N] = src[M, K] * wei[K, N]: src and dst row-major and dense,
 // wei given by its two strides (row-major or column-major view of w).
 struct Key {
-  int64_t m, k, n, wei_stride0, wei_stride1;
+  int64_t m, k, n, wei_stride0, wei_stride1, src_stride0, src_stride1;
   bool operator<(const Key& o) const {
-    return std::array<int64_t, 5>{m, k, n, wei_stride0, wei_stride1} <
-           std::array<int64_t, 5>{o.m, o.k, o.n, o.wei_stride0, o.wei_stride1};
+    return std::array<int64_t, 7>{m, k, n, wei_stride0, wei_stride1, src_stride0, src_stride1} <
+           std::array<int64_t, 7>{o.m,           o.k,           o.n,          o.wei_stride0,
+                                  o.wei_stride1, o.src_stride0, o.src_stride1};
   }
 };
 
@@ -55,23 +56,23 @@ bool Applies(const at::Tensor& a, const at::Tensor& w) {
   return w.stride(0) == 1 || w.stride(1) == 1;
 }
 
-// dst[M, N] = a2[M, K] * wei where wei[k][n] is at wei_ptr + k * s0 + n * s1.
-void Run(const at::Tensor& a2, const float* wei_ptr, int64_t n, int64_t s0, int64_t s1,
-         at::Tensor& dst) {
-  const int64_t m = a2.size(0), k = a2.size(1);
+// dst[M, N] (dense, row-major) = src[M, K] * wei[K, N], where src[m][k] is at
+// src_ptr + m * a0 + k * a1 and wei[k][n] at wei_ptr + k * s0 + n * s1.
+void Run(const float* src_ptr, int64_t m, int64_t k, int64_t a0, int64_t a1,
+         const float* wei_ptr, int64_t n, int64_t s0, int64_t s1, at::Tensor& dst) {
   ThreadState& st = State();
   using dt = dnnl::memory::data_type;
-  const dnnl::memory::desc src({m, k}, dt::f32, dnnl::memory::dims{k, 1});
+  const dnnl::memory::desc src({m, k}, dt::f32, dnnl::memory::dims{a0, a1});
   const dnnl::memory::desc wei({k, n}, dt::f32, dnnl::memory::dims{s0, s1});
   const dnnl::memory::desc out({m, n}, dt::f32, dnnl::memory::dims{n, 1});
-  const Key key{m, k, n, s0, s1};
+  const Key key{m, k, n, s0, s1, a0, a1};
   auto it = st.primitives.find(key);
   if (it == st.primitives.end()) {
     dnnl::matmul::primitive_desc pd(dnnl::matmul::desc(src, wei, out), st.engine);
     if (st.primitives.size() >= kMaxPrimitives) st.primitives.clear();
     it = st.primitives.emplace(key, dnnl::matmul(pd)).first;
   }
-  dnnl::memory src_m(src, st.engine, const_cast<float*>(a2.data_ptr<float>()));
+  dnnl::memory src_m(src, st.engine, const_cast<float*>(src_ptr));
   dnnl::memory wei_m(wei, st.engine, const_cast<float*>(wei_ptr));
   dnnl::memory dst_m(out, st.engine, dst.data_ptr<float>());
   it->second.execute(st.stream,
@@ -89,7 +90,7 @@ at::Tensor Product(const at::Tensor& a, const at::Tensor& w, int64_t n, int64_t 
   shape.back() = n;
   at::Tensor out = at::empty(shape, a.options());
   at::Tensor out2 = out.view({a2.size(0), n});
-  Run(a2, w.data_ptr<float>(), n, s0, s1, out2);
+  Run(a2.data_ptr<float>(), a2.size(0), k, k, 1, w.data_ptr<float>(), n, s0, s1, out2);
   return out;
 }
 
@@ -108,6 +109,25 @@ at::Tensor MatmulNT(const at::Tensor& x, const at::Tensor& w) {
     return Product(x, w, w.size(0), w.stride(1), w.stride(0));
   } catch (const dnnl::error&) {
     return at::matmul(x, w.t());  // a shape or layout oneDNN refused
+  }
+}
+
+at::Tensor MatmulTN(const at::Tensor& a, const at::Tensor& b) {
+  auto fallback = [&] { return at::matmul(a.reshape({-1, a.size(-1)}).t(), b.reshape({-1, b.size(-1)})); };
+  if (!Applies(a, b.reshape({-1, b.size(-1)})) || b.dim() < 1 ||
+      a.numel() / a.size(-1) != b.numel() / b.size(-1)) {
+    return fallback();
+  }
+  try {
+    at::Tensor a2 = a.reshape({-1, a.size(-1)}).contiguous();  // [N, M]
+    at::Tensor b2 = b.reshape({-1, b.size(-1)}).contiguous();  // [N, K]
+    const int64_t rows = a2.size(0), m = a2.size(1), k = b2.size(1);
+    at::Tensor out = at::empty({m, k}, a.options());
+    // src = a2^T [M, N]: src[m][r] = a2[r][m]; wei = b2 [N, K] row-major.
+    Run(a2.data_ptr<float>(), m, rows, 1, m, b2.data_ptr<float>(), k, k, 1, out);
+    return out;
+  } catch (const dnnl::error&) {
+    return fallback();
   }
 }
 

@@ -13,6 +13,10 @@
 //    (result [..., N]); MatmulNN(g, w) == torch::matmul(g, w) for g [..., N]
 //    and w [N, K] (result [..., K]). Both to fp32 rounding (the summation order
 //    differs from BLAS; tests bound the difference).
+//  * MatmulTN(a, b) == a2^T b2 for a [..., M] and b [..., K] with the same
+//    leading dims, flattened to a2 [R, M] and b2 [R, K] (result [M, K]): the
+//    weight gradient of a product over R rows. oneDNN reads a2 transposed in
+//    place (no copy).
 //  * oneDNN runs when both operands are fp32 CPU tensors, w is 2-D with a unit
 //    stride in either dimension, CPU autocast is off and the backend is
 //    kOnednn; otherwise the torch::matmul result is returned (autocast then
@@ -54,5 +58,6 @@ int64_t OnednnGemmCount();
 
 at::Tensor MatmulNT(const at::Tensor& x, const at::Tensor& w);
 at::Tensor MatmulNN(const at::Tensor& g, const at::Tensor& w);
+at::Tensor MatmulTN(const at::Tensor& a, const at::Tensor& b);
 
 }  // namespace fedlora::edge

@@ -6,6 +6,7 @@
 
 #include <ATen/autocast_mode.h>
 
+#include <atomic>
 #include <cmath>
 #include <optional>
 #include <set>
@@ -491,6 +492,48 @@ torch::Tensor LoraLinear::DenseWeight() const {
   return DequantizeWeight(weight, weight_scale, int4_in);
 }
 
+namespace {
+
+// The LoRA branch (x A^T) B^T * scale as one autograd node whose four
+// products (forward two, backward up to four) run on oneDNN (gemm.h): through
+// autograd's matmul they ran on OpenBLAS, which packs the whole activation for
+// a product only r columns wide. Saves x (the caller keeps it anyway) and the
+// [..., r] intermediate. fp32 only, autocast off (LoraDeltaApplies).
+class LoraDeltaFn : public torch::autograd::Function<LoraDeltaFn> {
+ public:
+  static torch::Tensor forward(torch::autograd::AutogradContext* ctx, const torch::Tensor& x,
+                               const torch::Tensor& a, const torch::Tensor& b, double scale) {
+    torch::Tensor h = MatmulNT(x, a);  // [..., r]
+    ctx->save_for_backward({x, a, b, h});
+    ctx->saved_data["scale"] = scale;
+    return MatmulNT(h, b).mul_(scale);
+  }
+
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grads) {
+    const auto saved = ctx->get_saved_variables();
+    const torch::Tensor &x = saved[0], &a = saved[1], &b = saved[2], &h = saved[3];
+    const double scale = ctx->saved_data["scale"].toDouble();
+    const torch::Tensor g = grads[0].contiguous();
+    torch::Tensor gx, ga, gb;
+    if (ctx->needs_input_grad(2)) gb = MatmulTN(g, h).mul_(scale);  // [out, r]
+    if (ctx->needs_input_grad(0) || ctx->needs_input_grad(1)) {
+      torch::Tensor gh = MatmulNN(g, b).mul_(scale);  // [..., r]
+      if (ctx->needs_input_grad(1)) ga = MatmulTN(gh, x);  // [r, in]
+      if (ctx->needs_input_grad(0)) gx = MatmulNN(gh, a);  // [..., in]
+    }
+    return {gx, ga, gb, torch::Tensor()};
+  }
+};
+
+bool LoraDeltaApplies(const torch::Tensor& x, const torch::Tensor& a, const torch::Tensor& b) {
+  return gemm_backend() == GemmBackend::kOnednn && !at::autocast::is_cpu_enabled() &&
+         x.scalar_type() == torch::kFloat && a.scalar_type() == torch::kFloat &&
+         b.scalar_type() == torch::kFloat && x.dim() >= 1 && x.numel() > 0;
+}
+
+}  // namespace
+
 torch::Tensor LoraLinear::forward(const torch::Tensor& x, torch::Generator* dropout_gen) const {
   torch::Tensor y = FrozenMatmul(x, weight, weight_scale, int4_in);
   if (bias.defined()) y = y + bias;
@@ -500,7 +543,11 @@ torch::Tensor LoraLinear::forward(const torch::Tensor& x, torch::Generator* drop
       torch::Tensor keep = torch::empty_like(x).bernoulli_(1.0 - dropout, *dropout_gen);
       xin = x * keep / (1.0 - dropout);
     }
-    y = y + torch::matmul(torch::matmul(xin, lora_a.t()), lora_b.t()) * scale;
+    if (LoraDeltaApplies(xin, lora_a, lora_b)) {
+      y = y + LoraDeltaFn::apply(xin, lora_a, lora_b, scale);
+    } else {
+      y = y + torch::matmul(torch::matmul(xin, lora_a.t()), lora_b.t()) * scale;
+    }
   }
   return y;
 }

@@ -4,6 +4,9 @@
 #include <ATen/autocast_mode.h>
 #include <torch/torch.h>
 
+#include <array>
+#include <vector>
+
 #include "gtest/gtest.h"
 
 namespace fedlora::edge {
@@ -64,6 +67,29 @@ TEST(GemmTest, BatchedAndNonContiguousInputs) {
   torch::Tensor block = big.slice(0, 30, 70);
   EXPECT_LT((MatmulNT(x, block) - torch::matmul(x, block.t())).abs().max().item<double>(),
             Tol(40));
+}
+
+// MatmulTN: the weight gradient of a product over R rows, a2^T b2.
+TEST(GemmTest, TransposedLeftOperandMatchesTorch) {
+  torch::manual_seed(6);
+  for (const auto& [rows, m, k] : std::vector<std::array<int64_t, 3>>{
+           {1024, 688, 8}, {1024, 8, 256}, {256, 576, 8}, {37, 13, 61}, {1, 5, 3}}) {
+    torch::Tensor a = torch::randn({rows, m});
+    torch::Tensor b = torch::randn({rows, k});
+    const int64_t before = OnednnGemmCount();
+    torch::Tensor out = MatmulTN(a, b);
+    EXPECT_EQ(OnednnGemmCount() - before, 1) << rows << "x" << m << "x" << k;
+    ASSERT_EQ(out.sizes(), (std::vector<int64_t>{m, k}));
+    EXPECT_LT((out - torch::matmul(a.t(), b)).abs().max().item<double>(), Tol(rows));
+  }
+  // Leading dimensions flatten into rows; a non-contiguous operand is fine.
+  torch::Tensor a3 = torch::randn({2, 6, 9}).transpose(0, 1);  // [6, 2, 9]
+  torch::Tensor b3 = torch::randn({6, 2, 4});
+  torch::Tensor ref = torch::matmul(a3.reshape({12, 9}).t(), b3.reshape({12, 4}));
+  EXPECT_LT((MatmulTN(a3, b3) - ref).abs().max().item<double>(), Tol(12));
+  // The torch fallback gives the same.
+  GemmBackendScope torch_only(GemmBackend::kTorch);
+  EXPECT_LT((MatmulTN(a3, b3) - ref).abs().max().item<double>(), 1e-5);
 }
 
 TEST(GemmTest, OneDnnAndTorchBackendsAgreeAndBackendSwitches) {

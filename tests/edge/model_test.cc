@@ -6,6 +6,7 @@
 #include <string>
 
 #include "common/crypto/crypto.h"
+#include "edge-agent/gemm.h"
 #include "edge-agent/lora.h"
 #include "edge-agent/model_config.h"
 #include "edge-agent/peft.h"
@@ -826,6 +827,55 @@ TEST(ArchitectureTest, MistralMatchesLlamaAndSlidingWindowMasks) {
   EXPECT_LT((torch::cat(steps, 1) - full).abs().max().item<double>(), 1e-4);
   // Packed rows apply the window within each example too.
   ExpectPackedMatchesSeparate(*sw);
+}
+
+}  // namespace
+}  // namespace fedlora::edge
+
+namespace fedlora::edge {
+namespace {
+
+// The LoRA branch runs as one node on oneDNN (fp32, autocast off); with the
+// torch backend it runs on autograd's matmuls. Same values and gradients for
+// x, A and B, and a frozen A (FFA-LoRA) gets none.
+TEST(LoraBranchTest, OneDnnNodeMatchesTheTorchPath) {
+  torch::manual_seed(21);
+  LoraLinear l;
+  l.weight = torch::randn({48, 40}) * 0.1;
+  l.lora_a = (torch::randn({4, 40}) * 0.2).requires_grad_(true);
+  l.lora_b = (torch::randn({48, 4}) * 0.2).requires_grad_(true);
+  l.scale = 2.0;
+  const torch::Tensor x0 = torch::randn({3, 7, 40});
+  const torch::Tensor up = torch::randn({3, 7, 48});
+  auto run = [&](GemmBackend backend) {
+    GemmBackendScope scope(backend);
+    torch::Tensor x = x0.clone().requires_grad_(true);
+    l.lora_a.mutable_grad() = torch::Tensor();
+    l.lora_b.mutable_grad() = torch::Tensor();
+    torch::Tensor y = l.forward(x);
+    y.backward(up);
+    return std::vector<torch::Tensor>{y.detach(), x.grad(), l.lora_a.grad().clone(),
+                                      l.lora_b.grad().clone()};
+  };
+  const int64_t before = OnednnGemmCount();
+  const auto fast = run(GemmBackend::kOnednn);
+  // base forward + input gradient (2), LoRA forward (2) and backward (4).
+  EXPECT_EQ(OnednnGemmCount() - before, 8);
+  const auto ref = run(GemmBackend::kTorch);
+  const char* names[] = {"y", "grad x", "grad A", "grad B"};
+  for (size_t i = 0; i < ref.size(); ++i) {
+    const double scale = ref[i].abs().max().item<double>();
+    EXPECT_LT((fast[i] - ref[i]).abs().max().item<double>(), 1e-5 * scale + 1e-6) << names[i];
+  }
+  // A frozen: only B (and x) get gradients.
+  l.lora_a = l.lora_a.detach();
+  torch::Tensor x = x0.clone().requires_grad_(true);
+  l.lora_b.mutable_grad() = torch::Tensor();
+  l.forward(x).backward(up);
+  EXPECT_FALSE(l.lora_a.grad().defined());
+  EXPECT_LT((l.lora_b.grad() - ref[3]).abs().max().item<double>(),
+            1e-5 * ref[3].abs().max().item<double>());
+  EXPECT_LT((x.grad() - ref[1]).abs().max().item<double>(), 1e-5 * ref[1].abs().max().item<double>());
 }
 
 }  // namespace
