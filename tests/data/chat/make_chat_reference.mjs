@@ -10,16 +10,12 @@
 //   NODE_PATH=/tmp/hfjs/node_modules node tests/data/chat/make_chat_reference.mjs
 import fs from "fs";
 import path from "path";
-import { createRequire } from "module";
 import { fileURLToPath } from "url";
 
+import { loadPackage } from "../hfjs.mjs";
+
 const here = path.dirname(fileURLToPath(import.meta.url));
-const require = createRequire(process.env.NODE_PATH ? process.env.NODE_PATH + "/" : import.meta.url);
-const { Template } = require("@huggingface/jinja");
-const entry = require.resolve("@huggingface/jinja");
-const version = JSON.parse(
-  fs.readFileSync(path.join(entry.slice(0, entry.lastIndexOf("/dist/")), "package.json"), "utf8"),
-).version;
+const { module: { Template }, version } = loadPackage("@huggingface/jinja");
 
 const m = (role, content) => ({ role, content });
 const conversations = [

@@ -11,16 +11,12 @@
 //   NODE_PATH=/tmp/hfjs/node_modules node tests/data/tokenizers/make_sp_reference.mjs
 import fs from "fs";
 import path from "path";
-import { createRequire } from "module";
 import { fileURLToPath } from "url";
 
+import { loadPackage } from "../hfjs.mjs";
+
 const here = path.dirname(fileURLToPath(import.meta.url));
-const require = createRequire(process.env.NODE_PATH ? process.env.NODE_PATH + "/" : import.meta.url);
-const { Tokenizer } = require("@huggingface/tokenizers");
-const entry = require.resolve("@huggingface/tokenizers");
-const version = JSON.parse(
-  fs.readFileSync(path.join(entry.slice(0, entry.lastIndexOf("/dist/")), "package.json"), "utf8"),
-).version;
+const { module: { Tokenizer }, version } = loadPackage("@huggingface/tokenizers");
 
 const read = (p) => JSON.parse(fs.readFileSync(p, "utf8"));
 const decode = (tok, ids, skip) => (ids.length ? tok.decode(ids, { skip_special_tokens: skip }) : "");
