@@ -212,16 +212,25 @@ std::string ShapeStr(const std::vector<int64_t>& s) {
 absl::StatusOr<LlamaHParams> ReadLlamaHParams(const std::string& path) {
   ASSIGN_OR_RETURN(nlohmann::json j, ReadJson(path));
   const std::string model_type = j.value("model_type", "");
-  if (model_type != "llama" && model_type != "qwen2") {
-    return absl::InvalidArgumentError(absl::StrCat(
-        path, ": field 'model_type': expected \"llama\" or \"qwen2\", found \"", model_type, "\""));
+  if (model_type != "llama" && model_type != "qwen2" && model_type != "mistral" &&
+      model_type != "phi3") {
+    return absl::InvalidArgumentError(
+        absl::StrCat(path,
+                     ": field 'model_type': expected \"llama\", \"mistral\", \"qwen2\" or "
+                     "\"phi3\", found \"",
+                     model_type, "\""));
   }
   LlamaHParams hp;
-  hp.arch = model_type;
+  // Mistral is llama.cpp's llama architecture (its converter does the same).
+  hp.arch = model_type == "mistral" ? "llama" : model_type;
   hp.qkv_bias = model_type == "qwen2" || j.value("attention_bias", false);
-  if (model_type == "llama" && hp.qkv_bias) {
-    return absl::InvalidArgumentError(absl::StrCat(
-        path, ": field 'attention_bias': llama.cpp's llama architecture has no q/k/v biases"));
+  if (hp.qkv_bias && model_type != "qwen2") {
+    return absl::InvalidArgumentError(
+        absl::StrCat(path, ": field 'attention_bias': llama.cpp's ", hp.arch,
+                     " architecture has no q/k/v biases"));
+  }
+  if (hp.arch == "phi3" && j.contains("sliding_window") && j["sliding_window"].is_number_integer()) {
+    hp.sliding_window = j["sliding_window"].get<int64_t>();
   }
   ASSIGN_OR_RETURN(hp.n_vocab, IntField(j, path, "vocab_size", 1));
   ASSIGN_OR_RETURN(hp.n_embd, IntField(j, path, "hidden_size", 1));
@@ -275,6 +284,11 @@ absl::StatusOr<LlamaHParams> ReadLlamaHParams(const std::string& path) {
         rt = sc[key].get<std::string>();
         break;
       }
+    }
+    if (rt != "default" && rt != "llama3") {
+      return absl::InvalidArgumentError(
+          absl::StrCat(path, ": field '", scaling_field, ".rope_type': \"", rt,
+                       "\" RoPE scaling is not supported (\"default\" or \"llama3\")"));
     }
     if (rt == "llama3") {
       if (hp.arch != "llama") {
@@ -393,6 +407,9 @@ absl::StatusOr<std::string> LlamaGgufTensorName(const std::string& hf) {
       {"mlp.gate_proj.weight", "ffn_gate.weight"},
       {"mlp.up_proj.weight", "ffn_up.weight"},
       {"mlp.down_proj.weight", "ffn_down.weight"},
+      // Phi-3's fused projections.
+      {"self_attn.qkv_proj.weight", "attn_qkv.weight"},
+      {"mlp.gate_up_proj.weight", "ffn_up.weight"},
   };
   const std::string kPrefix = "model.layers.";
   if (hf.rfind(kPrefix, 0) == 0) {
@@ -468,6 +485,9 @@ absl::StatusOr<GgufWriter> BuildLlamaGguf(const std::string& hf_dir, const Llama
   w.Set(a + ".rope.freq_base", GgufValue::F32(static_cast<float>(hp.rope_theta)));
   w.Set(a + ".rope.dimension_count", GgufValue::U32(static_cast<uint32_t>(hp.head_dim)));
   w.Set(a + ".attention.layer_norm_rms_epsilon", GgufValue::F32(static_cast<float>(hp.rms_eps)));
+  if (hp.sliding_window > 0) {
+    w.Set(a + ".attention.sliding_window", GgufValue::U32(static_cast<uint32_t>(hp.sliding_window)));
+  }
   RETURN_IF_ERROR(AddTokenizer(&w, hf_dir + "/tokenizer.json", hp));
   if (hp.rope_llama3) {
     // llama.cpp's converter emits it first, before the weights; always F32.
@@ -492,6 +512,8 @@ absl::StatusOr<GgufWriter> BuildLlamaGguf(const std::string& hf_dir, const Llama
     if (ends("attn_q.weight")) return {q_rows, hp.n_embd};
     if (ends("attn_k.weight") || ends("attn_v.weight")) return {kv_rows, hp.n_embd};
     if (ends("attn_output.weight")) return {hp.n_embd, q_rows};
+    if (ends("attn_qkv.weight")) return {q_rows + 2 * kv_rows, hp.n_embd};
+    if (hp.arch == "phi3" && ends("ffn_up.weight")) return {2 * hp.n_ff, hp.n_embd};
     if (ends("ffn_gate.weight") || ends("ffn_up.weight")) return {hp.n_ff, hp.n_embd};
     if (ends("ffn_down.weight")) return {hp.n_embd, hp.n_ff};
     return {};
@@ -505,7 +527,18 @@ absl::StatusOr<GgufWriter> BuildLlamaGguf(const std::string& hf_dir, const Llama
       {"attn_output", "self_attn.o_proj"}, {"ffn_norm", "post_attention_layernorm"},
       {"ffn_gate", "mlp.gate_proj"},       {"ffn_up", "mlp.up_proj"},
       {"ffn_down", "mlp.down_proj"}};
-  for (int64_t l = 0; l < hp.n_layer; ++l) {
+  // Phi-3: fused q/k/v and gate/up (llama.cpp's phi3 splits them when it loads).
+  static const char* kPhi3Block[][2] = {
+      {"attn_norm", "input_layernorm"},  {"attn_qkv", "self_attn.qkv_proj"},
+      {"attn_output", "self_attn.o_proj"}, {"ffn_norm", "post_attention_layernorm"},
+      {"ffn_up", "mlp.gate_up_proj"},    {"ffn_down", "mlp.down_proj"}};
+  for (int64_t l = 0; l < hp.n_layer && hp.arch == "phi3"; ++l) {
+    for (const auto& b : kPhi3Block) {
+      order.emplace_back(absl::StrCat("blk.", l, ".", b[0], ".weight"),
+                         absl::StrCat("model.layers.", l, ".", b[1], ".weight"));
+    }
+  }
+  for (int64_t l = 0; l < hp.n_layer && hp.arch != "phi3"; ++l) {
     for (const auto& b : kBlock) {
       order.emplace_back(absl::StrCat("blk.", l, ".", b[0], ".weight"),
                          absl::StrCat("model.layers.", l, ".", b[1], ".weight"));

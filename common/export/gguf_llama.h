@@ -1,9 +1,16 @@
 #pragma once
 // Hugging Face Llama-family checkpoints -> llama.cpp GGUF files, torch-free.
 //
-// Input: an HF model directory with config.json (model_type "llama", or
-// "qwen2": same layout plus q/k/v biases, keys prefixed "qwen2.", no Q/K
-// permutation since llama.cpp's qwen2 uses NEOX RoPE like HF),
+// Input: an HF model directory with config.json (model_type "llama";
+// "mistral", written as llama.cpp's llama architecture like llama.cpp's own
+// converter does, so a sliding_window is not carried and llama.cpp attends to
+// the whole context; "qwen2": same layout plus q/k/v biases, keys prefixed
+// "qwen2.", no Q/K permutation since llama.cpp's qwen2 uses NEOX RoPE like HF;
+// "phi3": keys prefixed "phi3.", fused blk.N.attn_qkv ([q; k; v] rows) and
+// blk.N.ffn_up ([gate; up] rows, 2 x feed_forward_length) instead of
+// attn_q/k/v and ffn_gate/up, no permutation (NEOX RoPE), and
+// phi3.attention.sliding_window when config.json has one; other RoPE scaling
+// than "default" / "llama3" is refused),
 // model.safetensors (F32/F16/BF16) and tokenizer.json (byte-level BPE).
 //
 // Base / merged model GGUF (what llama.cpp's convert_hf_to_gguf.py writes for
@@ -55,7 +62,9 @@
 namespace fedlora::common {
 
 struct LlamaHParams {
-  std::string arch = "llama";  // "llama" or "qwen2" (config.json model_type)
+  std::string arch = "llama";  // GGUF architecture: "llama" (model_type llama or mistral),
+                               // "qwen2" or "phi3"
+  int64_t sliding_window = 0;  // phi3 only (carried as phi3.attention.sliding_window); 0 = none
   bool qkv_bias = false;       // q/k/v projections carry biases (qwen2)
   int64_t n_vocab = 0;
   int64_t n_embd = 0;
@@ -78,7 +87,7 @@ struct LlamaHParams {
   int64_t eos_id = -1;
 };
 
-// Parses config.json (model_type "llama" or "qwen2"). RoPE: rope_type
+// Parses config.json (model_type "llama", "mistral", "qwen2" or "phi3"). RoPE: rope_type
 // "default", or "llama3" (llama only) with factor, low_freq_factor,
 // high_freq_factor (> low_freq_factor) and original_max_position_embeddings
 // all given, in rope_scaling or (transformers >= 5) rope_parameters.

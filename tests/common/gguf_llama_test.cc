@@ -319,9 +319,35 @@ TEST(GgufLlamaTest, RejectsUnsupportedCheckpoints) {
   LlamaGgufOptions opt;
   {
     FixtureCopy c;
-    c.EditJson("config.json", [](nlohmann::json* j) { (*j)["model_type"] = "mistral"; });
+    c.EditJson("config.json", [](nlohmann::json* j) { (*j)["model_type"] = "gemma"; });
     EXPECT_THAT(BuildLlamaGguf(c.dir(), opt).status(),
                 StatusIs(absl::StatusCode::kInvalidArgument, HasSubstr("'model_type'")));
+  }
+  {
+    // Phi-3 wants the fused projections; the Llama layout is missing them.
+    FixtureCopy c;
+    c.EditJson("config.json", [](nlohmann::json* j) { (*j)["model_type"] = "phi3"; });
+    EXPECT_THAT(BuildLlamaGguf(c.dir(), opt).status(),
+                StatusIs(absl::StatusCode::kInvalidArgument,
+                         HasSubstr("missing tensor 'model.layers.0.self_attn.qkv_proj.weight'")));
+  }
+  {
+    // Phi-3-128k's longrope is not supported; mistral has no q/k/v biases in llama.cpp.
+    FixtureCopy c;
+    c.EditJson("config.json", [](nlohmann::json* j) {
+      (*j)["model_type"] = "phi3";
+      (*j)["rope_scaling"] = {{"type", "longrope"}};
+      j->erase("rope_parameters");
+    });
+    EXPECT_THAT(BuildLlamaGguf(c.dir(), opt).status(),
+                StatusIs(absl::StatusCode::kInvalidArgument, HasSubstr("\"longrope\"")));
+    FixtureCopy d;
+    d.EditJson("config.json", [](nlohmann::json* j) {
+      (*j)["model_type"] = "mistral";
+      (*j)["attention_bias"] = true;
+    });
+    EXPECT_THAT(BuildLlamaGguf(d.dir(), opt).status(),
+                StatusIs(absl::StatusCode::kInvalidArgument, HasSubstr("'attention_bias'")));
   }
   {
     FixtureCopy c;

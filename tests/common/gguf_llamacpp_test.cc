@@ -44,6 +44,7 @@
 #include "common/export/gguf_llama.h"
 #include "common/export/peft_export.h"
 #include "common/quant/quant.h"
+#include "tests/testing/hf_variants.h"
 
 namespace fedlora::common {
 namespace {
@@ -598,6 +599,56 @@ TEST_F(LlamaCppInteropTest, Llama3RopeScaledModelDecodesLikeOurEngine) {
     }
   }
   EXPECT_GT(max_diff, 1e-3) << base.raw << "\n" << unscaled.raw;
+}
+
+// Mistral and Phi-3: the Llama fixture rewritten in their layouts (same math;
+// Phi-3 with fused qkv_proj / gate_up_proj) converts to GGUF (llama.cpp's
+// llama and phi3 architectures), and llama.cpp -- an implementation of both
+// independent of ours -- reproduces the Hugging Face Llama reference and our
+// engine's greedy tokens on the variant.
+TEST_F(LlamaCppInteropTest, MistralAndPhi3LayoutsDecodeLikeHfAndOurEngine) {
+  struct Variant {
+    const char* name;
+    const char* arch;
+    const char* model_type;
+    bool fuse;
+    const char* gguf_arch;
+  };
+  for (const Variant& v : {Variant{"mistral", "MistralForCausalLM", "mistral", false, "llama"},
+                           Variant{"phi3", "Phi3ForCausalLM", "phi3", true, "phi3"}}) {
+    SCOPED_TRACE(v.name);
+    const std::string model_dir = dir_ + "/" + v.name;
+    ASSERT_EQ(mkdir(model_dir.c_str(), 0755), 0);
+    for (const char* f : {"tokenizer.json", "generation_config.json"}) {
+      std::ofstream(model_dir + "/" + f, std::ios::binary) << ReadFile(kLlamaFixture + "/" + f);
+    }
+    ASSERT_NO_FATAL_FAILURE(testutil::WriteArchitectureVariant(kLlamaFixture, model_dir, v.arch,
+                                                               v.model_type, v.fuse, 0));
+    LlamaGgufOptions opt;
+    opt.type = GgmlType::kF32;
+    const std::string gguf_name = std::string(v.name) + "-f32.gguf";
+    absl::Status s = ConvertHfLlamaToGguf(model_dir, dir_ + "/" + gguf_name, opt);
+    ASSERT_TRUE(s.ok()) << s;
+    auto gguf = GgufFile::Open(dir_ + "/" + gguf_name);
+    ASSERT_TRUE(gguf.ok()) << gguf.status();
+    EXPECT_EQ((*gguf)->GetString("general.architecture").value_or(""), v.gguf_arch);
+    if (v.fuse) {
+      ASSERT_NE((*gguf)->FindTensor("blk.1.attn_qkv.weight"), nullptr);
+      EXPECT_EQ((*gguf)->FindTensor("blk.1.attn_q.weight"), nullptr);
+      const GgufTensorInfo* up = (*gguf)->FindTensor("blk.1.ffn_up.weight");
+      const GgufTensorInfo* down = (*gguf)->FindTensor("blk.1.ffn_down.weight");
+      ASSERT_TRUE(up != nullptr && down != nullptr);
+      EXPECT_EQ(up->ne[1], 2 * down->ne[0]);  // [gate; up] rows: twice the FFN width
+    }
+    LlamaRun run;
+    ASSERT_NO_FATAL_FAILURE(Run(gguf_name, "", 12, &run));
+    EXPECT_EQ(run.prompt_ids, Ints(reference_["input_ids"]));
+    EXPECT_EQ(run.ids, Ints(reference_["greedy_next_12"])) << run.raw;
+    ExpectFirstStepMatches(run, reference_["logits"], 1e-3, v.name);
+    std::vector<int> engine;
+    ASSERT_NO_FATAL_FAILURE(EngineGenerate(model_dir, "", 12, &engine));
+    ExpectSameTokens(run.ids, engine, std::string(v.name) + " layout");
+  }
 }
 
 TEST_F(Qwen2LlamaCppInteropTest, BaseMatchesHf) {

@@ -13,6 +13,7 @@
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
 #include "nlohmann/json.hpp"
+#include "tests/testing/hf_variants.h"
 
 namespace fedlora::edge {
 namespace {
@@ -736,38 +737,11 @@ namespace {
 // Rewrites the llama fixture as another architecture with the same math.
 void WriteVariant(const std::string& dir, const std::string& arch, bool fuse,
                   int64_t sliding_window) {
-  auto cfg_text = common::ReadFileToString(FixtureDir("llama") + "/config.json");
-  ASSERT_TRUE(cfg_text.ok());
-  nlohmann::json cfg = nlohmann::json::parse(*cfg_text);
-  cfg["architectures"] = {arch};
-  if (sliding_window > 0) cfg["sliding_window"] = sliding_window;
-  ASSERT_TRUE(common::WriteFileAtomic(dir + "/config.json", cfg.dump()).ok());
-  auto file = common::SafetensorsFile::Open(FixtureDir("llama") + "/model.safetensors");
-  ASSERT_TRUE(file.ok());
-  auto map = (*file)->ToTensorMap();
-  ASSERT_TRUE(map.ok());
-  if (fuse) {
-    auto concat_rows = [&](const std::vector<std::string>& names, const std::string& to) {
-      common::HostTensor out;
-      out.shape = {0, map->at(names[0]).shape[1]};
-      for (const auto& n : names) {
-        const common::HostTensor& t = map->at(n);
-        out.shape[0] += t.shape[0];
-        out.data.insert(out.data.end(), t.data.begin(), t.data.end());
-        map->erase(n);
-      }
-      (*map)[to] = std::move(out);
-    };
-    for (int i = 0; i < 2; ++i) {
-      const std::string p = "model.layers." + std::to_string(i) + ".";
-      concat_rows({p + "self_attn.q_proj.weight", p + "self_attn.k_proj.weight",
-                   p + "self_attn.v_proj.weight"},
-                  p + "self_attn.qkv_proj.weight");
-      concat_rows({p + "mlp.gate_proj.weight", p + "mlp.up_proj.weight"},
-                  p + "mlp.gate_up_proj.weight");
-    }
-  }
-  ASSERT_TRUE(common::WriteSafetensors(dir + "/model.safetensors", *map).ok());
+  const std::string model_type = arch == "Phi3ForCausalLM"      ? "phi3"
+                                 : arch == "MistralForCausalLM" ? "mistral"
+                                                                : "llama";
+  testutil::WriteArchitectureVariant(FixtureDir("llama"), dir, arch, model_type, fuse,
+                                     sliding_window);
 }
 
 TEST(ArchitectureTest, Phi3FusedProjectionsMatchLlama) {
