@@ -649,6 +649,58 @@ TEST_F(LlamaCppInteropTest, MistralAndPhi3LayoutsDecodeLikeHfAndOurEngine) {
     ASSERT_NO_FATAL_FAILURE(EngineGenerate(model_dir, "", 12, &engine));
     ExpectSameTokens(run.ids, engine, std::string(v.name) + " layout");
   }
+
+  // A LoRA adapter on Phi-3's fused modules (qkv_proj, gate_up_proj), exported
+  // by the agent as a GGUF adapter and merged: llama.cpp decodes both like our
+  // engine running the PEFT adapter, and unlike the base model.
+  const std::string phi3 = dir_ + "/phi3";
+  nlohmann::json cfg = nlohmann::json::parse(ReadFile(phi3 + "/config.json"));
+  const int64_t hidden = cfg["hidden_size"], inter = cfg["intermediate_size"];
+  const int64_t head_dim = hidden / cfg["num_attention_heads"].get<int64_t>();
+  const int64_t qkv_rows = hidden + 2 * cfg["num_key_value_heads"].get<int64_t>() * head_dim;
+  PeftLoraConfig lora;
+  lora.r = 4;
+  lora.lora_alpha = 8;
+  lora.target_modules = {"qkv_proj", "gate_up_proj"};
+  TensorMap adapter;
+  uint32_t state = 12345;
+  auto random = [&](std::vector<int64_t> shape, float amp) {
+    HostTensor t;
+    t.shape = shape;
+    t.data.resize(static_cast<size_t>(shape[0] * shape[1]));
+    for (float& x : t.data) {
+      state = state * 1664525u + 1013904223u;
+      x = amp * (static_cast<float>(state >> 8) / 16777216.0f - 0.5f);
+    }
+    return t;
+  };
+  for (int layer = 0; layer < cfg["num_hidden_layers"].get<int>(); ++layer) {
+    const std::string p = "base_model.model.model.layers." + std::to_string(layer) + ".";
+    adapter[p + "self_attn.qkv_proj.lora_A.weight"] = random({4, hidden}, 0.6f);
+    adapter[p + "self_attn.qkv_proj.lora_B.weight"] = random({qkv_rows, 4}, 0.6f);
+    adapter[p + "mlp.gate_up_proj.lora_A.weight"] = random({4, hidden}, 0.6f);
+    adapter[p + "mlp.gate_up_proj.lora_B.weight"] = random({2 * inter, 4}, 0.6f);
+  }
+  const std::string adapter_dir = dir_ + "/phi3-adapter";
+  ASSERT_TRUE(WritePeftAdapter(adapter_dir, adapter, lora).ok());
+  const std::string from = "--model " + Quote(phi3) + " --adapter " + Quote(adapter_dir);
+  ASSERT_NO_FATAL_FAILURE(
+      AgentExport(from + " --format gguf-lora --out " + Quote(dir_ + "/phi3-lora.gguf")));
+  ASSERT_NO_FATAL_FAILURE(AgentExport(from + " --format gguf-merged --quant f32 --out " +
+                                      Quote(dir_ + "/phi3-merged.gguf")));
+  auto lora_gguf = GgufFile::Open(dir_ + "/phi3-lora.gguf");
+  ASSERT_TRUE(lora_gguf.ok()) << lora_gguf.status();
+  EXPECT_EQ((*lora_gguf)->GetString("general.architecture").value_or(""), "phi3");
+  EXPECT_NE((*lora_gguf)->FindTensor("blk.0.attn_qkv.weight.lora_b"), nullptr);
+  EXPECT_NE((*lora_gguf)->FindTensor("blk.1.ffn_up.weight.lora_a"), nullptr);
+  std::vector<int> engine;
+  ASSERT_NO_FATAL_FAILURE(EngineGenerate(phi3, adapter_dir, 12, &engine));
+  LlamaRun with_lora, merged;
+  ASSERT_NO_FATAL_FAILURE(Run("phi3-f32.gguf", "phi3-lora.gguf", 12, &with_lora));
+  ASSERT_NO_FATAL_FAILURE(Run("phi3-merged.gguf", "", 12, &merged));
+  ExpectSameTokens(with_lora.ids, engine, "phi3 base + gguf-lora");
+  ExpectSameTokens(merged.ids, engine, "phi3 gguf-merged");
+  EXPECT_NE(engine, Ints(reference_["greedy_next_12"])) << "the adapter changed nothing";
 }
 
 TEST_F(Qwen2LlamaCppInteropTest, BaseMatchesHf) {
