@@ -469,6 +469,31 @@ class FrozenMatmulFn : public torch::autograd::Function<FrozenMatmulFn> {
   }
 };
 
+// Under CPU autocast with a frozen fp32 W: y = x W^T in the autocast dtype, as
+// autocast's own matmul computes it, but the low-precision copy of W that
+// autocast makes is not kept for backward (autograd's matmul keeps one per
+// projection until then: 212 MB of bf16 on smollm135m); backward casts W again.
+class AutocastFrozenMatmulFn : public torch::autograd::Function<AutocastFrozenMatmulFn> {
+ public:
+  static torch::Tensor forward(torch::autograd::AutogradContext* ctx, const torch::Tensor& x,
+                               const torch::Tensor& weight) {
+    ctx->save_for_backward({weight});
+    ctx->saved_data["x_dtype"] = static_cast<int64_t>(x.scalar_type());
+    ctx->saved_data["low"] = static_cast<int64_t>(at::autocast::get_autocast_cpu_dtype());
+    return torch::matmul(x, weight.t());  // autocast casts both operands
+  }
+
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grads) {
+    const torch::Tensor weight = ctx->get_saved_variables()[0];
+    const auto low = static_cast<torch::ScalarType>(ctx->saved_data["low"].toInt());
+    const auto x_dtype = static_cast<torch::ScalarType>(ctx->saved_data["x_dtype"].toInt());
+    const torch::Tensor& g = grads[0];
+    torch::Tensor gx = torch::matmul(g.scalar_type() == low ? g : g.to(low), weight.to(low));
+    return {gx.scalar_type() == x_dtype ? gx : gx.to(x_dtype), torch::Tensor()};
+  }
+};
+
 }  // namespace
 
 torch::Tensor FrozenMatmul(const torch::Tensor& x, const torch::Tensor& weight,
@@ -478,6 +503,10 @@ torch::Tensor FrozenMatmul(const torch::Tensor& x, const torch::Tensor& weight,
        weight.scalar_type() == at::autocast::get_autocast_cpu_dtype())) {
     // Autocast picks the product's dtype; a weight stored in it is used as is
     // (not widened to fp32 and narrowed back).
+    if (weight.scalar_type() == torch::kFloat && torch::GradMode::is_enabled() &&
+        x.requires_grad()) {
+      return AutocastFrozenMatmulFn::apply(x, weight);
+    }
     return torch::matmul(x, weight.t());
   }
   if (torch::GradMode::is_enabled() && x.requires_grad()) {

@@ -1,5 +1,7 @@
 #include "edge-agent/model.h"
 
+#include <ATen/autocast_mode.h>
+
 #include <cmath>
 #include <fstream>
 #include <set>
@@ -850,6 +852,38 @@ TEST(LoraBranchTest, OneDnnNodeMatchesTheTorchPath) {
   EXPECT_LT((l.lora_b.grad() - ref[3]).abs().max().item<double>(),
             1e-5 * ref[3].abs().max().item<double>());
   EXPECT_LT((x.grad() - ref[1]).abs().max().item<double>(), 1e-5 * ref[1].abs().max().item<double>());
+}
+
+}  // namespace
+}  // namespace fedlora::edge
+
+namespace fedlora::edge {
+namespace {
+
+// Under CPU autocast a frozen fp32 projection runs as autocast's own bf16
+// matmul, but its bf16 weight copy is not kept for backward (it is cast again
+// there): same output and input gradient as autograd's autocast matmul.
+TEST(AutocastFrozenMatmulTest, SameOutputAndGradientAsAutocastMatmul) {
+  torch::manual_seed(22);
+  const torch::Tensor w = torch::randn({24, 40}) * 0.1;  // frozen fp32
+  const torch::Tensor x0 = torch::randn({3, 5, 40});
+  const torch::Tensor up = torch::randn({3, 5, 24}).to(torch::kBFloat16);
+  auto run = [&](bool ours) {
+    torch::Tensor x = x0.clone().requires_grad_(true);
+    at::autocast::set_cpu_enabled(true);
+    at::autocast::set_autocast_cpu_dtype(at::kBFloat16);
+    torch::Tensor y = ours ? FrozenMatmul(x, w, torch::Tensor(), 0) : torch::matmul(x, w.t());
+    at::autocast::set_cpu_enabled(false);
+    at::autocast::clear_cache();
+    y.backward(up);
+    return std::make_pair(y.detach(), x.grad());
+  };
+  const auto [y1, g1] = run(true);
+  const auto [y2, g2] = run(false);
+  EXPECT_EQ(y1.scalar_type(), torch::kBFloat16);
+  EXPECT_EQ(g1.scalar_type(), torch::kFloat);
+  EXPECT_TRUE(torch::equal(y1, y2));
+  EXPECT_TRUE(torch::equal(g1, g2)) << (g1 - g2).abs().max().item<double>();
 }
 
 }  // namespace
