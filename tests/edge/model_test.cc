@@ -854,12 +854,6 @@ TEST(LoraBranchTest, OneDnnNodeMatchesTheTorchPath) {
   EXPECT_LT((x.grad() - ref[1]).abs().max().item<double>(), 1e-5 * ref[1].abs().max().item<double>());
 }
 
-}  // namespace
-}  // namespace fedlora::edge
-
-namespace fedlora::edge {
-namespace {
-
 // Under CPU autocast a frozen fp32 projection runs as autocast's own bf16
 // matmul, but its bf16 weight copy is not kept for backward (it is cast again
 // there): same output and input gradient as autograd's autocast matmul.
