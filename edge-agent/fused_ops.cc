@@ -17,6 +17,12 @@ torch::Tensor SumTo(const torch::Tensor& g, const torch::Tensor& like) {
   return g.sum_to_size(like.sizes());
 }
 
+// rotate_half(x) = cat(-x[..., D/2:], x[..., :D/2]).
+torch::Tensor RotateHalf(const torch::Tensor& x) {
+  const int64_t half = x.size(-1) / 2;
+  return torch::cat({-x.slice(-1, half), x.slice(-1, 0, half)}, -1);
+}
+
 // The transpose of rotate_half: cat(y[..., D/2:], -y[..., :D/2]).
 torch::Tensor RotateHalfTransposed(const torch::Tensor& y) {
   const int64_t half = y.size(-1) / 2;
@@ -97,11 +103,6 @@ class RopeFn : public torch::autograd::Function<RopeFn> {
 };
 
 }  // namespace
-
-torch::Tensor RotateHalf(const torch::Tensor& x) {
-  const int64_t half = x.size(-1) / 2;
-  return torch::cat({-x.slice(-1, half), x.slice(-1, 0, half)}, -1);
-}
 
 torch::Tensor RmsNorm(const torch::Tensor& x, const torch::Tensor& w, double eps) {
   return RmsNormFn::apply(x, w, eps);

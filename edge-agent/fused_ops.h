@@ -28,7 +28,4 @@ torch::Tensor RmsNorm(const torch::Tensor& x, const torch::Tensor& w, double eps
 torch::Tensor SwiGlu(const torch::Tensor& gate, const torch::Tensor& up);
 torch::Tensor Rope(const torch::Tensor& x, const torch::Tensor& cos, const torch::Tensor& sin);
 
-// rotate_half(x) = cat(-x[..., D/2:], x[..., :D/2]).
-torch::Tensor RotateHalf(const torch::Tensor& x);
-
 }  // namespace fedlora::edge

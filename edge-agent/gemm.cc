@@ -113,21 +113,18 @@ at::Tensor MatmulNT(const at::Tensor& x, const at::Tensor& w) {
 }
 
 at::Tensor MatmulTN(const at::Tensor& a, const at::Tensor& b) {
-  auto fallback = [&] { return at::matmul(a.reshape({-1, a.size(-1)}).t(), b.reshape({-1, b.size(-1)})); };
-  if (!Applies(a, b.reshape({-1, b.size(-1)})) || b.dim() < 1 ||
-      a.numel() / a.size(-1) != b.numel() / b.size(-1)) {
-    return fallback();
-  }
+  const at::Tensor a2 = a.reshape({-1, a.size(-1)});  // [R, M]
+  const at::Tensor b2 = b.reshape({-1, b.size(-1)});  // [R, K]
+  if (!Applies(a2, b2) || a2.size(0) != b2.size(0)) return at::matmul(a2.t(), b2);
   try {
-    at::Tensor a2 = a.reshape({-1, a.size(-1)}).contiguous();  // [N, M]
-    at::Tensor b2 = b.reshape({-1, b.size(-1)}).contiguous();  // [N, K]
-    const int64_t rows = a2.size(0), m = a2.size(1), k = b2.size(1);
+    const at::Tensor ac = a2.contiguous(), bc = b2.contiguous();
+    const int64_t rows = ac.size(0), m = ac.size(1), k = bc.size(1);
     at::Tensor out = at::empty({m, k}, a.options());
-    // src = a2^T [M, N]: src[m][r] = a2[r][m]; wei = b2 [N, K] row-major.
-    Run(a2.data_ptr<float>(), m, rows, 1, m, b2.data_ptr<float>(), k, k, 1, out);
+    // src = ac^T [M, R]: src[m][r] = ac[r][m]; wei = bc [R, K] row-major.
+    Run(ac.data_ptr<float>(), m, rows, 1, m, bc.data_ptr<float>(), k, k, 1, out);
     return out;
   } catch (const dnnl::error&) {
-    return fallback();
+    return at::matmul(a2.t(), b2);
   }
 }
 

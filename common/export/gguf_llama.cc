@@ -3,6 +3,7 @@
 #include <cctype>
 #include <cerrno>
 #include <cmath>
+#include <iterator>
 #include <map>
 #include <nlohmann/json.hpp>
 #include <utility>
@@ -532,14 +533,12 @@ absl::StatusOr<GgufWriter> BuildLlamaGguf(const std::string& hf_dir, const Llama
       {"attn_norm", "input_layernorm"},  {"attn_qkv", "self_attn.qkv_proj"},
       {"attn_output", "self_attn.o_proj"}, {"ffn_norm", "post_attention_layernorm"},
       {"ffn_up", "mlp.gate_up_proj"},    {"ffn_down", "mlp.down_proj"}};
-  for (int64_t l = 0; l < hp.n_layer && hp.arch == "phi3"; ++l) {
-    for (const auto& b : kPhi3Block) {
-      order.emplace_back(absl::StrCat("blk.", l, ".", b[0], ".weight"),
-                         absl::StrCat("model.layers.", l, ".", b[1], ".weight"));
-    }
-  }
-  for (int64_t l = 0; l < hp.n_layer && hp.arch != "phi3"; ++l) {
-    for (const auto& b : kBlock) {
+  const bool phi3 = hp.arch == "phi3";
+  const auto* block = phi3 ? kPhi3Block : kBlock;
+  const size_t block_len = phi3 ? std::size(kPhi3Block) : std::size(kBlock);
+  for (int64_t l = 0; l < hp.n_layer; ++l) {
+    for (size_t i = 0; i < block_len; ++i) {
+      const auto& b = block[i];
       order.emplace_back(absl::StrCat("blk.", l, ".", b[0], ".weight"),
                          absl::StrCat("model.layers.", l, ".", b[1], ".weight"));
       const std::string part = b[0];

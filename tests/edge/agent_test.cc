@@ -449,6 +449,15 @@ class AgentTest : public ::testing::Test {
     return blob;
   }
 
+  // A welcomed agent given round 1, whose first SubmitUpdate fails with `code`.
+  void PushRoundFailingFirstSubmit(grpc::StatusCode code) {
+    fake_->set_fail_first_submit(code);
+    StartServer();
+    StartAgent(Options());
+    ASSERT_TRUE(WaitWelcomed());
+    fake_->Push(Task(1, ""));
+  }
+
   bool WaitWelcomed() {
     return WaitFor([&] { return agent_->stats().sessions >= 1; });
   }
@@ -580,11 +589,7 @@ TEST_F(AgentTest, FreshRoundTrainsAndSubmitsSealedChunkedUpdate) {
 }
 
 TEST_F(AgentTest, SubmitRetriesAfterUnavailable) {
-  fake_->set_fail_first_submit(grpc::StatusCode::UNAVAILABLE);
-  StartServer();
-  StartAgent(Options());
-  ASSERT_TRUE(WaitWelcomed());
-  fake_->Push(Task(1, ""));
+  ASSERT_NO_FATAL_FAILURE(PushRoundFailingFirstSubmit(grpc::StatusCode::UNAVAILABLE));
   ASSERT_TRUE(WaitFor([&] { return agent_->stats().rounds_submitted == 1; }));
   auto subs = fake_->submissions();
   ASSERT_EQ(subs.size(), 2u);
@@ -594,22 +599,14 @@ TEST_F(AgentTest, SubmitRetriesAfterUnavailable) {
 
 // A call the server cancelled (e.g. gRPC under its memory quota) is retried too.
 TEST_F(AgentTest, SubmitRetriesACancelledCall) {
-  fake_->set_fail_first_submit(grpc::StatusCode::CANCELLED);
-  StartServer();
-  StartAgent(Options());
-  ASSERT_TRUE(WaitWelcomed());
-  fake_->Push(Task(1, ""));
+  ASSERT_NO_FATAL_FAILURE(PushRoundFailingFirstSubmit(grpc::StatusCode::CANCELLED));
   ASSERT_TRUE(WaitFor([&] { return agent_->stats().rounds_submitted == 1; }));
   EXPECT_EQ(fake_->submissions().size(), 2u);
   EXPECT_EQ(agent_->stats().rounds_failed, 0u);
 }
 
 TEST_F(AgentTest, SubmitRefusedAsTooLargeIsNotRetried) {
-  fake_->set_fail_first_submit(grpc::StatusCode::RESOURCE_EXHAUSTED);
-  StartServer();
-  StartAgent(Options());
-  ASSERT_TRUE(WaitWelcomed());
-  fake_->Push(Task(1, ""));
+  ASSERT_NO_FATAL_FAILURE(PushRoundFailingFirstSubmit(grpc::StatusCode::RESOURCE_EXHAUSTED));
   ASSERT_TRUE(WaitFor([&] { return agent_->stats().rounds_failed == 1; }));
   EXPECT_EQ(fake_->submissions().size(), 1u);
   EXPECT_EQ(agent_->stats().rounds_submitted, 0u);
