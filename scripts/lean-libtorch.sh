@@ -21,6 +21,8 @@
 #
 # Prints the sonames written, one per line; exits non-zero on any failure.
 set -euo pipefail
+# /sbin is not on every user's PATH.
+ldconfig=$(command -v ldconfig || echo /sbin/ldconfig)
 [ $# -eq 3 ] || { echo "usage: $0 LIBTORCH_CPU OUTDIR COMPILER" >&2; exit 2; }
 torch_cpu=$1 outdir=$2 cc=$3
 [ -r "$torch_cpu" ] || { echo "$0: cannot read $torch_cpu" >&2; exit 1; }
@@ -29,7 +31,7 @@ export LC_ALL=C
 family='^lib(opencv_[A-Za-z0-9_]+|avcodec|avformat|avutil|avdevice|avfilter|swscale|swresample|postproc|leveldb|lmdb|zmq)\.so'
 
 resolve() {  # soname -> path, the way the dynamic linker finds it
-  ldconfig -p | awk -v n="$1" '$1 == n && !found { print $NF; found = 1 }'
+  "$ldconfig" -p | awk -v n="$1" '$1 == n && !found { print $NF; found = 1 }'
 }
 
 work=$(mktemp -d)

@@ -5,9 +5,11 @@
 #
 #   tests/scripts/lean_libtorch_test.sh SOURCE_DIR C_COMPILER
 set -euo pipefail
+# /sbin is not on every user's PATH.
+ldconfig=$(command -v ldconfig || echo /sbin/ldconfig)
 src=$1 cc=$2
 script=$src/scripts/lean-libtorch.sh
-zmq=$(ldconfig -p | awk '$1 == "libzmq.so.5" && !f { print $NF; f = 1 }')
+zmq=$("$ldconfig" -p | awk '$1 == "libzmq.so.5" && !f { print $NF; f = 1 }')
 [ -n "$zmq" ] || { echo "FAIL: libzmq.so.5 (a libtorch dependency) is not installed"; exit 1; }
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
