@@ -16,14 +16,19 @@ namespace {
 // -fopenmp-simd, no OpenMP runtime), the rest auto-vectorises.
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
 #define FEDLORA_MULTI_ISA __attribute__((target_clones("avx512f", "avx2", "default")))
+// The helpers the kernels call must be inlined into each clone to be compiled
+// for its ISA: GCC keeps a large `inline` helper out of line, compiled for the
+// baseline (SSE2), which ran the attention products at a fraction of the speed.
+#define FEDLORA_KERNEL_INLINE inline __attribute__((always_inline))
 #else
 #define FEDLORA_MULTI_ISA
+#define FEDLORA_KERNEL_INLINE inline
 #endif
 
 // exp(x) for x <= 0 (softmax arguments after subtracting the row maximum):
 // Cody-Waite range reduction and a degree-6 polynomial (relative error ~1e-7),
 // branch-free so that loops over it vectorise.
-inline float ExpNonPositive(float x) {
+FEDLORA_KERNEL_INLINE float ExpNonPositive(float x) {
   x = std::max(x, -87.0f);
   const float fx = x * 1.44269504088896341f;
   const int32_t n = static_cast<int32_t>(fx - 0.5f);  // round to nearest (fx <= 0)
@@ -52,13 +57,13 @@ typedef float Vec __attribute__((vector_size(64)));
 constexpr int64_t kW = 16;
 constexpr int64_t kRows = 4;
 
-inline Vec Load(const float* p) {
+FEDLORA_KERNEL_INLINE Vec Load(const float* p) {
   Vec v;
   std::memcpy(&v, p, sizeof(v));
   return v;
 }
-inline void Store(float* p, Vec v) { std::memcpy(p, &v, sizeof(v)); }
-inline int64_t RoundUp(int64_t n) { return (n + kW - 1) / kW * kW; }
+FEDLORA_KERNEL_INLINE void Store(float* p, Vec v) { std::memcpy(p, &v, sizeof(v)); }
+FEDLORA_KERNEL_INLINE int64_t RoundUp(int64_t n) { return (n + kW - 1) / kW * kW; }
 
 struct Dims {
   int64_t T = 0, Tp = 0, D = 0, window = 0;  // D padded; Tp = RoundUp(T)
@@ -68,12 +73,12 @@ struct Dims {
 
 // The first key query i sees: the window's, or a later per-row start (packed
 // sequences: the first position of i's own sequence); starts may be null.
-inline int64_t Lo(const Dims& d, const int64_t* starts, int64_t i) {
+FEDLORA_KERNEL_INLINE int64_t Lo(const Dims& d, const int64_t* starts, int64_t i) {
   return starts != nullptr ? std::max(d.First(i), starts[i]) : d.First(i);
 }
 
 // The first key any of the n rows from i0 sees, rounded down to a vector.
-inline int64_t BlockStart(const Dims& d, const int64_t* starts, int64_t i0, int64_t n) {
+FEDLORA_KERNEL_INLINE int64_t BlockStart(const Dims& d, const int64_t* starts, int64_t i0, int64_t n) {
   int64_t lo = Lo(d, starts, i0);
   for (int64_t r = 1; r < n; ++r) lo = std::min(lo, Lo(d, starts, i0 + r));
   return lo / kW * kW;
@@ -81,7 +86,7 @@ inline int64_t BlockStart(const Dims& d, const int64_t* starts, int64_t i0, int6
 
 // out[r][j] = sum_c a[r][c] * bt[c][j] for the kRows rows of a ([kRows, D]) and
 // j in [j0, j1), multiples of 16; bt is [D, Tp]; out rows have stride Tp.
-inline void RowsTimesTransposed(const Dims& d, const float* __restrict a,
+FEDLORA_KERNEL_INLINE void RowsTimesTransposed(const Dims& d, const float* __restrict a,
                                 const float* __restrict bt, int64_t j0, int64_t j1,
                                 float* __restrict out) {
   for (int64_t j = j0; j < j1; j += kW) {
@@ -101,7 +106,7 @@ inline void RowsTimesTransposed(const Dims& d, const float* __restrict a,
 }
 
 // out[r][:] = sum_{j in [j0, j1)} w[r][j] * b[j][:] (w rows of stride Tp, b [T, D]).
-inline void WeightsTimesRows(const Dims& d, const float* __restrict w, const float* __restrict b,
+FEDLORA_KERNEL_INLINE void WeightsTimesRows(const Dims& d, const float* __restrict w, const float* __restrict b,
                              int64_t j0, int64_t j1, float* __restrict out) {
   for (int64_t c = 0; c < d.D; c += kW) {
     Vec o0 = {}, o1 = {}, o2 = {}, o3 = {};
@@ -120,7 +125,7 @@ inline void WeightsTimesRows(const Dims& d, const float* __restrict w, const flo
 }
 
 // acc[j][:] += sum_r w[r][j] * a[r][:] for j in [j0, j1) (acc [T, D], a [kRows, D]).
-inline void AddWeightedRows(const Dims& d, const float* __restrict w, const float* __restrict a,
+FEDLORA_KERNEL_INLINE void AddWeightedRows(const Dims& d, const float* __restrict w, const float* __restrict a,
                             int64_t j0, int64_t j1, float* __restrict acc) {
   for (int64_t j = j0; j < j1; ++j) {
     const float w0 = w[j], w1 = w[d.Tp + j], w2 = w[2 * d.Tp + j], w3 = w[3 * d.Tp + j];
@@ -133,7 +138,7 @@ inline void AddWeightedRows(const Dims& d, const float* __restrict w, const floa
 }
 
 // Copies rows [i0, i0 + n) of x ([T, D]) into buf ([kRows, D]), zero rows after n.
-inline void GatherRows(const Dims& d, const float* x, int64_t i0, int64_t n, float* buf) {
+FEDLORA_KERNEL_INLINE void GatherRows(const Dims& d, const float* x, int64_t i0, int64_t n, float* buf) {
   std::memcpy(buf, x + i0 * d.D, static_cast<size_t>(n * d.D) * sizeof(float));
   std::fill(buf + n * d.D, buf + kRows * d.D, 0.0f);
 }
