@@ -3,6 +3,7 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -248,6 +249,20 @@ torch::Tensor PadLast(const torch::Tensor& x, int64_t to) {
   return n == to ? x.contiguous() : torch::constant_pad_nd(x, {0, to - n}).contiguous();
 }
 
+// Chunks handed out by the latest parallel_for over heads: one per thread.
+std::atomic<int> threads_used{0};
+
+// Runs body(begin, end) over the B * H heads on libtorch's threads, counting them.
+template <typename F>
+void ForEachHead(int64_t heads, const F& body) {
+  std::atomic<int> chunks{0};
+  at::parallel_for(0, heads, 1, [&](int64_t begin, int64_t end) {
+    chunks.fetch_add(1, std::memory_order_relaxed);
+    body(begin, end);
+  });
+  threads_used.store(chunks.load(), std::memory_order_relaxed);
+}
+
 class FusedAttentionFn : public torch::autograd::Function<FusedAttentionFn> {
  public:
   static torch::Tensor forward(torch::autograd::AutogradContext* ctx, const torch::Tensor& q_in,
@@ -266,7 +281,7 @@ class FusedAttentionFn : public torch::autograd::Function<FusedAttentionFn> {
     float* op = out.data_ptr<float>();
     float* lp = lse.data_ptr<float>();
     const RowStarts starts_of{starts, H, T};
-    at::parallel_for(0, B * H, 1, [&](int64_t begin, int64_t end) {
+    ForEachHead(B * H, [&](int64_t begin, int64_t end) {
       std::vector<float> s(static_cast<size_t>(kRows * d.Tp));
       std::vector<float> qa(static_cast<size_t>(kRows * d.D)), ob(qa.size());
       for (int64_t bh = begin; bh < end; ++bh) {
@@ -312,7 +327,7 @@ class FusedAttentionFn : public torch::autograd::Function<FusedAttentionFn> {
     float* dvp = dv_heads.data_ptr<float>();
     const torch::Tensor starts = ctx->saved_data["starts"].toTensor();
     const RowStarts starts_of{starts, H, T};
-    at::parallel_for(0, B * H, 1, [&](int64_t begin, int64_t end) {
+    ForEachHead(B * H, [&](int64_t begin, int64_t end) {
       std::vector<float> s(static_cast<size_t>(kRows * d.Tp)), g(s.size());
       std::vector<float> qa(static_cast<size_t>(kRows * d.D)), ga(qa.size()), ob(qa.size());
       for (int64_t bh = begin; bh < end; ++bh) {
@@ -335,6 +350,8 @@ class FusedAttentionFn : public torch::autograd::Function<FusedAttentionFn> {
 };
 
 }  // namespace
+
+int FusedAttentionThreadsUsed() { return threads_used.load(std::memory_order_relaxed); }
 
 bool FusedAttentionApplies(const torch::Tensor& q, const torch::Tensor& k,
                            const torch::Tensor& v) {

@@ -39,4 +39,9 @@ torch::Tensor VisibleRangeStarts(const torch::Tensor& masked, int64_t B, int64_t
 // batch / length / head_dim, H a multiple of Hkv, T >= 1).
 bool FusedAttentionApplies(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v);
 
+// How many threads shared the heads of the latest FusedCausalAttention forward
+// or backward in this process (1 when it ran on the calling thread alone; at
+// most at::get_num_threads() and B * H). The benchmark reports it.
+int FusedAttentionThreadsUsed();
+
 }  // namespace fedlora::edge

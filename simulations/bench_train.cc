@@ -17,11 +17,13 @@
 
 #include "absl/strings/str_cat.h"
 #include "common/status/status.h"
+#include "edge-agent/attention.h"
 #include "edge-agent/engine.h"
 #include "edge-agent/gemm.h"
 #include "edge-agent/lora.h"
 #include "edge-agent/model.h"
 #include "nlohmann/json.hpp"
+#include "simulations/bench_util.h"
 
 namespace fedlora::sim {
 namespace {
@@ -240,6 +242,8 @@ absl::StatusOr<TrainBenchResult> RunImpl(const TrainBenchOptions& o, const Train
   result.step_ms_mean = secs * 1000.0 / o.steps;
   result.tokens_per_s = static_cast<double>(o.steps) * o.batch * o.seq / std::max(secs, 1e-9);
   result.peak_rss_mb = PeakRssMb();
+  result.attention_threads = o.attention == "fused" ? edge::FusedAttentionThreadsUsed() : 0;
+  result.cpu = bench::CpuModel();
   return result;
 }
 
@@ -288,6 +292,8 @@ std::string TrainBenchJson(const TrainBenchResult& r) {
   j["last_loss"] = round3(r.last_loss);
   j["trainable_params"] = r.trainable_params;
   j["frozen_params"] = r.frozen_params;
+  j["attention_threads"] = r.attention_threads;
+  j["cpu"] = r.cpu;
   return j.dump();
 }
 

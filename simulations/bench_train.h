@@ -69,13 +69,16 @@ struct TrainBenchResult {
   double last_loss = 0;
   int64_t trainable_params = 0;
   int64_t frozen_params = 0;
+  int attention_threads = 0;  // threads that shared the fused attention (0: plain path)
+  std::string cpu;            // /proc/cpuinfo model name
 };
 
 absl::StatusOr<TrainBenchResult> RunTrainBench(const TrainBenchOptions& options);
 
 // One JSON line (no trailing newline): {"bench":"train","preset":..,"seq":..,
 // "batch":..,"threads":..,"base_dtype":..,"bf16":..,"grad_checkpoint":..,"attention":..,"gemm":..,"steps":..,"tokens_per_s":..,
-// "peak_rss_mb":..,"load_peak_rss_mb":..,"startup_rss_mb":..,"malloc":..,"step_ms_mean":..,"last_loss":..,"trainable_params":..,"frozen_params":..}
+// "peak_rss_mb":..,"load_peak_rss_mb":..,"startup_rss_mb":..,"malloc":..,"step_ms_mean":..,"last_loss":..,"trainable_params":..,"frozen_params":..,
+// "attention_threads":..,"cpu":..}
 std::string TrainBenchJson(const TrainBenchResult& result);
 
 }  // namespace fedlora::sim

@@ -49,7 +49,9 @@ void ExpectSameGradients(const torch::Tensor& fused, const torch::Tensor& plain,
   // The gradients are not trivially zero (with one position the softmax is constant,
   // so only v gets a gradient).
   EXPECT_GT(v.grad().abs().max().item<float>(), 1e-3);
-  if (k_moves) EXPECT_GT(k.grad().abs().max().item<float>(), 1e-3);
+  if (k_moves) {
+    EXPECT_GT(k.grad().abs().max().item<float>(), 1e-3);
+  }
 }
 
 class FusedAttentionTest : public ::testing::TestWithParam<Shape> {};
@@ -96,6 +98,28 @@ TEST(FusedAttentionTest, NonContiguousInputsAreHandled) {
   torch::Tensor v = torch::randn({2, 12, 2, 16}).transpose(1, 2);
   torch::Tensor fused = FusedCausalAttention(q, k, v, 0.25);
   EXPECT_LT((fused - PlainAttention(q, k, v, 0.25, 0)).abs().max().item<float>(), 2e-5);
+}
+
+// The heads are split over libtorch's threads, forward and backward (the
+// parallel loop is compiled in only when attention.cc is built with OpenMP).
+TEST(FusedAttentionTest, HeadsAreSharedAmongThreads) {
+  const int before = at::get_num_threads();
+  at::set_num_threads(2);
+  torch::manual_seed(4);
+  torch::Tensor q = torch::randn({2, 4, 16, 16}, torch::requires_grad());
+  torch::Tensor k = torch::randn({2, 2, 16, 16}, torch::requires_grad());
+  torch::Tensor v = torch::randn({2, 2, 16, 16}, torch::requires_grad());
+  torch::Tensor out = FusedCausalAttention(q, k, v, 0.25);
+  const int forward_threads = FusedAttentionThreadsUsed();
+  out.sum().backward();
+  const int backward_threads = FusedAttentionThreadsUsed();
+  at::set_num_threads(1);
+  FusedCausalAttention(q.detach(), k.detach(), v.detach(), 0.25);
+  const int single = FusedAttentionThreadsUsed();
+  at::set_num_threads(before);
+  EXPECT_EQ(forward_threads, 2);
+  EXPECT_EQ(backward_threads, 2);
+  EXPECT_EQ(single, 1);
 }
 
 TEST(FusedAttentionTest, LargeScoresStayFinite) {

@@ -44,6 +44,8 @@ TEST(BenchTrainTest, TinyRunPrintsPositiveFiniteFigures) {
   EXPECT_LE(startup, j.at("load_peak_rss_mb").get<double>());
   EXPECT_LE(j.at("load_peak_rss_mb").get<double>(), j.at("peak_rss_mb").get<double>());
   EXPECT_THAT(j.at("malloc").get<std::string>(), ::testing::AnyOf("glibc", "tcmalloc"));
+  EXPECT_EQ(j.at("attention_threads"), 1);  // threads = 1
+  EXPECT_FALSE(j.at("cpu").get<std::string>().empty());
   // tiny preset, LoRA r=8 on 7 projections of 4 layers:
   // per layer r*(in+out) summed over q(256,256) k(256,128) v(256,128) o(256,256)
   // gate(256,688) up(256,688) down(688,256).
@@ -97,6 +99,8 @@ TEST(BenchTrainTest, FusedAndPlainAttentionTrainTheSame) {
   // Same seeds, same data: the two attention paths give the same loss after the steps.
   EXPECT_NEAR(fused->last_loss, plain->last_loss, 1e-4);
   EXPECT_NE(TrainBenchJson(*plain).find("\"attention\":\"plain\""), std::string::npos);
+  EXPECT_EQ(plain->attention_threads, 0);
+  EXPECT_EQ(fused->attention_threads, 1);
 }
 
 TEST(BenchTrainTest, BadOptionsAreRejectedWithTheField) {
