@@ -66,6 +66,7 @@ struct TrainBenchResult {
   double startup_rss_mb = 0;    // RSS before main(): libraries mapped (edge::StartupRssMb)
   std::string malloc_name;      // "tcmalloc" or "glibc" (edge::MallocName)
   double step_ms_mean = 0;
+  double step_ms_min = 0;  // the fastest timed step (less sensitive to a busy host)
   double last_loss = 0;
   int64_t trainable_params = 0;
   int64_t frozen_params = 0;
@@ -77,7 +78,7 @@ absl::StatusOr<TrainBenchResult> RunTrainBench(const TrainBenchOptions& options)
 
 // One JSON line (no trailing newline): {"bench":"train","preset":..,"seq":..,
 // "batch":..,"threads":..,"base_dtype":..,"bf16":..,"grad_checkpoint":..,"attention":..,"gemm":..,"steps":..,"tokens_per_s":..,
-// "peak_rss_mb":..,"load_peak_rss_mb":..,"startup_rss_mb":..,"malloc":..,"step_ms_mean":..,"last_loss":..,"trainable_params":..,"frozen_params":..,
+// "peak_rss_mb":..,"load_peak_rss_mb":..,"startup_rss_mb":..,"malloc":..,"step_ms_mean":..,"step_ms_min":..,"last_loss":..,"trainable_params":..,"frozen_params":..,
 // "attention_threads":..,"cpu":..}
 std::string TrainBenchJson(const TrainBenchResult& result);
 

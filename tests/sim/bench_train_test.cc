@@ -32,7 +32,7 @@ TEST(BenchTrainTest, TinyRunPrintsPositiveFiniteFigures) {
   EXPECT_EQ(j.at("threads"), 1);
   EXPECT_EQ(j.at("steps"), 2);
   EXPECT_EQ(j.at("base_dtype"), "fp32");
-  for (const char* key : {"tokens_per_s", "peak_rss_mb", "step_ms_mean", "last_loss"}) {
+  for (const char* key : {"tokens_per_s", "peak_rss_mb", "step_ms_mean", "step_ms_min", "last_loss"}) {
     ASSERT_TRUE(j.contains(key)) << key;
     const double v = j.at(key).get<double>();
     EXPECT_TRUE(std::isfinite(v)) << key;
@@ -44,6 +44,7 @@ TEST(BenchTrainTest, TinyRunPrintsPositiveFiniteFigures) {
   EXPECT_LE(startup, j.at("load_peak_rss_mb").get<double>());
   EXPECT_LE(j.at("load_peak_rss_mb").get<double>(), j.at("peak_rss_mb").get<double>());
   EXPECT_THAT(j.at("malloc").get<std::string>(), ::testing::AnyOf("glibc", "tcmalloc"));
+  EXPECT_LE(j.at("step_ms_min").get<double>(), j.at("step_ms_mean").get<double>());
   EXPECT_EQ(j.at("attention_threads"), 1);  // threads = 1
   EXPECT_FALSE(j.at("cpu").get<std::string>().empty());
   // tiny preset, LoRA r=8 on 7 projections of 4 layers:
