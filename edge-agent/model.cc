@@ -532,20 +532,21 @@ class LoraDeltaFn : public torch::autograd::Function<LoraDeltaFn> {
  public:
   static torch::Tensor forward(torch::autograd::AutogradContext* ctx, const torch::Tensor& x,
                                const torch::Tensor& a, const torch::Tensor& b, double scale) {
-    torch::Tensor h = MatmulNT(x, a);  // [..., r]
-    ctx->save_for_backward({x, a, b, h});
+    // The scale goes on the [..., r] intermediate, not the [..., out] result.
+    torch::Tensor hs = MatmulNT(x, a).mul_(scale);  // [..., r]
+    ctx->save_for_backward({x, a, b, hs});
     ctx->saved_data["scale"] = scale;
-    return MatmulNT(h, b).mul_(scale);
+    return MatmulNT(hs, b);
   }
 
   static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
                                                  torch::autograd::variable_list grads) {
     const auto saved = ctx->get_saved_variables();
-    const torch::Tensor &x = saved[0], &a = saved[1], &b = saved[2], &h = saved[3];
+    const torch::Tensor &x = saved[0], &a = saved[1], &b = saved[2], &hs = saved[3];
     const double scale = ctx->saved_data["scale"].toDouble();
     const torch::Tensor g = grads[0].contiguous();
     torch::Tensor gx, ga, gb;
-    if (ctx->needs_input_grad(2)) gb = MatmulTN(g, h).mul_(scale);  // [out, r]
+    if (ctx->needs_input_grad(2)) gb = MatmulTN(g, hs);  // [out, r]
     if (ctx->needs_input_grad(0) || ctx->needs_input_grad(1)) {
       torch::Tensor gh = MatmulNN(g, b).mul_(scale);  // [..., r]
       if (ctx->needs_input_grad(1)) ga = MatmulTN(gh, x);  // [r, in]
@@ -565,7 +566,13 @@ bool LoraDeltaApplies(const torch::Tensor& x, const torch::Tensor& a, const torc
 
 torch::Tensor LoraLinear::forward(const torch::Tensor& x, torch::Generator* dropout_gen) const {
   torch::Tensor y = FrozenMatmul(x, weight, weight_scale, int4_in);
-  if (bias.defined()) y = y + bias;
+  // y is this call's own tensor (the frozen node does not save it), unless a
+  // checkpointed layer's forward is recording it for replay.
+  bool own_y = g_gemm_replay == nullptr || !g_gemm_replay->record;
+  if (bias.defined()) {
+    y = y + bias;
+    own_y = true;
+  }
   if (lora_a.defined()) {
     torch::Tensor xin = x;
     if (dropout_gen != nullptr && dropout > 0) {
@@ -573,7 +580,9 @@ torch::Tensor LoraLinear::forward(const torch::Tensor& x, torch::Generator* drop
       xin = x * keep / (1.0 - dropout);
     }
     if (LoraDeltaApplies(xin, lora_a, lora_b)) {
-      y = y + LoraDeltaFn::apply(xin, lora_a, lora_b, scale);
+      torch::Tensor delta = LoraDeltaFn::apply(xin, lora_a, lora_b, scale);
+      // In place when the sum keeps y's dtype: one pass over y, no new buffer.
+      y = own_y && y.scalar_type() == delta.scalar_type() ? y.add_(delta) : y + delta;
     } else {
       y = y + torch::matmul(torch::matmul(xin, lora_a.t()), lora_b.t()) * scale;
     }
