@@ -994,7 +994,10 @@ absl::StatusOr<std::unique_ptr<LocalTrainer>> LoadTrainer(const std::string& mod
     ConfigureThreads(options.threads);
     ConfigureAllocator();
     ModelLoadOptions mopts;
-    mopts.base_dtype = options.base_dtype;
+    // "auto": fp32, except that under bf16 autocast the weights it reads
+    // rounded are stored rounded (ModelLoadOptions::autocast_bf16_weights).
+    mopts.base_dtype = options.base_dtype == "auto" ? "fp32" : options.base_dtype;
+    mopts.autocast_bf16_weights = options.base_dtype == "auto" && options.bf16_autocast;
     ASSIGN_OR_RETURN(std::unique_ptr<Model> model, Model::Load(model_dir, mopts));
     ASSIGN_OR_RETURN(std::unique_ptr<Tokenizer> tokenizer,
                      Tokenizer::FromFile(model_dir + "/tokenizer.json"));

@@ -3,7 +3,7 @@
 //   fedlora-agent run --coordinator HOST:PORT --ca F --cert F --key F --model DIR
 //                     --data TRAIN.jsonl --eval HELDOUT.jsonl [--threads N]
 //                     [--max-offline SECONDS] [--seed S] [--max-seq-len N]
-//                     [--base-dtype fp32|bf16|fp16|int8|int4] [--bf16] [--pack] [--grad-checkpoint]
+//                     [--base-dtype auto|fp32|bf16|fp16|int8|int4] [--bf16] [--pack] [--grad-checkpoint]
 //                     [--progress-every N] [--replay GENERAL.jsonl --replay-fraction F]
 //                     [--forgetting-probe GENERAL.jsonl] [--eval-generate N]
 //   fedlora-agent model inspect|tokenize|logits|generate ...
@@ -55,7 +55,7 @@ struct RunFlags {
   uint64_t seed = 0;
   int max_seq_len = 256;
   int64_t renew_within_days = 0;
-  std::string base_dtype = "fp32";
+  std::string base_dtype = "auto";
   bool bf16 = false;
   bool pack = false;
   bool grad_checkpoint = false;
@@ -247,9 +247,11 @@ int main(int argc, char** argv) {
       ->capture_default_str()
       ->check(CLI::PositiveNumber);
   run->add_option("--base-dtype", flags.base_dtype,
-                  "Storage of the frozen base weights: fp32, bf16, fp16, int8 or int4")
+                  "Storage of the frozen base weights: auto, fp32, bf16, fp16, int8 or int4 "
+                  "(auto: fp32, and with --bf16 the projections and an untied lm_head in bf16, "
+                  "which autocast reads rounded anyway: the same products, half their memory)")
       ->capture_default_str()
-      ->check(CLI::IsMember({"fp32", "bf16", "fp16", "int8", "int4"}));
+      ->check(CLI::IsMember({"auto", "fp32", "bf16", "fp16", "int8", "int4"}));
   run->add_flag("--bf16", flags.bf16,
                 "Run the training forward under CPU autocast to bfloat16 (LoRA weights and "
                 "optimizer state stay fp32)");

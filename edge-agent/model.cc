@@ -224,6 +224,13 @@ absl::StatusOr<std::unique_ptr<Model>> Model::Load(const std::string& model_dir,
         "base_dtype: expected \"fp32\", \"bf16\", \"fp16\", \"int8\" or \"int4\", found \"",
         options.base_dtype, "\""));
   }
+  if (options.autocast_bf16_weights && options.base_dtype != "fp32") {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "autocast_bf16_weights: applies to base_dtype \"fp32\" only, found \"",
+        options.base_dtype, "\""));
+  }
+  // The dtype of the weights autocast reads rounded: the projections and lm_head.
+  const torch::ScalarType product_store = options.autocast_bf16_weights ? torch::kBFloat16 : store;
   ASSIGN_OR_RETURN(ModelConfig config, LoadModelConfig(model_dir));
   std::unique_ptr<Model> m(new Model());
   m->config_ = config;
@@ -245,7 +252,7 @@ absl::StatusOr<std::unique_ptr<Model>> Model::Load(const std::string& model_dir,
     if (c.tie_word_embeddings) {
       m->lm_head_ = m->embed_;
     } else {
-      ASSIGN_OR_RETURN(m->lm_head_, src.Get("lm_head.weight", {V, H}, store));
+      ASSIGN_OR_RETURN(m->lm_head_, src.Get("lm_head.weight", {V, H}, product_store));
     }
     auto linear = [&](const std::string& name, int64_t out, int64_t in, bool bias,
                       LoraLinear* l) -> absl::Status {
@@ -260,7 +267,7 @@ absl::StatusOr<std::unique_ptr<Model>> Model::Load(const std::string& model_dir,
         QuantizeInt4(w, l);
         src.Release(name + ".weight");
       } else {
-        ASSIGN_OR_RETURN(l->weight, src.Get(name + ".weight", {out, in}, store));
+        ASSIGN_OR_RETURN(l->weight, src.Get(name + ".weight", {out, in}, product_store));
       }
       if (bias) {
         ASSIGN_OR_RETURN(l->bias, src.Get(name + ".bias", {out}));

@@ -60,6 +60,16 @@ struct ModelLoadOptions {
   // fly in forward and again in backward (never kept in fp32), and the
   // converted tensors' pages of the fp32 checkpoint mapping are released.
   std::string base_dtype = "fp32";
+  // With base_dtype "fp32" only: the weights that CPU autocast to bf16 reads in
+  // bf16 (the decoder projections and an untied lm_head) are stored in bf16,
+  // rounded once here exactly as autocast rounds them at every product (to
+  // nearest even); the embeddings, norms and biases stay fp32. Every product
+  // under bf16 autocast is unchanged (ModelTest.AutocastBf16WeightsChangeNoProduct
+  // checks logits and gradients bit for bit); a product outside autocast reads
+  // the rounded weight. The engine sets it for base_dtype "auto" with bf16
+  // autocast: a fp32 copy of a frozen weight that is only ever read rounded
+  // would cost twice the memory and a conversion at every product.
+  bool autocast_bf16_weights = false;
 };
 
 class Model {

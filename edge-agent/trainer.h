@@ -182,7 +182,10 @@ class LocalTrainer {
 //    EvaluateWith(data, {max_seq_len, eval_generate_max_new_tokens}).
 struct EngineOptions {
   int threads = 0;               // 0 = all cores
-  std::string base_dtype = "fp32";
+  // fp32 | bf16 | fp16 | int8 | int4 (ModelLoadOptions), or "auto": fp32, with
+  // the projections and an untied lm_head stored in bf16 when bf16_autocast is
+  // on (autocast reads them rounded to bf16 anyway; autocast_bf16_weights).
+  std::string base_dtype = "auto";
   bool bf16_autocast = false;
   bool pack_sequences = false;
   bool gradient_checkpointing = false;

@@ -146,9 +146,10 @@ absl::Status CheckOptions(const TrainBenchOptions& o) {
   if (o.batch < 1) return bad("batch", ">= 1", o.batch);
   if (o.threads < 1) return bad("threads", ">= 1", o.threads);
   if (o.steps < 1) return bad("steps", ">= 1", o.steps);
-  if (o.base_dtype != "fp32" && o.base_dtype != "bf16" && o.base_dtype != "int8" &&
-      o.base_dtype != "int4") {
-    return bad("base-dtype", "fp32, bf16, int8 or int4", absl::StrCat("\"", o.base_dtype, "\""));
+  if (o.base_dtype != "auto" && o.base_dtype != "fp32" && o.base_dtype != "bf16" &&
+      o.base_dtype != "int8" && o.base_dtype != "int4") {
+    return bad("base-dtype", "auto, fp32, bf16, int8 or int4",
+               absl::StrCat("\"", o.base_dtype, "\""));
   }
   if (o.attention != "fused" && o.attention != "plain") {
     return bad("attention", "fused or plain", absl::StrCat("\"", o.attention, "\""));
@@ -181,7 +182,9 @@ absl::StatusOr<TrainBenchResult> RunImpl(const TrainBenchOptions& o, const Train
   RETURN_IF_ERROR(WriteRandomCheckpoint(guard.path, p, std::max(o.seq + 1, 512)));
 
   edge::ModelLoadOptions lopts;
-  lopts.base_dtype = o.base_dtype;
+  // As the engine resolves "auto" (EngineOptions::base_dtype).
+  lopts.base_dtype = o.base_dtype == "auto" ? "fp32" : o.base_dtype;
+  lopts.autocast_bf16_weights = o.base_dtype == "auto" && o.bf16;
   ASSIGN_OR_RETURN(std::unique_ptr<edge::Model> model, edge::Model::Load(guard.path, lopts));
   edge::LoraConfig lora;  // r=8, alpha=16, q,k,v,o,gate,up,down, no dropout
   RETURN_IF_ERROR(edge::InitLora(*model, lora));

@@ -50,7 +50,10 @@ struct TrainBenchOptions {
   int batch = 4;
   int threads = 2;
   int steps = 5;
-  std::string base_dtype = "fp32";  // fp32 | bf16 | int8 | int4
+  // auto | fp32 | bf16 | int8 | int4; "auto" as EngineOptions::base_dtype: fp32,
+  // and with bf16 the projections and lm_head stored in bf16 (the dtype autocast
+  // reads them in). "fp32" with bf16 keeps them fp32, cast at every product.
+  std::string base_dtype = "auto";
   bool bf16 = false;                // autocast the forward to bf16
   bool grad_checkpoint = false;     // edge::Model gradient checkpointing
   std::string attention = "fused";  // fused | plain (edge::Model::set_fused_attention)

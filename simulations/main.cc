@@ -5,7 +5,7 @@
 //                          [--max-pos 512] [--rope-theta 10000] [--seed 0]
 //   fedlora-sim make-data --out DIR [--sites 3] [--examples 200] [--heldout 40] [--seed 0]
 //   fedlora-sim bench train --preset tiny|smollm135m [--seq 256] [--batch 4] [--threads 2]
-//                           [--steps 5] [--base-dtype fp32|bf16|int8|int4] [--bf16]
+//                           [--steps 5] [--base-dtype auto|fp32|bf16|int8|int4] [--bf16]
 //                           [--grad-checkpoint] [--attention fused|plain] [--gemm onednn|torch]
 //     prints one JSON line (see simulations/bench_train.h)
 //   fedlora-sim bench gemm [--preset smollm135m] [--seq 256] [--batch 1] [--threads 2]
@@ -129,9 +129,13 @@ int main(int argc, char** argv) {
   bench_train_cmd->add_option("--steps", bench_train.steps, "Timed steps (after 1 warm-up step)")
       ->capture_default_str()
       ->check(CLI::PositiveNumber);
-  bench_train_cmd->add_option("--base-dtype", bench_train.base_dtype, "Frozen base weights dtype")
+  bench_train_cmd
+      ->add_option("--base-dtype", bench_train.base_dtype,
+                   "Frozen base weights dtype (auto: fp32, and with --bf16 the projections and "
+                   "lm_head in bf16, as the agent's default; fp32 with --bf16 casts them at every "
+                   "product)")
       ->capture_default_str()
-      ->check(CLI::IsMember({"fp32", "bf16", "int8", "int4"}));
+      ->check(CLI::IsMember({"auto", "fp32", "bf16", "int8", "int4"}));
   bench_train_cmd->add_flag("--bf16", bench_train.bf16, "Run the forward under bf16 CPU autocast");
 
   fedlora::sim::GemmBenchOptions bench_gemm;

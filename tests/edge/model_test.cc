@@ -145,6 +145,61 @@ TEST_P(ParityTest, Bf16BaseStaysClose) {
   EXPECT_GT(diff, 0.0);  // really rounded
 }
 
+// With autocast_bf16_weights the projections (and an untied lm_head) are
+// stored in bf16 and the embeddings and norms stay fp32; under bf16 autocast
+// the loss and the adapter's gradients are then bit-identical to those of the
+// fp32 base, whose weights autocast rounds at every product.
+TEST_P(ParityTest, AutocastBf16WeightsChangeNoProduct) {
+  const nlohmann::json ref = Reference(GetParam());
+  ModelLoadOptions opts;
+  opts.autocast_bf16_weights = true;
+  auto rounded = LoadOrDie(FixtureDir(GetParam()), opts);
+  auto full = LoadOrDie(FixtureDir(GetParam()));
+  ASSERT_TRUE(rounded && full);
+  const auto params = rounded->NamedParameters();
+  EXPECT_EQ(params.at("model.layers.0.mlp.up_proj.weight").scalar_type(), torch::kBFloat16);
+  EXPECT_EQ(params.at("model.layers.0.self_attn.q_proj.weight").scalar_type(), torch::kBFloat16);
+  EXPECT_EQ(params.at("model.embed_tokens.weight").scalar_type(), torch::kFloat);
+  EXPECT_EQ(params.at("model.norm.weight").scalar_type(), torch::kFloat);
+  const bool tied = rounded->config().tie_word_embeddings;
+  if (!tied) EXPECT_EQ(params.at("lm_head.weight").scalar_type(), torch::kBFloat16);
+  auto adapter = LoadPeftAdapter(FixtureDir(GetParam()) + "/adapter");
+  ASSERT_TRUE(adapter.ok()) << adapter.status();
+  const torch::Tensor ids = Ids(ref);
+  auto loss_and_grads = [&](Model& m) {
+    EXPECT_TRUE(SetLora(m, adapter->config, adapter->tensors).ok());
+    std::vector<torch::Tensor> lora = LoraParameters(m);
+    for (auto& t : lora) t.requires_grad_(true);
+    at::autocast::set_cpu_enabled(true);
+    at::autocast::set_autocast_cpu_dtype(at::kBFloat16);
+    torch::Tensor hidden = m.ForwardHidden(ids.slice(1, 0, -1));
+    torch::Tensor loss =
+        m.HeadLossSum(hidden.reshape({-1, hidden.size(-1)}), ids.slice(1, 1).reshape({-1}));
+    at::autocast::set_cpu_enabled(false);
+    at::autocast::clear_cache();
+    loss.backward();
+    std::vector<torch::Tensor> out = {loss.detach()};
+    for (const auto& t : lora) out.push_back(t.grad().clone());
+    return out;
+  };
+  const auto a = loss_and_grads(*rounded);
+  const auto b = loss_and_grads(*full);
+  ASSERT_EQ(a.size(), b.size());
+  EXPECT_GT(a.size(), 1u);
+  for (size_t i = 0; i < a.size(); ++i) EXPECT_TRUE(torch::equal(a[i], b[i])) << i;
+  EXPECT_GT(a[1].abs().max().item<double>(), 0.0);
+  // Outside autocast the model reads the rounded weights: close to, not equal to, fp32.
+  torch::NoGradGuard no_grad;
+  const double diff = MaxDiff(rounded->Forward(ids), ref, "logits_with_adapter");
+  EXPECT_LT(diff, 0.1);
+  EXPECT_GT(diff, 0.0);
+  // Only with a fp32 base.
+  opts.base_dtype = "int8";
+  auto refused = Model::Load(FixtureDir(GetParam()), opts);
+  EXPECT_FALSE(refused.ok());
+  EXPECT_THAT(std::string(refused.status().message()), HasSubstr("autocast_bf16_weights"));
+}
+
 TEST_P(ParityTest, Int8BaseStaysCloseAndMerges) {
   const nlohmann::json ref = Reference(GetParam());
   ModelLoadOptions opts;

@@ -31,7 +31,7 @@ TEST(BenchTrainTest, TinyRunPrintsPositiveFiniteFigures) {
   EXPECT_EQ(j.at("batch"), 1);
   EXPECT_EQ(j.at("threads"), 1);
   EXPECT_EQ(j.at("steps"), 2);
-  EXPECT_EQ(j.at("base_dtype"), "fp32");
+  EXPECT_EQ(j.at("base_dtype"), "auto");
   for (const char* key : {"tokens_per_s", "peak_rss_mb", "step_ms_mean", "step_ms_min", "last_loss"}) {
     ASSERT_TRUE(j.contains(key)) << key;
     const double v = j.at(key).get<double>();
@@ -88,6 +88,20 @@ TEST(BenchTrainTest, Bf16AutocastRuns) {
   EXPECT_TRUE(std::isfinite(result->last_loss));
   EXPECT_NEAR(result->last_loss, std::log(4096.0), 1.0);
   EXPECT_NE(TrainBenchJson(*result).find("\"bf16\":true"), std::string::npos);
+}
+
+// Under --bf16 the default base ("auto": projections stored in bf16) and an
+// explicit fp32 base (cast at every product) compute the same products.
+TEST(BenchTrainTest, AutoAndFp32BasesTrainTheSameUnderBf16) {
+  TrainBenchOptions o = SmallRun();
+  o.bf16 = true;
+  auto automatic = RunTrainBench(o);
+  o.base_dtype = "fp32";
+  auto fp32 = RunTrainBench(o);
+  ASSERT_TRUE(automatic.ok()) << automatic.status();
+  ASSERT_TRUE(fp32.ok()) << fp32.status();
+  EXPECT_EQ(automatic->last_loss, fp32->last_loss);
+  EXPECT_EQ(automatic->options.base_dtype, "auto");
 }
 
 TEST(BenchTrainTest, FusedAndPlainAttentionTrainTheSame) {
