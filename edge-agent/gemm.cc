@@ -1,9 +1,11 @@
 #include "edge-agent/gemm.h"
 
+#include <ATen/Parallel.h>
 #include <ATen/autocast_mode.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/matmul.h>
 
+#include <algorithm>
 #include <array>
 #include <atomic>
 #include <cstdint>
@@ -13,6 +15,12 @@
 
 #include "oneapi/dnnl/dnnl.hpp"
 
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define FEDLORA_GEMM_MULTI_ISA __attribute__((target_clones("avx512f", "avx2", "default")))
+#else
+#define FEDLORA_GEMM_MULTI_ISA
+#endif
+
 namespace fedlora::edge {
 namespace {
 
@@ -21,12 +29,14 @@ std::atomic<int64_t> g_onednn_calls{0};
 
 // A matmul dst[M, N] = src[M, K] * wei[K, N]: src and dst row-major and dense,
 // wei given by its two strides (row-major or column-major view of w).
+// Operands are both fp32 or both bf16 (`bf16`); the result is fp32 either way.
 struct Key {
-  int64_t m, k, n, wei_stride0, wei_stride1, src_stride0, src_stride1;
+  int64_t m, k, n, wei_stride0, wei_stride1, src_stride0, src_stride1, bf16, ldc;
   bool operator<(const Key& o) const {
-    return std::array<int64_t, 7>{m, k, n, wei_stride0, wei_stride1, src_stride0, src_stride1} <
-           std::array<int64_t, 7>{o.m,           o.k,           o.n,          o.wei_stride0,
-                                  o.wei_stride1, o.src_stride0, o.src_stride1};
+    return std::array<int64_t, 9>{m, k, n, wei_stride0, wei_stride1, src_stride0, src_stride1,
+                                  bf16, ldc} <
+           std::array<int64_t, 9>{o.m,           o.k,           o.n,    o.wei_stride0,
+                                  o.wei_stride1, o.src_stride0, o.src_stride1, o.bf16, o.ldc};
   }
 };
 
@@ -56,41 +66,128 @@ bool Applies(const at::Tensor& a, const at::Tensor& w) {
   return w.stride(0) == 1 || w.stride(1) == 1;
 }
 
-// dst[M, N] (dense, row-major) = src[M, K] * wei[K, N], where src[m][k] is at
-// src_ptr + m * a0 + k * a1 and wei[k][n] at wei_ptr + k * s0 + n * s1.
-void Run(const float* src_ptr, int64_t m, int64_t k, int64_t a0, int64_t a1,
-         const float* wei_ptr, int64_t n, int64_t s0, int64_t s1, at::Tensor& dst) {
+// dst[M, N] (fp32, row-major, dst[m][n] at dst + m * ldc + n) = src[M, K] *
+// wei[K, N], where src[m][k] is at src_ptr + m * a0 + k * a1 and wei[k][n] at
+// wei_ptr + k * s0 + n * s1 (elements of fp32, or of bf16 when `bf16`).
+void Run(const void* src_ptr, int64_t m, int64_t k, int64_t a0, int64_t a1, const void* wei_ptr,
+         int64_t n, int64_t s0, int64_t s1, bool bf16, float* dst, int64_t ldc) {
   ThreadState& st = State();
   using dt = dnnl::memory::data_type;
-  const dnnl::memory::desc src({m, k}, dt::f32, dnnl::memory::dims{a0, a1});
-  const dnnl::memory::desc wei({k, n}, dt::f32, dnnl::memory::dims{s0, s1});
-  const dnnl::memory::desc out({m, n}, dt::f32, dnnl::memory::dims{n, 1});
-  const Key key{m, k, n, s0, s1, a0, a1};
+  const dt in = bf16 ? dt::bf16 : dt::f32;
+  const dnnl::memory::desc src({m, k}, in, dnnl::memory::dims{a0, a1});
+  const dnnl::memory::desc wei({k, n}, in, dnnl::memory::dims{s0, s1});
+  const dnnl::memory::desc out({m, n}, dt::f32, dnnl::memory::dims{ldc, 1});
+  const Key key{m, k, n, s0, s1, a0, a1, bf16, ldc};
   auto it = st.primitives.find(key);
   if (it == st.primitives.end()) {
     dnnl::matmul::primitive_desc pd(dnnl::matmul::desc(src, wei, out), st.engine);
     if (st.primitives.size() >= kMaxPrimitives) st.primitives.clear();
     it = st.primitives.emplace(key, dnnl::matmul(pd)).first;
   }
-  dnnl::memory src_m(src, st.engine, const_cast<float*>(src_ptr));
-  dnnl::memory wei_m(wei, st.engine, const_cast<float*>(wei_ptr));
-  dnnl::memory dst_m(out, st.engine, dst.data_ptr<float>());
+  dnnl::memory src_m(src, st.engine, const_cast<void*>(src_ptr));
+  dnnl::memory wei_m(wei, st.engine, const_cast<void*>(wei_ptr));
+  dnnl::memory dst_m(out, st.engine, dst);
   it->second.execute(st.stream,
                      {{DNNL_ARG_SRC, src_m}, {DNNL_ARG_WEIGHTS, wei_m}, {DNNL_ARG_DST, dst_m}});
   st.stream.wait();
   g_onednn_calls.fetch_add(1, std::memory_order_relaxed);
 }
 
-// a [..., K] * wei (K x N, strides s0, s1) -> [..., N].
+// a [..., K] * wei (K x N, strides s0, s1) -> fp32 [..., N]; a and w both fp32
+// or both bf16.
 at::Tensor Product(const at::Tensor& a, const at::Tensor& w, int64_t n, int64_t s0, int64_t s1) {
   const int64_t k = a.size(-1);
   at::Tensor a2 = a.reshape({-1, k});
   if (!a2.is_contiguous()) a2 = a2.contiguous();
   std::vector<int64_t> shape(a.sizes().begin(), a.sizes().end());
   shape.back() = n;
-  at::Tensor out = at::empty(shape, a.options());
+  at::Tensor out = at::empty(shape, a.options().dtype(at::kFloat));
   at::Tensor out2 = out.view({a2.size(0), n});
-  Run(a2.data_ptr<float>(), a2.size(0), k, k, 1, w.data_ptr<float>(), n, s0, s1, out2);
+  Run(a2.data_ptr(), a2.size(0), k, k, 1, w.data_ptr(), n, s0, s1,
+      a.scalar_type() == at::kBFloat16, out2.data_ptr<float>(), n);
+  return out;
+}
+
+// c10::BFloat16's rounding (round to nearest even; NaN to the quiet NaN 0x7FC0)
+// of one float's bits, written so that the loop below vectorises.
+inline __attribute__((always_inline)) uint16_t Bf16Bits(uint32_t u) {
+  const uint32_t rounded = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
+  return static_cast<uint16_t>((u & 0x7FFFFFFFu) > 0x7F800000u ? 0x7FC0u : rounded);
+}
+
+FEDLORA_GEMM_MULTI_ISA void ConvertToBf16(const uint32_t* __restrict in, uint16_t* __restrict out,
+                                          int64_t n) {
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) out[i] = Bf16Bits(in[i]);
+}
+
+// The operand as bf16: as it is when already bf16, else converted (ToBf16).
+at::Tensor AsBf16(const at::Tensor& t) {
+  return t.scalar_type() == at::kBFloat16 ? t : ToBf16(t);
+}
+
+// Whether oneDNN takes the bf16 product of (a [..., K], w 2-D): the backend,
+// fp32 or bf16 CPU operands, a unit stride in w (autocast may be on).
+bool AppliesBf16(const at::Tensor& a, const at::Tensor& w) {
+  if (g_backend.load(std::memory_order_relaxed) != GemmBackend::kOnednn) return false;
+  if (!a.defined() || !w.defined() || a.dim() < 1 || w.dim() != 2) return false;
+  for (const at::Tensor* t : {&a, &w}) {
+    if (t->scalar_type() != at::kFloat && t->scalar_type() != at::kBFloat16) return false;
+    if (!t->device().is_cpu()) return false;
+  }
+  if (a.numel() == 0 || w.numel() == 0) return false;
+  return w.stride(0) == 1 || w.stride(1) == 1;
+}
+
+// Elements of a weight converted to bf16 at a time by BlockedBf16Product: the
+// block (512 KB of bf16) is still in the core's cache when the product reads it.
+constexpr int64_t kBf16BlockElems = int64_t{1} << 18;
+
+// Rows [r0, r1) x columns [c0, c0 + cols) of the fp32 matrix w (row stride ld)
+// as a dense bf16 [r1 - r0, cols] at out.
+void ConvertBlock(const float* w, int64_t ld, int64_t r0, int64_t r1, int64_t c0, int64_t cols,
+                  uint16_t* out) {
+  const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 15) / cols);
+  at::parallel_for(r0, r1, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      ConvertToBf16(reinterpret_cast<const uint32_t*>(w + r * ld + c0), out + (r - r0) * cols,
+                    cols);
+    }
+  });
+}
+
+// The bf16 product of a (bf16 [..., K']) with a fp32 weight w [N, K] (unit
+// column stride) that is converted a block at a time, each block used by the
+// product while cached, instead of converted whole (which writes, then reads
+// back, a bf16 copy as large as w). nt: a w^T (K' = K, blocks of w's rows give
+// blocks of output columns); else a w (K' = N, blocks of w's columns give blocks
+// of output columns). Result fp32 [..., N] or [..., K].
+at::Tensor BlockedBf16Product(const at::Tensor& a, const at::Tensor& w, bool nt) {
+  const int64_t N = w.size(0), K = w.size(1), ld = w.stride(0);
+  at::Tensor a2 = a.reshape({-1, a.size(-1)});
+  if (!a2.is_contiguous()) a2 = a2.contiguous();
+  const int64_t m = a2.size(0), inner = a2.size(1), cols = nt ? N : K;
+  std::vector<int64_t> shape(a.sizes().begin(), a.sizes().end());
+  shape.back() = cols;
+  at::Tensor out = at::empty(shape, a.options().dtype(at::kFloat));
+  // Output columns per block: a multiple of 16, the block near kBf16BlockElems.
+  const int64_t per = std::max<int64_t>(16, kBf16BlockElems / inner / 16 * 16);
+  at::Tensor buf = at::empty({std::min(per, cols) * inner}, a.options().dtype(at::kBFloat16));
+  auto* b = static_cast<uint16_t*>(buf.data_ptr());
+  const float* wp = w.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  for (int64_t c0 = 0; c0 < cols; c0 += per) {
+    const int64_t c = std::min(per, cols - c0);
+    if (nt) {
+      // Rows [c0, c0 + c) of w, dense [c, K]: wei[k][n] = block[n][k].
+      ConvertBlock(wp, ld, c0, c0 + c, 0, K, b);
+      Run(a2.data_ptr(), m, inner, inner, 1, b, c, 1, K, /*bf16=*/true, op + c0, cols);
+    } else {
+      // Columns [c0, c0 + c) of w, dense [N, c]: wei[k][n] = block[k][n].
+      ConvertBlock(wp, ld, 0, N, c0, c, b);
+      Run(a2.data_ptr(), m, inner, inner, 1, b, c, c, 1, /*bf16=*/true, op + c0, cols);
+    }
+  }
   return out;
 }
 
@@ -112,6 +209,19 @@ at::Tensor MatmulNT(const at::Tensor& x, const at::Tensor& w) {
   }
 }
 
+at::Tensor ToBf16(const at::Tensor& t) {
+  if (t.scalar_type() != at::kFloat || !t.device().is_cpu()) return t.to(at::kBFloat16);
+  const at::Tensor c = t.contiguous();
+  at::Tensor out = at::empty(c.sizes(), c.options().dtype(at::kBFloat16));
+  const auto* in = static_cast<const uint32_t*>(c.data_ptr());
+  auto* o = static_cast<uint16_t*>(out.data_ptr());
+  // Chunks of 64k elements: a thread's share stays in its cache, small tensors run inline.
+  at::parallel_for(0, c.numel(), 1 << 16, [&](int64_t begin, int64_t end) {
+    ConvertToBf16(in + begin, o + begin, end - begin);
+  });
+  return out;
+}
+
 at::Tensor MatmulTN(const at::Tensor& a, const at::Tensor& b) {
   const at::Tensor a2 = a.reshape({-1, a.size(-1)});  // [R, M]
   const at::Tensor b2 = b.reshape({-1, b.size(-1)});  // [R, K]
@@ -121,7 +231,8 @@ at::Tensor MatmulTN(const at::Tensor& a, const at::Tensor& b) {
     const int64_t rows = ac.size(0), m = ac.size(1), k = bc.size(1);
     at::Tensor out = at::empty({m, k}, a.options());
     // src = ac^T [M, R]: src[m][r] = ac[r][m]; wei = bc [R, K] row-major.
-    Run(ac.data_ptr<float>(), m, rows, 1, m, bc.data_ptr<float>(), k, k, 1, out);
+    Run(ac.data_ptr<float>(), m, rows, 1, m, bc.data_ptr<float>(), k, k, 1, /*bf16=*/false,
+        out.data_ptr<float>(), k);
     return out;
   } catch (const dnnl::error&) {
     return at::matmul(a2.t(), b2);
@@ -135,6 +246,36 @@ at::Tensor MatmulNN(const at::Tensor& g, const at::Tensor& w) {
   } catch (const dnnl::error&) {
     return at::matmul(g, w);
   }
+}
+
+at::Tensor MatmulNTBf16(const at::Tensor& x, const at::Tensor& w) {
+  if (AppliesBf16(x, w) && x.size(-1) == w.size(1)) {
+    const at::Tensor xb = AsBf16(x);
+    try {
+      if (w.scalar_type() == at::kFloat && w.stride(1) == 1) {
+        return BlockedBf16Product(xb, w, /*nt=*/true);
+      }
+      const at::Tensor wb = AsBf16(w);
+      return Product(xb, wb, wb.size(0), wb.stride(1), wb.stride(0));
+    } catch (const dnnl::error&) {
+    }
+  }
+  return at::matmul(AsBf16(x).to(at::kFloat), AsBf16(w).to(at::kFloat).t());
+}
+
+at::Tensor MatmulNNBf16(const at::Tensor& g, const at::Tensor& w) {
+  if (AppliesBf16(g, w) && g.size(-1) == w.size(0)) {
+    const at::Tensor gb = AsBf16(g);
+    try {
+      if (w.scalar_type() == at::kFloat && w.stride(1) == 1) {
+        return BlockedBf16Product(gb, w, /*nt=*/false);
+      }
+      const at::Tensor wb = AsBf16(w);
+      return Product(gb, wb, wb.size(1), wb.stride(0), wb.stride(1));
+    } catch (const dnnl::error&) {
+    }
+  }
+  return at::matmul(AsBf16(g).to(at::kFloat), AsBf16(w).to(at::kFloat));
 }
 
 }  // namespace fedlora::edge

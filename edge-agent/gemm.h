@@ -1,5 +1,5 @@
 #pragma once
-// Dense fp32 GEMMs of the engine's frozen projections, on oneDNN.
+// Dense fp32 and bf16 GEMMs of the engine's frozen projections, on oneDNN.
 //
 // libtorch 1.13's CPU matmul of fp32 tensors runs on BLAS (OpenBLAS on
 // Debian), which reaches about half the throughput of oneDNN's AVX-512 fp32
@@ -22,6 +22,19 @@
 //    kOnednn; otherwise the torch::matmul result is returned (autocast then
 //    applies as usual). Neither function records autograd history: callers
 //    that need gradients wrap them (FrozenMatmul in lora.h does).
+//  * MatmulNTBf16(x, w) == bf16(x) bf16(w)^T and MatmulNNBf16(g, w) ==
+//    bf16(g) bf16(w): products of the operands rounded to bf16 (as
+//    Tensor::to(kBFloat16) rounds: to nearest even), accumulated in fp32 and
+//    returned in fp32 (torch::matmul under autocast also rounds its result to
+//    bf16; these do not). Operands already bf16 are used as they are; fp32 ones
+//    are converted by ToBf16 at each call (a frozen weight stays fp32 in
+//    memory; a fp32 w with a unit column stride is converted a block at a time,
+//    each block used while it is in cache). They run on oneDNN when the backend
+//    is kOnednn and the operands are fp32 / bf16 CPU tensors with w 2-D of a
+//    unit stride, autocast on or off; otherwise torch::matmul of the rounded
+//    operands widened to fp32 (the same values, up to summation order).
+//  * ToBf16(t) == t.to(kBFloat16) bit for bit except for NaN payloads (NaN
+//    becomes the quiet NaN 0x7FC0), contiguous, converted on libtorch's threads.
 //  * Thread-safe: each thread keeps its own oneDNN stream and primitive cache.
 //    The thread count is the calling thread's OpenMP setting (the one
 //    at::set_num_threads sets).
@@ -59,5 +72,9 @@ int64_t OnednnGemmCount();
 at::Tensor MatmulNT(const at::Tensor& x, const at::Tensor& w);
 at::Tensor MatmulNN(const at::Tensor& g, const at::Tensor& w);
 at::Tensor MatmulTN(const at::Tensor& a, const at::Tensor& b);
+
+at::Tensor MatmulNTBf16(const at::Tensor& x, const at::Tensor& w);
+at::Tensor MatmulNNBf16(const at::Tensor& g, const at::Tensor& w);
+at::Tensor ToBf16(const at::Tensor& t);
 
 }  // namespace fedlora::edge

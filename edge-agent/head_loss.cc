@@ -17,18 +17,28 @@ namespace {
 torch::Tensor WeightBlock(const torch::Tensor& weight, int64_t r0, int64_t r1,
                           torch::ScalarType low) {
   torch::Tensor w = weight.slice(0, r0, r1);
-  return w.scalar_type() == low ? w : w.to(low);
+  if (w.scalar_type() == low) return w;
+  return low == torch::kBFloat16 ? ToBf16(w) : w.to(low);
 }
 
-// h W_block^T as fp32 [N, rows] (MatmulNT falls back to torch::matmul for a
-// low-precision block, or under autocast).
+// The operand in the products' dtype (h once per call, not once per block).
+torch::Tensor InProductDtype(const torch::Tensor& t, torch::ScalarType low) {
+  if (t.scalar_type() == low) return t;
+  return low == torch::kBFloat16 ? ToBf16(t) : t.to(low);
+}
+
+// h W_block^T as fp32 [N, rows], h and w in the same dtype: bf16 products
+// accumulate into fp32 (MatmulNTBf16); MatmulNT falls back to torch::matmul
+// for fp16, or under autocast.
 torch::Tensor BlockLogits(const torch::Tensor& h, const torch::Tensor& w) {
-  torch::Tensor out = MatmulNT(h.scalar_type() == w.scalar_type() ? h : h.to(w.scalar_type()), w);
+  if (w.scalar_type() == torch::kBFloat16) return MatmulNTBf16(h, w);
+  torch::Tensor out = MatmulNT(h, w);
   return out.scalar_type() == torch::kFloat ? out : out.to(torch::kFloat);
 }
 
-// p W_block as fp32 [N, H].
+// p W_block as fp32 [N, H] (p fp32, w fp32 or low precision).
 torch::Tensor BlockGradInput(const torch::Tensor& p, const torch::Tensor& w) {
+  if (w.scalar_type() == torch::kBFloat16) return MatmulNNBf16(p, w);
   torch::Tensor out = MatmulNN(p.scalar_type() == w.scalar_type() ? p : p.to(w.scalar_type()), w);
   return out.scalar_type() == torch::kFloat ? out : out.to(torch::kFloat);
 }
@@ -85,6 +95,7 @@ class HeadCrossEntropyFn : public torch::autograd::Function<HeadCrossEntropyFn> 
     const torch::ScalarType low =
         at::autocast::is_cpu_enabled() ? at::autocast::get_autocast_cpu_dtype() : torch::kFloat;
     torch::Tensor h = hidden.contiguous();
+    const torch::Tensor h_low = InProductDtype(h, low);
     torch::Tensor run_max = torch::full({n}, -std::numeric_limits<float>::infinity(),
                                         h.options());
     torch::Tensor run_sum = torch::zeros({n}, h.options());
@@ -93,7 +104,7 @@ class HeadCrossEntropyFn : public torch::autograd::Function<HeadCrossEntropyFn> 
     const int64_t rows = BlockRows(n, keep);
     for (int64_t r0 = 0; r0 < vocab; r0 += rows) {
       const int64_t r1 = std::min(vocab, r0 + rows);
-      torch::Tensor logits = BlockLogits(h, WeightBlock(weight, r0, r1, low));  // [n, r1 - r0]
+      torch::Tensor logits = BlockLogits(h_low, WeightBlock(weight, r0, r1, low));  // [n, r1 - r0]
       const BlockTargets t = TargetsInBlock(targets, r0, r1 - r0);
       target_logit.add_(logits.gather(1, t.column).squeeze(1).mul_(t.inside));
       torch::Tensor new_max = torch::maximum(run_max, std::get<0>(logits.max(1)));
@@ -125,13 +136,14 @@ class HeadCrossEntropyFn : public torch::autograd::Function<HeadCrossEntropyFn> 
     const auto low = static_cast<torch::ScalarType>(ctx->saved_data["low"].toInt());
     const float g = grads[0].item<float>();
     const int64_t vocab = weight.size(0), rows = ctx->saved_data["rows"].toInt();
-    torch::Tensor gh;
+    torch::Tensor gh, h_low;
+    if (!kept) h_low = InProductDtype(h, low);
     size_t block = 0;
     for (int64_t r0 = 0; r0 < vocab; r0 += rows, ++block) {
       const int64_t r1 = std::min(vocab, r0 + rows);
       torch::Tensor w = WeightBlock(weight, r0, r1, low);
       // softmax - one-hot, in place on the kept (or recomputed) logits.
-      torch::Tensor p = kept ? saved[3 + block] : BlockLogits(h, w);
+      torch::Tensor p = kept ? saved[3 + block] : BlockLogits(h_low, w);
       p.sub_(lse).exp_();
       AddAtTargets(p, targets, r0, -1.0f);
       if (g != 1.0f) p.mul_(g);

@@ -476,17 +476,30 @@ class FrozenMatmulFn : public torch::autograd::Function<FrozenMatmulFn> {
   }
 };
 
-// Under CPU autocast with a frozen fp32 W: y = x W^T in the autocast dtype, as
-// autocast's own matmul computes it, but the low-precision copy of W that
-// autocast makes is not kept for backward (autograd's matmul keeps one per
-// projection until then: 212 MB of bf16 on smollm135m); backward casts W again.
+// Whether a frozen product under CPU autocast runs as MatmulNTBf16 (gemm.h):
+// autocast to bf16 on the oneDNN backend. The weight (fp32 or bf16) and the
+// input are rounded to bf16, the product accumulates in fp32 and stays fp32, so
+// what follows (residual adds, norms, attention, the LoRA branch) takes fp32
+// without a widening copy. Otherwise autocast's own matmul (bf16 result).
+bool DirectBf16Product() {
+  return at::autocast::get_autocast_cpu_dtype() == at::kBFloat16 &&
+         gemm_backend() == GemmBackend::kOnednn;
+}
+
+// Under CPU autocast with a frozen W: y = x W^T with bf16 operands, as
+// autocast's own matmul computes it, but the low-precision copy of W made for
+// it is not kept for backward (autograd's matmul keeps one per projection until
+// then: 212 MB of bf16 on smollm135m); backward converts W again.
 class AutocastFrozenMatmulFn : public torch::autograd::Function<AutocastFrozenMatmulFn> {
  public:
   static torch::Tensor forward(torch::autograd::AutogradContext* ctx, const torch::Tensor& x,
                                const torch::Tensor& weight) {
+    const bool direct = DirectBf16Product();
     ctx->save_for_backward({weight});
     ctx->saved_data["x_dtype"] = static_cast<int64_t>(x.scalar_type());
     ctx->saved_data["low"] = static_cast<int64_t>(at::autocast::get_autocast_cpu_dtype());
+    ctx->saved_data["direct"] = direct;
+    if (direct) return MatmulNTBf16(x, weight);
     return torch::matmul(x, weight.t());  // autocast casts both operands
   }
 
@@ -496,7 +509,13 @@ class AutocastFrozenMatmulFn : public torch::autograd::Function<AutocastFrozenMa
     const auto low = static_cast<torch::ScalarType>(ctx->saved_data["low"].toInt());
     const auto x_dtype = static_cast<torch::ScalarType>(ctx->saved_data["x_dtype"].toInt());
     const torch::Tensor& g = grads[0];
-    torch::Tensor gx = torch::matmul(g.scalar_type() == low ? g : g.to(low), weight.to(low));
+    torch::Tensor gx;
+    if (ctx->saved_data["direct"].toBool()) {
+      gx = MatmulNNBf16(g, weight);
+    } else {
+      gx = torch::matmul(g.scalar_type() == low ? g : g.to(low),
+                         weight.scalar_type() == low ? weight : weight.to(low));
+    }
     return {gx.scalar_type() == x_dtype ? gx : gx.to(x_dtype), torch::Tensor()};
   }
 };
@@ -510,10 +529,10 @@ torch::Tensor FrozenMatmul(const torch::Tensor& x, const torch::Tensor& weight,
        weight.scalar_type() == at::autocast::get_autocast_cpu_dtype())) {
     // Autocast picks the product's dtype; a weight stored in it is used as is
     // (not widened to fp32 and narrowed back).
-    if (weight.scalar_type() == torch::kFloat && torch::GradMode::is_enabled() &&
-        x.requires_grad()) {
+    if (torch::GradMode::is_enabled() && x.requires_grad()) {
       return AutocastFrozenMatmulFn::apply(x, weight);
     }
+    if (DirectBf16Product()) return MatmulNTBf16(x, weight);
     return torch::matmul(x, weight.t());
   }
   if (torch::GradMode::is_enabled() && x.requires_grad()) {
@@ -534,7 +553,9 @@ namespace {
 // products (forward two, backward up to four) run on oneDNN (gemm.h): through
 // autograd's matmul they ran on OpenBLAS, which packs the whole activation for
 // a product only r columns wide. Saves x (the caller keeps it anyway) and the
-// [..., r] intermediate. fp32 only, autocast off (LoraDeltaApplies).
+// [..., r] intermediate. fp32 only (LoraDeltaApplies); under autocast it runs
+// with autocast excluded, so the adapter's products stay fp32 (they are r
+// columns wide: rounding them to bf16 would save little and lose precision).
 class LoraDeltaFn : public torch::autograd::Function<LoraDeltaFn> {
  public:
   static torch::Tensor forward(torch::autograd::AutogradContext* ctx, const torch::Tensor& x,
@@ -564,8 +585,7 @@ class LoraDeltaFn : public torch::autograd::Function<LoraDeltaFn> {
 };
 
 bool LoraDeltaApplies(const torch::Tensor& x, const torch::Tensor& a, const torch::Tensor& b) {
-  return gemm_backend() == GemmBackend::kOnednn && !at::autocast::is_cpu_enabled() &&
-         x.scalar_type() == torch::kFloat && a.scalar_type() == torch::kFloat &&
+  return gemm_backend() == GemmBackend::kOnednn && x.scalar_type() == torch::kFloat && a.scalar_type() == torch::kFloat &&
          b.scalar_type() == torch::kFloat && x.dim() >= 1 && x.numel() > 0;
 }
 
@@ -587,6 +607,7 @@ torch::Tensor LoraLinear::forward(const torch::Tensor& x, torch::Generator* drop
       xin = x * keep / (1.0 - dropout);
     }
     if (LoraDeltaApplies(xin, lora_a, lora_b)) {
+      c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::DispatchKey::AutocastCPU);
       torch::Tensor delta = LoraDeltaFn::apply(xin, lora_a, lora_b, scale);
       // In place when the sum keeps y's dtype: one pass over y, no new buffer.
       y = own_y && y.scalar_type() == delta.scalar_type() ? y.add_(delta) : y + delta;

@@ -1,5 +1,6 @@
 #include "simulations/bench_gemm.h"
 
+#include <ATen/autocast_mode.h>
 #include <torch/torch.h>
 
 #include <algorithm>
@@ -17,6 +18,18 @@
 
 namespace fedlora::sim {
 namespace {
+
+// CPU autocast to bf16 for the scope.
+struct AutocastBf16 {
+  AutocastBf16() {
+    at::autocast::set_cpu_enabled(true);
+    at::autocast::set_autocast_cpu_dtype(at::kBFloat16);
+  }
+  ~AutocastBf16() {
+    at::autocast::set_cpu_enabled(false);
+    at::autocast::clear_cache();
+  }
+};
 
 // Best wall time of `repeats` calls of f after one warm-up call.
 double BestSeconds(int repeats, const std::function<torch::Tensor()>& f) {
@@ -78,6 +91,21 @@ absl::StatusOr<std::vector<GemmBenchResult>> RunGemmBench(const GemmBenchOptions
         edge::SetGemmBackend(edge::GemmBackend::kTorch);
         r.torch_gflops = flop / BestSeconds(o.repeats, run) / 1e9;
         r.max_abs_diff = (a - run()).abs().max().item<double>();
+        // bf16 products of the fp32 operands, each converted at every call:
+        // the engine's autocast path (MatmulNTBf16 / MatmulNNBf16, fp32
+        // result) against autocast's own matmul (bf16 result).
+        edge::SetGemmBackend(edge::GemmBackend::kOnednn);
+        r.onednn_bf16_gflops =
+            flop / BestSeconds(o.repeats, [&] {
+              return nt ? edge::MatmulNTBf16(x, w) : edge::MatmulNNBf16(g, w);
+            }) / 1e9;
+        {
+          AutocastBf16 autocast;
+          r.torch_autocast_gflops =
+              flop / BestSeconds(o.repeats, [&] {
+                return nt ? torch::matmul(x, w.t()) : torch::matmul(g, w);
+              }) / 1e9;
+        }
         out.push_back(r);
       }
     }
@@ -102,6 +130,8 @@ std::string GemmBenchJson(const GemmBenchOptions& o, const GemmBenchResult& r) {
   j["torch_gflops"] = round1(r.torch_gflops);
   j["speedup"] = std::round(r.onednn_gflops / std::max(r.torch_gflops, 1e-9) * 100.0) / 100.0;
   j["max_abs_diff"] = r.max_abs_diff;
+  j["onednn_bf16_gflops"] = round1(r.onednn_bf16_gflops);
+  j["torch_autocast_gflops"] = round1(r.torch_autocast_gflops);
   return j.dump();
 }
 

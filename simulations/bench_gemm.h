@@ -8,8 +8,10 @@
 // x W^T (op "nt") and the input gradient g W (op "nn") with both backends:
 // `repeats` runs each after one warm-up, the best time kept (so a busy moment
 // on a shared machine counts less). Each result also carries the largest
-// absolute difference between the two backends' outputs. Bad options
-// (unknown preset, non-positive sizes) are InvalidArgument naming the flag.
+// absolute difference between the two backends' outputs, and the same
+// products in bf16 (operands converted at every call, as under autocast):
+// MatmulNTBf16 / MatmulNNBf16 against torch::matmul under CPU autocast. Bad
+// options (unknown preset, non-positive sizes) are InvalidArgument naming the flag.
 
 #include <cstdint>
 #include <string>
@@ -33,13 +35,16 @@ struct GemmBenchResult {
   int64_t m = 0, k = 0, n = 0;
   double onednn_gflops = 0, torch_gflops = 0;
   double max_abs_diff = 0;
+  // bf16 products with the fp32 operands converted at each call: MatmulNTBf16 /
+  // MatmulNNBf16 against torch::matmul under CPU autocast.
+  double onednn_bf16_gflops = 0, torch_autocast_gflops = 0;
 };
 
 absl::StatusOr<std::vector<GemmBenchResult>> RunGemmBench(const GemmBenchOptions& options);
 
 // One JSON line (no trailing newline): {"bench":"gemm","preset":..,"threads":..,
 // "what":..,"op":..,"m":..,"k":..,"n":..,"onednn_gflops":..,"torch_gflops":..,
-// "speedup":..,"max_abs_diff":..}
+// "speedup":..,"max_abs_diff":..,"onednn_bf16_gflops":..,"torch_autocast_gflops":..}
 std::string GemmBenchJson(const GemmBenchOptions& options, const GemmBenchResult& result);
 
 }  // namespace fedlora::sim

@@ -5,6 +5,7 @@
 #include <torch/torch.h>
 
 #include <array>
+#include <limits>
 #include <vector>
 
 #include "gtest/gtest.h"
@@ -126,6 +127,81 @@ TEST(GemmTest, OtherDtypesAndAutocastFallBackToTorch) {
   EXPECT_EQ(ya.scalar_type(), torch::kBFloat16);  // autocast applied, as torch::matmul does
   EXPECT_EQ(OnednnGemmCount(), before);
   EXPECT_LT((ya.to(torch::kFloat) - torch::matmul(x, w.t())).abs().max().item<double>(), 0.5);
+}
+
+// ToBf16 rounds as Tensor::to(kBFloat16), bit for bit: ties to even,
+// infinities, signed zero, subnormals, values that round up to infinity, and a
+// strided input; NaN stays NaN (torch's own scalar and vector conversions give
+// NaNs different bits).
+TEST(GemmTest, ToBf16RoundsAsTorchDoes) {
+  torch::manual_seed(7);
+  torch::Tensor special = torch::tensor(
+      {0.0f, -0.0f, 1.0f, 1.00390625f /* tie, rounds down to even */,
+       1.01171875f /* tie, rounds up to even */, std::numeric_limits<float>::infinity(),
+       -std::numeric_limits<float>::infinity(), std::numeric_limits<float>::quiet_NaN(),
+       -std::numeric_limits<float>::quiet_NaN(), std::numeric_limits<float>::denorm_min(),
+       1e-40f, std::numeric_limits<float>::max(), -3.3895314e38f});
+  torch::Tensor values = torch::cat({special, torch::randn({300000}) * 100});
+  const torch::Tensor ours = ToBf16(values);
+  const torch::Tensor ref = values.to(torch::kBFloat16);
+  ASSERT_EQ(ours.scalar_type(), torch::kBFloat16);
+  const torch::Tensor nan = torch::isnan(values);
+  EXPECT_TRUE(torch::equal(torch::isnan(ours), nan));
+  EXPECT_EQ(nan.sum().item<int64_t>(), 2);
+  EXPECT_TRUE(torch::equal(ours.view(torch::kShort).masked_fill(nan, 0),
+                           ref.view(torch::kShort).masked_fill(nan, 0)));
+  const torch::Tensor strided = torch::randn({64, 80}).t();
+  EXPECT_TRUE(torch::equal(ToBf16(strided).view(torch::kShort),
+                           strided.to(torch::kBFloat16).contiguous().view(torch::kShort)));
+}
+
+// MatmulNTBf16 / MatmulNNBf16 give the fp32 product of the operands rounded to
+// bf16, on oneDNN (weights wide enough to be converted in several blocks, the
+// last one partial), with the torch backend, and with bf16 operands as given.
+TEST(GemmTest, Bf16ProductsAreTheProductsOfRoundedOperands) {
+  torch::manual_seed(8);
+  auto rounded = [](const torch::Tensor& t) { return t.to(torch::kBFloat16).to(torch::kFloat); };
+  struct Case {
+    int64_t m, k, n;
+  };
+  for (const Case& c : {Case{37, 576, 1000}, Case{256, 1000, 300}, Case{5, 24, 16}}) {
+    const torch::Tensor x = torch::randn({c.m, c.k});
+    const torch::Tensor w = torch::randn({c.n, c.k}) * 0.05;
+    const torch::Tensor g = torch::randn({c.m, c.n});
+    const torch::Tensor ref_nt = torch::matmul(rounded(x), rounded(w).t());
+    const torch::Tensor ref_nn = torch::matmul(rounded(g), rounded(w));
+    auto close = [](const torch::Tensor& a, const torch::Tensor& b) {
+      return (a - b).abs().max().item<double>() <= 1e-5 * b.abs().max().item<double>() + 1e-6;
+    };
+    const int64_t before = OnednnGemmCount();
+    const torch::Tensor nt = MatmulNTBf16(x, w), nn = MatmulNNBf16(g, w);
+    EXPECT_GT(OnednnGemmCount(), before);
+    EXPECT_EQ(nt.scalar_type(), torch::kFloat);
+    EXPECT_EQ(nt.sizes(), ref_nt.sizes());
+    EXPECT_EQ(nn.sizes(), ref_nn.sizes());
+    EXPECT_TRUE(close(nt, ref_nt)) << c.m << "x" << c.k << "x" << c.n;
+    EXPECT_TRUE(close(nn, ref_nn)) << c.m << "x" << c.k << "x" << c.n;
+    // bf16 operands are used as they are; leading dimensions are kept.
+    EXPECT_TRUE(close(MatmulNTBf16(x.to(torch::kBFloat16).view({1, c.m, c.k}), w.to(torch::kBFloat16))
+                          .view({c.m, c.n}),
+                      ref_nt));
+    // Under autocast too (autocast would otherwise round the result to bf16).
+    at::autocast::set_cpu_enabled(true);
+    at::autocast::set_autocast_cpu_dtype(at::kBFloat16);
+    const torch::Tensor under = MatmulNTBf16(x, w);
+    at::autocast::set_cpu_enabled(false);
+    at::autocast::clear_cache();
+    EXPECT_EQ(under.scalar_type(), torch::kFloat);
+    EXPECT_TRUE(close(under, ref_nt));
+    GemmBackendScope scope(GemmBackend::kTorch);
+    const int64_t before_torch = OnednnGemmCount();
+    EXPECT_TRUE(close(MatmulNTBf16(x, w), ref_nt));
+    EXPECT_TRUE(close(MatmulNNBf16(g, w), ref_nn));
+    EXPECT_EQ(OnednnGemmCount(), before_torch);
+  }
+  // The rounding is real: the fp32 product differs.
+  const torch::Tensor x = torch::randn({8, 64}), w = torch::randn({16, 64});
+  EXPECT_GT((MatmulNTBf16(x, w) - torch::matmul(x, w.t())).abs().max().item<double>(), 1e-4);
 }
 
 TEST(GemmTest, MismatchedShapesThrowLikeTorch) {

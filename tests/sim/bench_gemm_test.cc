@@ -29,10 +29,14 @@ TEST(BenchGemmTest, ReportsEveryProductOfThePresetWithBothBackends) {
     EXPECT_GT(x.onednn_gflops, 0);
     EXPECT_GT(x.torch_gflops, 0);
     EXPECT_LT(x.max_abs_diff, 1e-3);  // the two backends agree
+    EXPECT_GT(x.onednn_bf16_gflops, 0);
+    EXPECT_GT(x.torch_autocast_gflops, 0);
     seen.insert(x.what + "/" + x.op);
     auto j = nlohmann::json::parse(GemmBenchJson(o, x));
     EXPECT_EQ(j["bench"], "gemm");
     EXPECT_EQ(j["preset"], "tiny");
+    EXPECT_TRUE(j.contains("onednn_bf16_gflops"));
+    EXPECT_TRUE(j.contains("torch_autocast_gflops"));
   }
   EXPECT_EQ(seen.size(), 10u);
   // The head's forward is [32, 256] x [256, 4096]; its input gradient the reverse.
