@@ -5,7 +5,6 @@
 #include <ATen/ops/empty.h>
 #include <ATen/ops/matmul.h>
 
-#include <algorithm>
 #include <array>
 #include <atomic>
 #include <cstdint>
@@ -139,58 +138,6 @@ bool AppliesBf16(const at::Tensor& a, const at::Tensor& w) {
   return w.stride(0) == 1 || w.stride(1) == 1;
 }
 
-// Elements of a weight converted to bf16 at a time by BlockedBf16Product: the
-// block (512 KB of bf16) is still in the core's cache when the product reads it.
-constexpr int64_t kBf16BlockElems = int64_t{1} << 18;
-
-// Rows [r0, r1) x columns [c0, c0 + cols) of the fp32 matrix w (row stride ld)
-// as a dense bf16 [r1 - r0, cols] at out.
-void ConvertBlock(const float* w, int64_t ld, int64_t r0, int64_t r1, int64_t c0, int64_t cols,
-                  uint16_t* out) {
-  const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 15) / cols);
-  at::parallel_for(r0, r1, grain, [&](int64_t begin, int64_t end) {
-    for (int64_t r = begin; r < end; ++r) {
-      ConvertToBf16(reinterpret_cast<const uint32_t*>(w + r * ld + c0), out + (r - r0) * cols,
-                    cols);
-    }
-  });
-}
-
-// The bf16 product of a (bf16 [..., K']) with a fp32 weight w [N, K] (unit
-// column stride) that is converted a block at a time, each block used by the
-// product while cached, instead of converted whole (which writes, then reads
-// back, a bf16 copy as large as w). nt: a w^T (K' = K, blocks of w's rows give
-// blocks of output columns); else a w (K' = N, blocks of w's columns give blocks
-// of output columns). Result fp32 [..., N] or [..., K].
-at::Tensor BlockedBf16Product(const at::Tensor& a, const at::Tensor& w, bool nt) {
-  const int64_t N = w.size(0), K = w.size(1), ld = w.stride(0);
-  at::Tensor a2 = a.reshape({-1, a.size(-1)});
-  if (!a2.is_contiguous()) a2 = a2.contiguous();
-  const int64_t m = a2.size(0), inner = a2.size(1), cols = nt ? N : K;
-  std::vector<int64_t> shape(a.sizes().begin(), a.sizes().end());
-  shape.back() = cols;
-  at::Tensor out = at::empty(shape, a.options().dtype(at::kFloat));
-  // Output columns per block: a multiple of 16, the block near kBf16BlockElems.
-  const int64_t per = std::max<int64_t>(16, kBf16BlockElems / inner / 16 * 16);
-  at::Tensor buf = at::empty({std::min(per, cols) * inner}, a.options().dtype(at::kBFloat16));
-  auto* b = static_cast<uint16_t*>(buf.data_ptr());
-  const float* wp = w.data_ptr<float>();
-  float* op = out.data_ptr<float>();
-  for (int64_t c0 = 0; c0 < cols; c0 += per) {
-    const int64_t c = std::min(per, cols - c0);
-    if (nt) {
-      // Rows [c0, c0 + c) of w, dense [c, K]: wei[k][n] = block[n][k].
-      ConvertBlock(wp, ld, c0, c0 + c, 0, K, b);
-      Run(a2.data_ptr(), m, inner, inner, 1, b, c, 1, K, /*bf16=*/true, op + c0, cols);
-    } else {
-      // Columns [c0, c0 + c) of w, dense [N, c]: wei[k][n] = block[k][n].
-      ConvertBlock(wp, ld, 0, N, c0, c, b);
-      Run(a2.data_ptr(), m, inner, inner, 1, b, c, c, 1, /*bf16=*/true, op + c0, cols);
-    }
-  }
-  return out;
-}
-
 }  // namespace
 
 void SetGemmBackend(GemmBackend backend) { g_backend.store(backend); }
@@ -250,12 +197,8 @@ at::Tensor MatmulNN(const at::Tensor& g, const at::Tensor& w) {
 
 at::Tensor MatmulNTBf16(const at::Tensor& x, const at::Tensor& w) {
   if (AppliesBf16(x, w) && x.size(-1) == w.size(1)) {
-    const at::Tensor xb = AsBf16(x);
+    const at::Tensor xb = AsBf16(x), wb = AsBf16(w);
     try {
-      if (w.scalar_type() == at::kFloat && w.stride(1) == 1) {
-        return BlockedBf16Product(xb, w, /*nt=*/true);
-      }
-      const at::Tensor wb = AsBf16(w);
       return Product(xb, wb, wb.size(0), wb.stride(1), wb.stride(0));
     } catch (const dnnl::error&) {
     }
@@ -265,12 +208,8 @@ at::Tensor MatmulNTBf16(const at::Tensor& x, const at::Tensor& w) {
 
 at::Tensor MatmulNNBf16(const at::Tensor& g, const at::Tensor& w) {
   if (AppliesBf16(g, w) && g.size(-1) == w.size(0)) {
-    const at::Tensor gb = AsBf16(g);
+    const at::Tensor gb = AsBf16(g), wb = AsBf16(w);
     try {
-      if (w.scalar_type() == at::kFloat && w.stride(1) == 1) {
-        return BlockedBf16Product(gb, w, /*nt=*/false);
-      }
-      const at::Tensor wb = AsBf16(w);
       return Product(gb, wb, wb.size(1), wb.stride(0), wb.stride(1));
     } catch (const dnnl::error&) {
     }

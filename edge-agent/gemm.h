@@ -28,8 +28,7 @@
 //    returned in fp32 (torch::matmul under autocast also rounds its result to
 //    bf16; these do not). Operands already bf16 are used as they are; fp32 ones
 //    are converted by ToBf16 at each call (a frozen weight stays fp32 in
-//    memory; a fp32 w with a unit column stride is converted a block at a time,
-//    each block used while it is in cache). They run on oneDNN when the backend
+//    memory). They run on oneDNN when the backend
 //    is kOnednn and the operands are fp32 / bf16 CPU tensors with w 2-D of a
 //    unit stride, autocast on or off; otherwise torch::matmul of the rounded
 //    operands widened to fp32 (the same values, up to summation order).

@@ -156,8 +156,8 @@ TEST(GemmTest, ToBf16RoundsAsTorchDoes) {
 }
 
 // MatmulNTBf16 / MatmulNNBf16 give the fp32 product of the operands rounded to
-// bf16, on oneDNN (weights wide enough to be converted in several blocks, the
-// last one partial), with the torch backend, and with bf16 operands as given.
+// bf16, on oneDNN (shapes with sizes that are not multiples of the vector
+// width too), with the torch backend, and with bf16 operands as given.
 TEST(GemmTest, Bf16ProductsAreTheProductsOfRoundedOperands) {
   torch::manual_seed(8);
   auto rounded = [](const torch::Tensor& t) { return t.to(torch::kBFloat16).to(torch::kFloat); };
