@@ -138,6 +138,21 @@ bool AppliesBf16(const at::Tensor& a, const at::Tensor& w) {
   return w.stride(0) == 1 || w.stride(1) == 1;
 }
 
+// a w^T (nt) or a w as the fp32 product of the bf16-rounded operands.
+at::Tensor Bf16Product(const at::Tensor& a, const at::Tensor& w, bool nt) {
+  if (AppliesBf16(a, w) && a.size(-1) == w.size(nt ? 1 : 0)) {
+    const at::Tensor ab = AsBf16(a), wb = AsBf16(w);
+    try {
+      // nt: wei = w^T (wei[k][n] = w[n][k]); else wei = w.
+      return nt ? Product(ab, wb, wb.size(0), wb.stride(1), wb.stride(0))
+                : Product(ab, wb, wb.size(1), wb.stride(0), wb.stride(1));
+    } catch (const dnnl::error&) {
+    }
+  }
+  const at::Tensor wf = AsBf16(w).to(at::kFloat);
+  return at::matmul(AsBf16(a).to(at::kFloat), nt ? wf.t() : wf);
+}
+
 }  // namespace
 
 void SetGemmBackend(GemmBackend backend) { g_backend.store(backend); }
@@ -196,25 +211,11 @@ at::Tensor MatmulNN(const at::Tensor& g, const at::Tensor& w) {
 }
 
 at::Tensor MatmulNTBf16(const at::Tensor& x, const at::Tensor& w) {
-  if (AppliesBf16(x, w) && x.size(-1) == w.size(1)) {
-    const at::Tensor xb = AsBf16(x), wb = AsBf16(w);
-    try {
-      return Product(xb, wb, wb.size(0), wb.stride(1), wb.stride(0));
-    } catch (const dnnl::error&) {
-    }
-  }
-  return at::matmul(AsBf16(x).to(at::kFloat), AsBf16(w).to(at::kFloat).t());
+  return Bf16Product(x, w, /*nt=*/true);
 }
 
 at::Tensor MatmulNNBf16(const at::Tensor& g, const at::Tensor& w) {
-  if (AppliesBf16(g, w) && g.size(-1) == w.size(0)) {
-    const at::Tensor gb = AsBf16(g), wb = AsBf16(w);
-    try {
-      return Product(gb, wb, wb.size(1), wb.stride(0), wb.stride(1));
-    } catch (const dnnl::error&) {
-    }
-  }
-  return at::matmul(AsBf16(g).to(at::kFloat), AsBf16(w).to(at::kFloat));
+  return Bf16Product(g, w, /*nt=*/false);
 }
 
 }  // namespace fedlora::edge
