@@ -90,31 +90,6 @@ std::string TensorBytes(const torch::Tensor& t) {
                      static_cast<size_t>(c.numel()));
 }
 
-// CPU autocast to bf16 for the scope (restoring the previous state after).
-class Bf16Autocast {
- public:
-  explicit Bf16Autocast(bool on) : on_(on) {
-    if (!on_) return;
-    prev_enabled_ = at::autocast::is_cpu_enabled();
-    prev_dtype_ = at::autocast::get_autocast_cpu_dtype();
-    at::autocast::set_cpu_enabled(true);
-    at::autocast::set_autocast_cpu_dtype(at::kBFloat16);
-  }
-  ~Bf16Autocast() {
-    if (!on_) return;
-    at::autocast::set_cpu_enabled(prev_enabled_);
-    at::autocast::set_autocast_cpu_dtype(prev_dtype_);
-    if (!prev_enabled_) at::autocast::clear_cache();
-  }
-  Bf16Autocast(const Bf16Autocast&) = delete;
-  Bf16Autocast& operator=(const Bf16Autocast&) = delete;
-
- private:
-  bool on_;
-  bool prev_enabled_ = false;
-  at::ScalarType prev_dtype_ = at::kBFloat16;
-};
-
 class TorchTrainer final : public LocalTrainer {
  public:
   TorchTrainer(std::unique_ptr<Model> model, std::unique_ptr<Tokenizer> tokenizer,
@@ -918,6 +893,21 @@ double LearningRateAt(const TrainOptions& options, int step) {
   return lr * 0.5 * (1.0 + std::cos(M_PI * progress));
 }
 
+Bf16Autocast::Bf16Autocast(bool on) : on_(on) {
+  if (!on_) return;
+  prev_enabled_ = at::autocast::is_cpu_enabled();
+  prev_dtype_ = at::autocast::get_autocast_cpu_dtype();
+  at::autocast::set_cpu_enabled(true);
+  at::autocast::set_autocast_cpu_dtype(at::kBFloat16);
+}
+
+Bf16Autocast::~Bf16Autocast() {
+  if (!on_) return;
+  at::autocast::set_cpu_enabled(prev_enabled_);
+  at::autocast::set_autocast_cpu_dtype(prev_dtype_);
+  if (!prev_enabled_) at::autocast::clear_cache();
+}
+
 void ConfigureThreads(int threads) {
   static std::once_flag interop_once;
   std::call_once(interop_once, [] {
@@ -993,12 +983,9 @@ absl::StatusOr<std::unique_ptr<LocalTrainer>> LoadTrainer(const std::string& mod
   try {
     ConfigureThreads(options.threads);
     ConfigureAllocator();
-    ModelLoadOptions mopts;
-    // "auto": fp32, except that under bf16 autocast the weights it reads
-    // rounded are stored rounded (ModelLoadOptions::autocast_bf16_weights).
-    mopts.base_dtype = options.base_dtype == "auto" ? "fp32" : options.base_dtype;
-    mopts.autocast_bf16_weights = options.base_dtype == "auto" && options.bf16_autocast;
-    ASSIGN_OR_RETURN(std::unique_ptr<Model> model, Model::Load(model_dir, mopts));
+    ASSIGN_OR_RETURN(
+        std::unique_ptr<Model> model,
+        Model::Load(model_dir, LoadOptionsFor(options.base_dtype, options.bf16_autocast)));
     ASSIGN_OR_RETURN(std::unique_ptr<Tokenizer> tokenizer,
                      Tokenizer::FromFile(model_dir + "/tokenizer.json"));
     ASSIGN_OR_RETURN(SpecialTokens special,

@@ -57,6 +57,7 @@
 #include <vector>
 
 #include "absl/status/statusor.h"
+#include "c10/core/ScalarType.h"
 #include "edge-agent/model_config.h"
 #include "edge-agent/tokenizer.h"
 #include "edge-agent/trainer.h"
@@ -88,6 +89,22 @@ std::string FormatProgress(const TrainProgress& p);
 
 // Learning rate at 0-based `step` (warmup then cosine).
 double LearningRateAt(const TrainOptions& options, int step);
+
+// CPU autocast to bf16 for the scope when `on` (else nothing); the previous
+// autocast state and dtype come back at the end of the scope, and autocast's
+// cast cache is cleared when it was off before.
+class Bf16Autocast {
+ public:
+  explicit Bf16Autocast(bool on);
+  ~Bf16Autocast();
+  Bf16Autocast(const Bf16Autocast&) = delete;
+  Bf16Autocast& operator=(const Bf16Autocast&) = delete;
+
+ private:
+  bool on_;
+  bool prev_enabled_ = false;
+  c10::ScalarType prev_dtype_ = c10::ScalarType::BFloat16;
+};
 
 // Sets libtorch's intra-op threads (0 = all cores). The inter-op pool is set
 // to 1 thread once per process (libtorch allows it only once).

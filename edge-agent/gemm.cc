@@ -30,12 +30,12 @@ std::atomic<int64_t> g_onednn_calls{0};
 // wei given by its two strides (row-major or column-major view of w).
 // Operands are both fp32 or both bf16 (`bf16`); the result is fp32 either way.
 struct Key {
-  int64_t m, k, n, wei_stride0, wei_stride1, src_stride0, src_stride1, bf16, ldc;
+  int64_t m, k, n, wei_stride0, wei_stride1, src_stride0, src_stride1, bf16;
   bool operator<(const Key& o) const {
-    return std::array<int64_t, 9>{m, k, n, wei_stride0, wei_stride1, src_stride0, src_stride1,
-                                  bf16, ldc} <
-           std::array<int64_t, 9>{o.m,           o.k,           o.n,    o.wei_stride0,
-                                  o.wei_stride1, o.src_stride0, o.src_stride1, o.bf16, o.ldc};
+    return std::array<int64_t, 8>{m, k, n, wei_stride0, wei_stride1, src_stride0, src_stride1,
+                                  bf16} <
+           std::array<int64_t, 8>{o.m,           o.k,           o.n,           o.wei_stride0,
+                                  o.wei_stride1, o.src_stride0, o.src_stride1, o.bf16};
   }
 };
 
@@ -65,18 +65,18 @@ bool Applies(const at::Tensor& a, const at::Tensor& w) {
   return w.stride(0) == 1 || w.stride(1) == 1;
 }
 
-// dst[M, N] (fp32, row-major, dst[m][n] at dst + m * ldc + n) = src[M, K] *
-// wei[K, N], where src[m][k] is at src_ptr + m * a0 + k * a1 and wei[k][n] at
-// wei_ptr + k * s0 + n * s1 (elements of fp32, or of bf16 when `bf16`).
+// dst[M, N] (fp32, dense, row-major) = src[M, K] * wei[K, N], where src[m][k] is
+// at src_ptr + m * a0 + k * a1 and wei[k][n] at wei_ptr + k * s0 + n * s1
+// (elements of fp32, or of bf16 when `bf16`).
 void Run(const void* src_ptr, int64_t m, int64_t k, int64_t a0, int64_t a1, const void* wei_ptr,
-         int64_t n, int64_t s0, int64_t s1, bool bf16, float* dst, int64_t ldc) {
+         int64_t n, int64_t s0, int64_t s1, bool bf16, at::Tensor& dst) {
   ThreadState& st = State();
   using dt = dnnl::memory::data_type;
   const dt in = bf16 ? dt::bf16 : dt::f32;
   const dnnl::memory::desc src({m, k}, in, dnnl::memory::dims{a0, a1});
   const dnnl::memory::desc wei({k, n}, in, dnnl::memory::dims{s0, s1});
-  const dnnl::memory::desc out({m, n}, dt::f32, dnnl::memory::dims{ldc, 1});
-  const Key key{m, k, n, s0, s1, a0, a1, bf16, ldc};
+  const dnnl::memory::desc out({m, n}, dt::f32, dnnl::memory::dims{n, 1});
+  const Key key{m, k, n, s0, s1, a0, a1, bf16};
   auto it = st.primitives.find(key);
   if (it == st.primitives.end()) {
     dnnl::matmul::primitive_desc pd(dnnl::matmul::desc(src, wei, out), st.engine);
@@ -85,7 +85,7 @@ void Run(const void* src_ptr, int64_t m, int64_t k, int64_t a0, int64_t a1, cons
   }
   dnnl::memory src_m(src, st.engine, const_cast<void*>(src_ptr));
   dnnl::memory wei_m(wei, st.engine, const_cast<void*>(wei_ptr));
-  dnnl::memory dst_m(out, st.engine, dst);
+  dnnl::memory dst_m(out, st.engine, dst.data_ptr<float>());
   it->second.execute(st.stream,
                      {{DNNL_ARG_SRC, src_m}, {DNNL_ARG_WEIGHTS, wei_m}, {DNNL_ARG_DST, dst_m}});
   st.stream.wait();
@@ -103,7 +103,7 @@ at::Tensor Product(const at::Tensor& a, const at::Tensor& w, int64_t n, int64_t 
   at::Tensor out = at::empty(shape, a.options().dtype(at::kFloat));
   at::Tensor out2 = out.view({a2.size(0), n});
   Run(a2.data_ptr(), a2.size(0), k, k, 1, w.data_ptr(), n, s0, s1,
-      a.scalar_type() == at::kBFloat16, out2.data_ptr<float>(), n);
+      a.scalar_type() == at::kBFloat16, out2);
   return out;
 }
 
@@ -193,8 +193,7 @@ at::Tensor MatmulTN(const at::Tensor& a, const at::Tensor& b) {
     const int64_t rows = ac.size(0), m = ac.size(1), k = bc.size(1);
     at::Tensor out = at::empty({m, k}, a.options());
     // src = ac^T [M, R]: src[m][r] = ac[r][m]; wei = bc [R, K] row-major.
-    Run(ac.data_ptr<float>(), m, rows, 1, m, bc.data_ptr<float>(), k, k, 1, /*bf16=*/false,
-        out.data_ptr<float>(), k);
+    Run(ac.data_ptr<float>(), m, rows, 1, m, bc.data_ptr<float>(), k, k, 1, /*bf16=*/false, out);
     return out;
   } catch (const dnnl::error&) {
     return at::matmul(a2.t(), b2);

@@ -12,19 +12,18 @@
 namespace fedlora::edge {
 namespace {
 
-// Rows [r0, r1) of the weight in the dtype the products run in: fp32, or the
-// autocast dtype (`low`) when the call began under CPU autocast.
-torch::Tensor WeightBlock(const torch::Tensor& weight, int64_t r0, int64_t r1,
-                          torch::ScalarType low) {
-  torch::Tensor w = weight.slice(0, r0, r1);
-  if (w.scalar_type() == low) return w;
-  return low == torch::kBFloat16 ? ToBf16(w) : w.to(low);
-}
-
-// The operand in the products' dtype (h once per call, not once per block).
+// An operand in the dtype the products run in: fp32, or the autocast dtype
+// (`low`) when the call began under CPU autocast (h once per call, the weight
+// once per block).
 torch::Tensor InProductDtype(const torch::Tensor& t, torch::ScalarType low) {
   if (t.scalar_type() == low) return t;
   return low == torch::kBFloat16 ? ToBf16(t) : t.to(low);
+}
+
+// Rows [r0, r1) of the weight in the products' dtype.
+torch::Tensor WeightBlock(const torch::Tensor& weight, int64_t r0, int64_t r1,
+                          torch::ScalarType low) {
+  return InProductDtype(weight.slice(0, r0, r1), low);
 }
 
 // h W_block^T as fp32 [N, rows], h and w in the same dtype: bf16 products

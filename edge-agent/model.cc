@@ -203,6 +203,13 @@ torch::Tensor InvFreq(const ModelConfig& c) {
 
 }  // namespace
 
+ModelLoadOptions LoadOptionsFor(const std::string& base_dtype, bool bf16_autocast) {
+  ModelLoadOptions o;
+  o.base_dtype = base_dtype == "auto" ? "fp32" : base_dtype;
+  o.autocast_bf16_weights = base_dtype == "auto" && bf16_autocast;
+  return o;
+}
+
 absl::StatusOr<std::unique_ptr<Model>> Model::Load(const std::string& model_dir,
                                                    const ModelLoadOptions& options) {
   torch::ScalarType store;
@@ -585,8 +592,8 @@ class LoraDeltaFn : public torch::autograd::Function<LoraDeltaFn> {
 };
 
 bool LoraDeltaApplies(const torch::Tensor& x, const torch::Tensor& a, const torch::Tensor& b) {
-  return gemm_backend() == GemmBackend::kOnednn && x.scalar_type() == torch::kFloat && a.scalar_type() == torch::kFloat &&
-         b.scalar_type() == torch::kFloat && x.dim() >= 1 && x.numel() > 0;
+  return gemm_backend() == GemmBackend::kOnednn && x.scalar_type() == torch::kFloat &&
+         a.scalar_type() == torch::kFloat && b.scalar_type() == torch::kFloat && x.dim() >= 1 && x.numel() > 0;
 }
 
 }  // namespace

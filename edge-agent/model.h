@@ -64,13 +64,18 @@ struct ModelLoadOptions {
   // bf16 (the decoder projections and an untied lm_head) are stored in bf16,
   // rounded once here exactly as autocast rounds them at every product (to
   // nearest even); the embeddings, norms and biases stay fp32. Every product
-  // under bf16 autocast is unchanged (ModelTest.AutocastBf16WeightsChangeNoProduct
+  // under bf16 autocast is unchanged (ParityTest.AutocastBf16WeightsChangeNoProduct
   // checks logits and gradients bit for bit); a product outside autocast reads
-  // the rounded weight. The engine sets it for base_dtype "auto" with bf16
-  // autocast: a fp32 copy of a frozen weight that is only ever read rounded
+  // the rounded weight. LoadOptionsFor sets it for base_dtype "auto" with
+  // bf16 autocast: a fp32 copy of a frozen weight that is only ever read rounded
   // would cost twice the memory and a conversion at every product.
   bool autocast_bf16_weights = false;
 };
+
+// The load options for a user's base dtype choice (ModelLoadOptions::base_dtype,
+// or "auto": fp32 with autocast_bf16_weights when the training runs under bf16
+// autocast). Other values pass through; Model::Load checks them.
+ModelLoadOptions LoadOptionsFor(const std::string& base_dtype, bool bf16_autocast);
 
 class Model {
  public:

@@ -1,6 +1,5 @@
 #include "simulations/bench_gemm.h"
 
-#include <ATen/autocast_mode.h>
 #include <torch/torch.h>
 
 #include <algorithm>
@@ -18,18 +17,6 @@
 
 namespace fedlora::sim {
 namespace {
-
-// CPU autocast to bf16 for the scope.
-struct AutocastBf16 {
-  AutocastBf16() {
-    at::autocast::set_cpu_enabled(true);
-    at::autocast::set_autocast_cpu_dtype(at::kBFloat16);
-  }
-  ~AutocastBf16() {
-    at::autocast::set_cpu_enabled(false);
-    at::autocast::clear_cache();
-  }
-};
 
 // Best wall time of `repeats` calls of f after one warm-up call.
 double BestSeconds(int repeats, const std::function<torch::Tensor()>& f) {
@@ -100,7 +87,7 @@ absl::StatusOr<std::vector<GemmBenchResult>> RunGemmBench(const GemmBenchOptions
               return nt ? edge::MatmulNTBf16(x, w) : edge::MatmulNNBf16(g, w);
             }) / 1e9;
         {
-          AutocastBf16 autocast;
+          edge::Bf16Autocast autocast(true);
           r.torch_autocast_gflops =
               flop / BestSeconds(o.repeats, [&] {
                 return nt ? torch::matmul(x, w.t()) : torch::matmul(g, w);

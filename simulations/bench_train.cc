@@ -1,6 +1,5 @@
 #include "simulations/bench_train.h"
 
-#include <ATen/autocast_mode.h>
 #include <stdlib.h>
 #include <sys/resource.h>
 #include <torch/torch.h>
@@ -181,11 +180,9 @@ absl::StatusOr<TrainBenchResult> RunImpl(const TrainBenchOptions& o, const Train
   TempDirGuard guard{std::string(buf.data())};
   RETURN_IF_ERROR(WriteRandomCheckpoint(guard.path, p, std::max(o.seq + 1, 512)));
 
-  edge::ModelLoadOptions lopts;
-  // As the engine resolves "auto" (EngineOptions::base_dtype).
-  lopts.base_dtype = o.base_dtype == "auto" ? "fp32" : o.base_dtype;
-  lopts.autocast_bf16_weights = o.base_dtype == "auto" && o.bf16;
-  ASSIGN_OR_RETURN(std::unique_ptr<edge::Model> model, edge::Model::Load(guard.path, lopts));
+  // "auto" as the engine resolves it.
+  ASSIGN_OR_RETURN(std::unique_ptr<edge::Model> model,
+                   edge::Model::Load(guard.path, edge::LoadOptionsFor(o.base_dtype, o.bf16)));
   edge::LoraConfig lora;  // r=8, alpha=16, q,k,v,o,gate,up,down, no dropout
   RETURN_IF_ERROR(edge::InitLora(*model, lora));
   model->set_gradient_checkpointing(o.grad_checkpoint);
@@ -214,19 +211,8 @@ absl::StatusOr<TrainBenchResult> RunImpl(const TrainBenchOptions& o, const Train
       return model->HeadLossSum(hidden.reshape({-1, p.hidden}), target) / target.numel();
     };
     torch::Tensor loss;
-    if (o.bf16) {
-      at::autocast::set_cpu_enabled(true);
-      at::autocast::set_autocast_cpu_dtype(at::kBFloat16);
-      try {
-        loss = mean_loss();
-      } catch (...) {
-        at::autocast::set_cpu_enabled(false);
-        at::autocast::clear_cache();
-        throw;
-      }
-      at::autocast::set_cpu_enabled(false);
-      at::autocast::clear_cache();
-    } else {
+    {
+      edge::Bf16Autocast autocast(o.bf16);
       loss = mean_loss();
     }
     loss.backward();

@@ -162,7 +162,9 @@ TEST_P(ParityTest, AutocastBf16WeightsChangeNoProduct) {
   EXPECT_EQ(params.at("model.embed_tokens.weight").scalar_type(), torch::kFloat);
   EXPECT_EQ(params.at("model.norm.weight").scalar_type(), torch::kFloat);
   const bool tied = rounded->config().tie_word_embeddings;
-  if (!tied) EXPECT_EQ(params.at("lm_head.weight").scalar_type(), torch::kBFloat16);
+  if (!tied) {
+    EXPECT_EQ(params.at("lm_head.weight").scalar_type(), torch::kBFloat16);
+  }
   auto adapter = LoadPeftAdapter(FixtureDir(GetParam()) + "/adapter");
   ASSERT_TRUE(adapter.ok()) << adapter.status();
   const torch::Tensor ids = Ids(ref);
