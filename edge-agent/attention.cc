@@ -9,45 +9,13 @@
 #include <cstring>
 #include <vector>
 
+#include "edge-agent/simd_math.h"
+
 namespace fedlora::edge {
 namespace {
 
-// The hot loops are compiled for AVX-512, AVX2 and baseline x86-64; the loader
-// picks the widest the CPU has. Reductions use `omp simd` (built with
-// -fopenmp-simd, no OpenMP runtime), the rest auto-vectorises.
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define FEDLORA_MULTI_ISA __attribute__((target_clones("avx512f", "avx2", "default")))
-// The helpers the kernels call must be inlined into each clone to be compiled
-// for its ISA: GCC keeps a large `inline` helper out of line, compiled for the
-// baseline (SSE2), which ran the attention products at a fraction of the speed.
-#define FEDLORA_KERNEL_INLINE inline __attribute__((always_inline))
-#else
-#define FEDLORA_MULTI_ISA
-#define FEDLORA_KERNEL_INLINE inline
-#endif
-
-// exp(x) for x <= 0 (softmax arguments after subtracting the row maximum):
-// Cody-Waite range reduction and a degree-6 polynomial (relative error ~1e-7),
-// branch-free so that loops over it vectorise.
-FEDLORA_KERNEL_INLINE float ExpNonPositive(float x) {
-  x = std::max(x, -87.0f);
-  const float fx = x * 1.44269504088896341f;
-  const int32_t n = static_cast<int32_t>(fx - 0.5f);  // round to nearest (fx <= 0)
-  const float nf = static_cast<float>(n);
-  const float r = (x - nf * 0.693359375f) + nf * 2.12194440e-4f;
-  const float r2 = r * r;
-  float y = 1.9875691500e-4f;
-  y = y * r + 1.3981999507e-3f;
-  y = y * r + 8.3334519073e-3f;
-  y = y * r + 4.1665795894e-2f;
-  y = y * r + 1.6666665459e-1f;
-  y = y * r + 5.0000001201e-1f;
-  y = y * r2 + r + 1.0f;
-  const int32_t bits = (n + 127) << 23;
-  float two_n;
-  std::memcpy(&two_n, &bits, sizeof(two_n));
-  return y * two_n;
-}
+// The hot loops are multi-ISA (simd_math.h). Reductions use `omp simd`, the
+// rest auto-vectorises.
 
 // The kernels work on 16-float vectors (GCC vector extensions: one zmm with
 // AVX-512, two ymm with AVX2, four xmm otherwise) and on blocks of kRows query
@@ -152,6 +120,7 @@ void ForwardHead(const Dims d, const int64_t* __restrict starts, const float* __
                  const float* __restrict kt, const float* __restrict v, float* __restrict out,
                  float* __restrict lse, float* __restrict s, float* __restrict qa,
                  float* __restrict ob) {
+  const ExpBounds eb = OpaqueExpBounds();
   for (int64_t i0 = 0; i0 < d.T; i0 += kRows) {
     const int64_t n = std::min(kRows, d.T - i0), hi = i0 + n - 1;
     const int64_t j0 = BlockStart(d, starts, i0, n);
@@ -171,7 +140,7 @@ void ForwardHead(const Dims d, const int64_t* __restrict starts, const float* __
       float sum = 0.0f;
 #pragma omp simd reduction(+ : sum)
       for (int64_t j = lo; j <= i; ++j) {
-        const float p = ExpNonPositive(row[j] * d.scale - m);
+        const float p = ExpNonPositive(row[j] * d.scale - m, eb);
         row[j] = p;
         sum += p;
       }
@@ -197,6 +166,7 @@ void BackwardHead(const Dims d, const int64_t* __restrict starts, const float* _
                   const float* __restrict lse, float* __restrict dq, float* __restrict dk,
                   float* __restrict dv, float* __restrict s, float* __restrict g,
                   float* __restrict qa, float* __restrict ga, float* __restrict ob) {
+  const ExpBounds eb = OpaqueExpBounds();
   std::fill(dk, dk + d.T * d.D, 0.0f);
   std::fill(dv, dv + d.T * d.D, 0.0f);
   for (int64_t i0 = 0; i0 < d.T; i0 += kRows) {
@@ -217,7 +187,7 @@ void BackwardHead(const Dims d, const int64_t* __restrict starts, const float* _
       const int64_t i = i0 + r, lo = Lo(d, starts, i);
       const float l = lse[i], dl = delta[i];
       for (int64_t j = lo; j <= i; ++j) {
-        const float p = ExpNonPositive(ps[j] * d.scale - l);
+        const float p = ExpNonPositive(ps[j] * d.scale - l, eb);
         ps[j] = p;                            // probability
         pg[j] = p * (pg[j] - dl) * d.scale;   // gradient w.r.t. the raw score q_i . k_j
       }

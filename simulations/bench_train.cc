@@ -2,6 +2,7 @@
 
 #include <stdlib.h>
 #include <sys/resource.h>
+#include <torch/csrc/autograd/profiler_legacy.h>
 #include <torch/torch.h>
 
 #include <algorithm>
@@ -156,6 +157,9 @@ absl::Status CheckOptions(const TrainBenchOptions& o) {
   if (o.gemm != "onednn" && o.gemm != "torch") {
     return bad("gemm", "onednn or torch", absl::StrCat("\"", o.gemm, "\""));
   }
+  if (!o.profile.empty() && !std::ofstream(o.profile, std::ios::app)) {
+    return bad("profile", "a writable file", absl::StrCat("\"", o.profile, "\""));
+  }
   return absl::OkStatus();
 }
 
@@ -238,6 +242,10 @@ absl::StatusOr<TrainBenchResult> RunImpl(const TrainBenchOptions& o, const Train
   result.step_ms_mean = secs * 1000.0 / o.steps;
   result.tokens_per_s = static_cast<double>(o.steps) * o.batch * o.seq / std::max(secs, 1e-9);
   result.peak_rss_mb = PeakRssMb();
+  if (!o.profile.empty()) {
+    torch::autograd::profiler::RecordProfile trace(o.profile);
+    step();
+  }
   result.attention_threads = o.attention == "fused" ? edge::FusedAttentionThreadsUsed() : 0;
   result.cpu = bench::CpuModel();
   return result;

@@ -59,6 +59,10 @@ struct TrainBenchOptions {
   std::string attention = "fused";  // fused | plain (edge::Model::set_fused_attention)
   std::string gemm = "onednn";      // onednn | torch (edge::SetGemmBackend)
   std::string tmp_root = "";        // where the temp checkpoint goes; "" = $TMPDIR or /tmp
+  // When set: one more step after the timed ones, under libtorch's profiler,
+  // written here as a Chrome trace (chrome://tracing, Perfetto): every ATen op
+  // and autograd node with its duration. Not part of the figures.
+  std::string profile = "";
 };
 
 struct TrainBenchResult {

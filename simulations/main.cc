@@ -198,6 +198,9 @@ int main(int argc, char** argv) {
                    "onednn: frozen fp32 projections on oneDNN; torch: on torch::matmul (BLAS)")
       ->capture_default_str()
       ->check(CLI::IsMember({"onednn", "torch"}));
+  bench_train_cmd->add_option("--profile", bench_train.profile,
+                              "Also write a Chrome trace (libtorch profiler: every op and autograd "
+                              "node) of one more, untimed step to this file");
 
   fedlora::sim::CoordinatorBenchOptions bench_coord;
   CLI::App* bench_coord_cmd = bench->add_subcommand(

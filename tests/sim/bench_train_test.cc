@@ -1,6 +1,8 @@
 #include "simulations/bench_train.h"
 
 #include <cmath>
+#include <filesystem>
+#include <fstream>
 #include <string>
 
 #include "edge-agent/gemm.h"
@@ -144,6 +146,31 @@ TEST(BenchTrainTest, BadOptionsAreRejectedWithTheField) {
   r = RunTrainBench(o);
   ASSERT_FALSE(r.ok());
   EXPECT_NE(r.status().message().find("--gemm"), std::string::npos) << r.status();
+}
+
+TEST(BenchTrainTest, ProfileWritesAChromeTraceOfTheEngineNodes) {
+  TrainBenchOptions o = SmallRun();
+  o.profile = (std::filesystem::path(::testing::TempDir()) / "bench_train_profile.json").string();
+  std::filesystem::remove(o.profile);
+  auto r = RunTrainBench(o);
+  ASSERT_TRUE(r.ok()) << r.status();
+  std::ifstream in(o.profile);
+  ASSERT_TRUE(in.good()) << o.profile;
+  const nlohmann::json trace = nlohmann::json::parse(in);
+  ASSERT_TRUE(trace.is_array());
+  bool attention = false, frozen = false;
+  for (const auto& e : trace) {
+    const std::string name = e.value("name", "");
+    attention |= name.find("FusedAttentionFn") != std::string::npos;
+    frozen |= name.find("FrozenMatmulFn") != std::string::npos;
+  }
+  EXPECT_TRUE(attention && frozen) << "the backward nodes of the engine are in the trace";
+  std::filesystem::remove(o.profile);
+
+  o.profile = "/nonexistent-dir/trace.json";
+  r = RunTrainBench(o);
+  ASSERT_FALSE(r.ok());
+  EXPECT_NE(r.status().message().find("--profile"), std::string::npos) << r.status();
 }
 
 TEST(BenchTrainTest, OneDnnAndTorchGemmsTrainTheSame) {
