@@ -4,11 +4,18 @@
 //
 // Written as plain libtorch ops, each of these makes autograd keep extra
 // full-size tensors for backward: RMSNorm keeps x * rstd, SwiGLU keeps
-// silu(gate), RoPE keeps rotate_half(x). These functions compute the same
-// forward with the same ops (results equal the composite's bit for bit) and
-// save only their inputs (and RMSNorm's per-row rstd); backward recomputes the
-// rest. At smollm135m shapes that is about 3.5 MB fewer per layer and 256
-// positions (docs/benchmarks.md).
+// silu(gate), RoPE keeps rotate_half(x). These functions save only their
+// inputs (and RMSNorm's per-row rstd); backward recomputes the rest. At
+// smollm135m shapes that is about 3.5 MB fewer per layer and 256 positions
+// (docs/benchmarks.md).
+//
+// fp32 CPU inputs run single-pass kernels (rows split among libtorch's
+// threads; the composites take 3 to 9 passes, each its own parallel region):
+// results within ~1e-6 relative of the composite's (the row sums run in
+// another order, SwiGLU's sigmoid is simd_math.h's polynomial exp). RoPE's
+// input gradient comes back in the layout of its input (a transposed view of
+// the projection stays one, so no copy on the way back). Other dtypes run the
+// composite's own ops: results equal them bit for bit.
 //
 // Contracts (tests/edge/fused_ops_test.cc checks values and gradients against
 // the composite ops, fp32 and bf16, and under CPU autocast):
