@@ -1,5 +1,6 @@
 #include "edge-agent/head_loss.h"
 
+#include <ATen/Parallel.h>
 #include <ATen/autocast_mode.h>
 
 #include <algorithm>
@@ -7,6 +8,7 @@
 #include <vector>
 
 #include "edge-agent/gemm.h"
+#include "edge-agent/simd_math.h"
 #include "torch/csrc/autograd/custom_function.h"
 
 namespace fedlora::edge {
@@ -42,23 +44,6 @@ torch::Tensor BlockGradInput(const torch::Tensor& p, const torch::Tensor& w) {
   return out.scalar_type() == torch::kFloat ? out : out.to(torch::kFloat);
 }
 
-// Each row's target as a column of the block [r0, r0 + cols): the column index
-// [N, 1] (clamped into the block) and whether the target falls in it [N].
-struct BlockTargets {
-  torch::Tensor column, inside;
-};
-BlockTargets TargetsInBlock(const torch::Tensor& targets, int64_t r0, int64_t cols) {
-  torch::Tensor local = targets - r0;
-  torch::Tensor inside = (local >= 0).logical_and_(local < cols);
-  return {local.clamp_(0, cols - 1).unsqueeze(1), inside};
-}
-
-// Adds `value` at each row's target column where the target falls in the block.
-void AddAtTargets(torch::Tensor& block, const torch::Tensor& targets, int64_t r0, float value) {
-  const BlockTargets t = TargetsInBlock(targets, r0, block.size(1));
-  block.scatter_add_(1, t.column, t.inside.to(torch::kFloat).mul_(value).unsqueeze(1));
-}
-
 // Vocabulary rows per block: kHeadBlockRows when the blocks are kept (they
 // are all resident anyway); when recomputed, few enough that one fp32 block of
 // n rows stays near kHeadRecomputeBlockBytes (a multiple of 256, at least 256).
@@ -68,19 +53,49 @@ int64_t BlockRows(int64_t n, bool keep) {
   return std::clamp<int64_t>(rows / 256 * 256, 256, kHeadBlockRows);
 }
 
-// sum_j exp(logits_ij - max_i) per row, through a temporary of about 1 MB at a
-// time rather than one as large as the (kept, so untouchable) block.
-torch::Tensor RowSumExpShifted(const torch::Tensor& logits, const torch::Tensor& max) {
-  const int64_t n = logits.size(0), cols = std::max<int64_t>(1, logits.size(1));
-  const int64_t chunk = std::max<int64_t>(1, (1 << 20) / (cols * static_cast<int64_t>(sizeof(float))));
-  torch::Tensor sum = torch::empty({n}, logits.options());
-  for (int64_t i0 = 0; i0 < n; i0 += chunk) {
-    const int64_t i1 = std::min(n, i0 + chunk);
-    torch::Tensor shifted = logits.slice(0, i0, i1) - max.slice(0, i0, i1).unsqueeze(1);
-    sum.slice(0, i0, i1).copy_(shifted.exp_().sum(1));
+// Rows [i0, i1) of a fp32 [n, cols] logit block (vocabulary rows r0 ..): the
+// running log-sum-exp state (max m, sum of exp(l - m)) takes the block in, one
+// read of each row for its max and one for its exps; the target logit of rows
+// whose target falls in the block is added to target_logit.
+FEDLORA_MULTI_ISA
+void LseUpdateRows(const float* __restrict logits, int64_t cols, const int64_t* __restrict targets,
+                   int64_t r0, float* __restrict run_max, float* __restrict run_sum,
+                   float* __restrict target_logit, int64_t i0, int64_t i1) {
+  const ExpBounds b = OpaqueExpBounds();
+  for (int64_t i = i0; i < i1; ++i) {
+    const float* row = logits + i * cols;
+    float m = run_max[i];
+#pragma omp simd reduction(max : m)
+    for (int64_t j = 0; j < cols; ++j) m = std::max(m, row[j]);
+    float sum = 0.0f;
+#pragma omp simd reduction(+ : sum)
+    for (int64_t j = 0; j < cols; ++j) sum += ExpNonPositive(row[j] - m, b);
+    run_sum[i] = run_sum[i] * ExpNonPositive(run_max[i] - m, b) + sum;
+    run_max[i] = m;
+    const int64_t t = targets[i] - r0;
+    if (t >= 0 && t < cols) target_logit[i] += row[t];
   }
-  return sum;
 }
+
+// In place on rows [i0, i1) of a fp32 [n, cols] logit block: g times
+// (softmax - one-hot), p = exp(l - lse) and minus 1 at the target column.
+FEDLORA_MULTI_ISA
+void SoftmaxGradRows(float* __restrict logits, int64_t cols, const float* __restrict lse,
+                     const int64_t* __restrict targets, int64_t r0, float g, int64_t i0,
+                     int64_t i1) {
+  const ExpBounds b = OpaqueExpBounds();
+  for (int64_t i = i0; i < i1; ++i) {
+    float* row = logits + i * cols;
+    const float l = lse[i];
+#pragma omp simd
+    for (int64_t j = 0; j < cols; ++j) row[j] = ExpNonPositive(row[j] - l, b) * g;
+    const int64_t t = targets[i] - r0;
+    if (t >= 0 && t < cols) row[t] -= g;
+  }
+}
+
+// Rows per parallel chunk of a block `cols` wide: about 32K values.
+int64_t RowGrain(int64_t cols) { return std::max<int64_t>(1, 32768 / std::max<int64_t>(1, cols)); }
 
 class HeadCrossEntropyFn : public torch::autograd::Function<HeadCrossEntropyFn> {
  public:
@@ -99,20 +114,21 @@ class HeadCrossEntropyFn : public torch::autograd::Function<HeadCrossEntropyFn> 
                                         h.options());
     torch::Tensor run_sum = torch::zeros({n}, h.options());
     torch::Tensor target_logit = torch::zeros({n}, h.options());
-    std::vector<torch::Tensor> saved = {h, targets};
+    const torch::Tensor tc = targets.contiguous();
+    std::vector<torch::Tensor> saved = {h, tc};
     const int64_t rows = BlockRows(n, keep);
     for (int64_t r0 = 0; r0 < vocab; r0 += rows) {
       const int64_t r1 = std::min(vocab, r0 + rows);
-      torch::Tensor logits = BlockLogits(h_low, WeightBlock(weight, r0, r1, low));  // [n, r1 - r0]
-      const BlockTargets t = TargetsInBlock(targets, r0, r1 - r0);
-      target_logit.add_(logits.gather(1, t.column).squeeze(1).mul_(t.inside));
-      torch::Tensor new_max = torch::maximum(run_max, std::get<0>(logits.max(1)));
-      // sum exp(logits - max): in place when the block is not kept, else
-      // through a small temporary, so one block-sized buffer at a time.
-      torch::Tensor block_sum = keep ? RowSumExpShifted(logits, new_max)
-                                     : logits.sub_(new_max.unsqueeze(1)).exp_().sum(1);
-      run_sum.mul_((run_max - new_max).exp_()).add_(block_sum);
-      run_max = new_max;
+      torch::Tensor logits =
+          BlockLogits(h_low, WeightBlock(weight, r0, r1, low)).contiguous();  // [n, r1 - r0]
+      const float* lp = logits.data_ptr<float>();
+      const int64_t* tp = tc.data_ptr<int64_t>();
+      float* mp = run_max.data_ptr<float>();
+      float* sp = run_sum.data_ptr<float>();
+      float* xp = target_logit.data_ptr<float>();
+      at::parallel_for(0, n, RowGrain(r1 - r0), [&](int64_t i0, int64_t i1) {
+        LseUpdateRows(lp, r1 - r0, tp, r0, mp, sp, xp, i0, i1);
+      });
       if (keep) saved.push_back(logits);
     }
     torch::Tensor lse = run_max.add_(run_sum.log_());
@@ -129,7 +145,7 @@ class HeadCrossEntropyFn : public torch::autograd::Function<HeadCrossEntropyFn> 
     const auto saved = ctx->get_saved_variables();
     const torch::Tensor& h = saved[0];
     const torch::Tensor& targets = saved[1];
-    const torch::Tensor lse = saved[2].unsqueeze(1);
+    const torch::Tensor lse = saved[2].contiguous();
     const bool kept = saved.size() > 3;
     const torch::Tensor weight = ctx->saved_data["weight"].toTensor();
     const auto low = static_cast<torch::ScalarType>(ctx->saved_data["low"].toInt());
@@ -141,11 +157,14 @@ class HeadCrossEntropyFn : public torch::autograd::Function<HeadCrossEntropyFn> 
     for (int64_t r0 = 0; r0 < vocab; r0 += rows, ++block) {
       const int64_t r1 = std::min(vocab, r0 + rows);
       torch::Tensor w = WeightBlock(weight, r0, r1, low);
-      // softmax - one-hot, in place on the kept (or recomputed) logits.
-      torch::Tensor p = kept ? saved[3 + block] : BlockLogits(h_low, w);
-      p.sub_(lse).exp_();
-      AddAtTargets(p, targets, r0, -1.0f);
-      if (g != 1.0f) p.mul_(g);
+      // g (softmax - one-hot), in place on the kept (or recomputed) logits.
+      torch::Tensor p = kept ? saved[3 + block] : BlockLogits(h_low, w).contiguous();
+      float* pp = p.data_ptr<float>();
+      const float* lp = lse.data_ptr<float>();
+      const int64_t* tp = targets.data_ptr<int64_t>();
+      at::parallel_for(0, p.size(0), RowGrain(r1 - r0), [&](int64_t i0, int64_t i1) {
+        SoftmaxGradRows(pp, r1 - r0, lp, tp, r0, g, i0, i1);
+      });
       torch::Tensor part = BlockGradInput(p, w);
       gh = gh.defined() ? gh.add_(part) : part;
     }

@@ -65,8 +65,30 @@ INSTANTIATE_TEST_SUITE_P(
                       Case{1, 8, 4097, true, torch::kFloat},           // one position
                       // 2048 positions: recompute blocks of 512 rows (kHeadRecomputeBlockBytes)
                       Case{2048, 8, 1300, false, torch::kFloat},
-                      // kept 4096-wide block, its exp-sum taken 64 rows at a time
+                      // kept 4096-wide blocks, 8 rows per parallel chunk
                       Case{300, 8, 5000, true, torch::kFloat}));
+
+// The log-sum-exp and softmax kernels split the positions among threads; each
+// row is computed the same way whatever the split.
+TEST(HeadLossTest, TwoThreadsGiveTheSameLossAndGradientAsOne) {
+  torch::manual_seed(12);
+  torch::Tensor w = torch::randn({5000, 8});
+  torch::Tensor targets = torch::randint(0, 5000, {300}, torch::kLong);
+  torch::Tensor base = torch::randn({300, 8}) * 2.0;
+  const int saved = at::get_num_threads();
+  std::vector<torch::Tensor> loss, grad;
+  for (int threads : {1, 2}) {
+    at::set_num_threads(threads);
+    torch::Tensor h = base.clone().requires_grad_(true);
+    torch::Tensor l = HeadCrossEntropySum(h, w, targets);
+    l.backward();
+    loss.push_back(l.detach());
+    grad.push_back(h.grad());
+  }
+  at::set_num_threads(saved);
+  EXPECT_TRUE(torch::equal(loss[0], loss[1]));
+  EXPECT_TRUE(torch::allclose(grad[0], grad[1], 1e-6, 1e-7));
+}
 
 TEST(HeadLossTest, UnderAutocastTheProductsRunInBf16) {
   torch::manual_seed(12);
