@@ -24,6 +24,7 @@
 #include "common/status/status.h"
 #include "edge-agent/lora.h"
 #include "edge-agent/model.h"
+#include "edge-agent/optim.h"
 #include "nlohmann/json.hpp"
 
 namespace fedlora::edge {
@@ -487,10 +488,6 @@ class TorchTrainer final : public LocalTrainer {
     return common::Sha256Hex(buf);
   }
 
-  static std::string AdamKey(const torch::Tensor& p) {
-    return c10::guts::to_string(p.unsafeGetTensorImpl());
-  }
-
   // Writes the run's state to options.checkpoint_path (atomically).
   absl::Status SaveCheckpoint(const TrainOptions& options, const std::string& fingerprint,
                               const RunState& st, const std::vector<torch::Tensor>& trainable,
@@ -514,7 +511,7 @@ class TorchTrainer final : public LocalTrainer {
     for (size_t i = 0; i < trainable.size(); ++i) {
       ar.write(absl::StrCat("param.", i), trainable[i].detach());
       if (i < anchors.size()) ar.write(absl::StrCat("anchor.", i), anchors[i]);
-      auto it = opt.state().find(AdamKey(trainable[i]));
+      auto it = opt.state().find(AdamStateKey(trainable[i]));
       if (it == opt.state().end()) continue;
       const auto& a = static_cast<const torch::optim::AdamWParamState&>(*it->second);
       ar.write(absl::StrCat("adam_step.", i), torch::tensor(a.step(), torch::kLong));
@@ -591,7 +588,7 @@ class TorchTrainer final : public LocalTrainer {
       for (size_t i = 0; i < trainable.size(); ++i) {
         trainable[i].copy_(values[i]);
         if (!anchors.empty()) anchors[i] = anchor_values[i].clone();
-        if (adam[i]) opt.state()[AdamKey(trainable[i])] = std::move(adam[i]);
+        if (adam[i]) opt.state()[AdamStateKey(trainable[i])] = std::move(adam[i]);
       }
       st = std::move(loaded);
       return true;
@@ -705,9 +702,9 @@ class TorchTrainer final : public LocalTrainer {
       }
       if (options.prox_mu > 0) ProximalTerm(tr.params, anchors, options.prox_mu).backward();
       if (options.max_grad_norm > 0) {
-        torch::nn::utils::clip_grad_norm_(tr.params, options.max_grad_norm);
+        ClipGradNorm(tr.params, options.max_grad_norm);
       }
-      opt.step();
+      AdamWStep(opt);
       st.loss_sum += value;
       st.last_loss = value;
       ++st.step;

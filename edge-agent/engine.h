@@ -15,9 +15,10 @@
 //  * eos: config.json eos_token_id (first if a list), else tokenizer_config's
 //    "eos_token"; none if neither exists.
 //
-// Training (Train): AdamW over the LoRA tensors only; linear warmup for
-// warmup_steps then cosine decay to 0 (LearningRateAt); gradient clipping to
-// max_grad_norm (<= 0 disables); batches of batch_size examples drawn from a
+// Training (Train): AdamW over the LoRA tensors only (optim.h: libtorch's
+// update and state, one pass per tensor); linear warmup for warmup_steps then
+// cosine decay to 0 (LearningRateAt); gradient clipping to max_grad_norm
+// (<= 0 disables); batches of batch_size examples drawn from a
 // shuffled order seeded by options.seed (reshuffled every epoch), right-padded;
 // LoRA dropout from a generator seeded by options.seed. Same seed, data and
 // thread count => same result. Optimizer state does not persist across Train

@@ -23,6 +23,7 @@
 #include "edge-agent/gemm.h"
 #include "edge-agent/lora.h"
 #include "edge-agent/model.h"
+#include "edge-agent/optim.h"
 #include "nlohmann/json.hpp"
 #include "simulations/bench_util.h"
 
@@ -220,8 +221,8 @@ absl::StatusOr<TrainBenchResult> RunImpl(const TrainBenchOptions& o, const Train
       loss = mean_loss();
     }
     loss.backward();
-    torch::nn::utils::clip_grad_norm_(params, 1.0);
-    opt.step();
+    edge::ClipGradNorm(params, 1.0);
+    edge::AdamWStep(opt);
     return loss.item<double>();
   };
 
