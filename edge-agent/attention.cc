@@ -112,16 +112,18 @@ FEDLORA_KERNEL_INLINE void GatherRows(const Dims& d, const float* x, int64_t i0,
   std::fill(buf + n * d.D, buf + kRows * d.D, 0.0f);
 }
 
-// One (batch, head): out [T, D] and lse [T] from q, v [T, D] and kt [D, Tp].
+// Query rows [row_begin, row_end) (a multiple of kRows apart, or to T) of one
+// (batch, head): out [T, D] and lse [T] from q, v [T, D] and kt [D, Tp].
 // starts: this batch row's [T] first visible keys, or null. s: [kRows, Tp]
 // scratch, qa and ob: [kRows, D] scratch.
 FEDLORA_MULTI_ISA
-void ForwardHead(const Dims d, const int64_t* __restrict starts, const float* __restrict q,
+void ForwardHead(const Dims d, int64_t row_begin, int64_t row_end,
+                 const int64_t* __restrict starts, const float* __restrict q,
                  const float* __restrict kt, const float* __restrict v, float* __restrict out,
                  float* __restrict lse, float* __restrict s, float* __restrict qa,
                  float* __restrict ob) {
   const ExpBounds eb = OpaqueExpBounds();
-  for (int64_t i0 = 0; i0 < d.T; i0 += kRows) {
+  for (int64_t i0 = row_begin; i0 < row_end; i0 += kRows) {
     const int64_t n = std::min(kRows, d.T - i0), hi = i0 + n - 1;
     const int64_t j0 = BlockStart(d, starts, i0, n);
     GatherRows(d, q, i0, n, qa);
@@ -156,11 +158,13 @@ void ForwardHead(const Dims d, const int64_t* __restrict starts, const float* __
   }
 }
 
-// One (batch, head) of backward: dq [T, D] is this head's; dk and dv [T, D] are
-// this head's contributions (summed over the group by the caller). delta[i] =
+// Query rows [row_begin, row_end) of one (batch, head) of backward: their rows
+// of dq [T, D]; dk and dv [T, D] are these rows' contributions (zeroed here,
+// summed over row parts and the group by the caller). delta[i] =
 // dout[i] . out[i]. Scratch: s and g [kRows, Tp], qa, ga and ob [kRows, D].
 FEDLORA_MULTI_ISA
-void BackwardHead(const Dims d, const int64_t* __restrict starts, const float* __restrict q,
+void BackwardHead(const Dims d, int64_t row_begin, int64_t row_end,
+                  const int64_t* __restrict starts, const float* __restrict q,
                   const float* __restrict k, const float* __restrict kt, const float* __restrict vt,
                   const float* __restrict dout, const float* __restrict delta,
                   const float* __restrict lse, float* __restrict dq, float* __restrict dk,
@@ -169,7 +173,7 @@ void BackwardHead(const Dims d, const int64_t* __restrict starts, const float* _
   const ExpBounds eb = OpaqueExpBounds();
   std::fill(dk, dk + d.T * d.D, 0.0f);
   std::fill(dv, dv + d.T * d.D, 0.0f);
-  for (int64_t i0 = 0; i0 < d.T; i0 += kRows) {
+  for (int64_t i0 = row_begin; i0 < row_end; i0 += kRows) {
     const int64_t n = std::min(kRows, d.T - i0), hi = i0 + n - 1;
     const int64_t j0 = BlockStart(d, starts, i0, n), j1 = RoundUp(hi + 1);
     GatherRows(d, q, i0, n, qa);
@@ -222,13 +226,38 @@ torch::Tensor PadLast(const torch::Tensor& x, int64_t to) {
 // Chunks handed out by the latest parallel_for over heads: one per thread.
 std::atomic<int> threads_used{0};
 
-// Runs body(begin, end) over the B * H heads on libtorch's threads, counting them.
+// The work of B * H heads as `parts` row ranges per head, parts chosen so that
+// the heads' row ranges split evenly among the threads (9 heads on 2 threads
+// ran 5 on one and 4 on the other: 2 parts each make 18 of equal work). Part p
+// of a causal head covers rows [T sqrt(p / parts), T sqrt((p + 1) / parts)),
+// rounded to kRows, which holds 1 / parts of the visible (query, key) pairs.
+struct HeadParts {
+  int64_t heads, parts;
+  std::vector<int64_t> bounds;  // parts + 1 row boundaries
+  HeadParts(int64_t heads_in, int64_t T) : heads(heads_in) {
+    const int64_t threads = std::max(1, at::get_num_threads());
+    parts = 1;
+    while ((heads * parts) % threads != 0 && parts < threads) ++parts;
+    if ((heads * parts) % threads != 0 || T < parts * kRows) parts = 1;
+    for (int64_t p = 0; p <= parts; ++p) {
+      const double at = static_cast<double>(T) * std::sqrt(static_cast<double>(p) / parts);
+      bounds.push_back(p == parts ? T : std::min(T, static_cast<int64_t>(at) / kRows * kRows));
+    }
+  }
+  int64_t items() const { return heads * parts; }
+};
+
+// Runs body(bh, part, row_begin, row_end) over every (head, part) on
+// libtorch's threads, counting them.
 template <typename F>
-void ForEachHead(int64_t heads, const F& body) {
+void ForEachHeadPart(const HeadParts& hp, const F& body) {
   std::atomic<int> chunks{0};
-  at::parallel_for(0, heads, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, hp.items(), 1, [&](int64_t begin, int64_t end) {
     chunks.fetch_add(1, std::memory_order_relaxed);
-    body(begin, end);
+    for (int64_t it = begin; it < end; ++it) {
+      const int64_t bh = it / hp.parts, part = it % hp.parts;
+      body(bh, part, hp.bounds[part], hp.bounds[part + 1]);
+    }
   });
   threads_used.store(chunks.load(), std::memory_order_relaxed);
 }
@@ -251,15 +280,16 @@ class FusedAttentionFn : public torch::autograd::Function<FusedAttentionFn> {
     float* op = out.data_ptr<float>();
     float* lp = lse.data_ptr<float>();
     const RowStarts starts_of{starts, H, T};
-    ForEachHead(B * H, [&](int64_t begin, int64_t end) {
-      std::vector<float> s(static_cast<size_t>(kRows * d.Tp));
-      std::vector<float> qa(static_cast<size_t>(kRows * d.D)), ob(qa.size());
-      for (int64_t bh = begin; bh < end; ++bh) {
-        const int64_t kv = (bh / H) * Hkv + (bh % H) / rep;
-        ForwardHead(d, starts_of(bh), qp + bh * T * d.D, ktp + kv * d.D * d.Tp,
-                    vp + kv * T * d.D, op + bh * T * d.D, lp + bh * T, s.data(), qa.data(),
-                    ob.data());
-      }
+    const HeadParts hp(B * H, T);
+    ForEachHeadPart(hp, [&](int64_t bh, int64_t, int64_t r0, int64_t r1) {
+      thread_local std::vector<float> s, qa, ob;
+      s.resize(static_cast<size_t>(kRows * d.Tp));
+      qa.resize(static_cast<size_t>(kRows * d.D));
+      ob.resize(qa.size());
+      const int64_t kv = (bh / H) * Hkv + (bh % H) / rep;
+      ForwardHead(d, r0, r1, starts_of(bh), qp + bh * T * d.D, ktp + kv * d.D * d.Tp,
+                  vp + kv * T * d.D, op + bh * T * d.D, lp + bh * T, s.data(), qa.data(),
+                  ob.data());
     });
     ctx->save_for_backward({q, k, v, out, lse});
     ctx->saved_data["scale"] = scale;
@@ -283,8 +313,11 @@ class FusedAttentionFn : public torch::autograd::Function<FusedAttentionFn> {
     const torch::Tensor kt = PadLast(k.transpose(-1, -2), d.Tp);
     const torch::Tensor vt = PadLast(v.transpose(-1, -2), d.Tp);
     torch::Tensor dq = torch::empty_like(q);
-    torch::Tensor dk_heads = torch::empty({B, H, T, d.D}, q.options());
-    torch::Tensor dv_heads = torch::empty({B, H, T, d.D}, q.options());
+    const HeadParts hp(B * H, T);
+    const int64_t P = hp.parts;
+    // Each (head, part) writes its own dk / dv contribution: [P, B, H, T, D].
+    torch::Tensor dk_parts = torch::empty({P, B, H, T, d.D}, q.options());
+    torch::Tensor dv_parts = torch::empty({P, B, H, T, d.D}, q.options());
     const float* qp = q.data_ptr<float>();
     const float* kp = k.data_ptr<float>();
     const float* ktp = kt.data_ptr<float>();
@@ -293,23 +326,34 @@ class FusedAttentionFn : public torch::autograd::Function<FusedAttentionFn> {
     const float* dlp = delta.data_ptr<float>();
     const float* lp = lse.data_ptr<float>();
     float* dqp = dq.data_ptr<float>();
-    float* dkp = dk_heads.data_ptr<float>();
-    float* dvp = dv_heads.data_ptr<float>();
+    float* dkp = dk_parts.data_ptr<float>();
+    float* dvp = dv_parts.data_ptr<float>();
     const torch::Tensor starts = ctx->saved_data["starts"].toTensor();
     const RowStarts starts_of{starts, H, T};
-    ForEachHead(B * H, [&](int64_t begin, int64_t end) {
-      std::vector<float> s(static_cast<size_t>(kRows * d.Tp)), g(s.size());
-      std::vector<float> qa(static_cast<size_t>(kRows * d.D)), ga(qa.size()), ob(qa.size());
-      for (int64_t bh = begin; bh < end; ++bh) {
-        const int64_t kv = (bh / H) * Hkv + (bh % H) / rep;
-        const int64_t at = bh * T * d.D;
-        BackwardHead(d, starts_of(bh), qp + at, kp + kv * T * d.D, ktp + kv * d.D * d.Tp,
-                     vtp + kv * d.D * d.Tp, gp + at, dlp + bh * T, lp + bh * T, dqp + at, dkp + at, dvp + at, s.data(),
-                     g.data(), qa.data(), ga.data(), ob.data());
-      }
+    const int64_t part_stride = B * H * T * d.D;
+    ForEachHeadPart(hp, [&](int64_t bh, int64_t part, int64_t r0, int64_t r1) {
+      thread_local std::vector<float> s, g, qa, ga, ob;
+      s.resize(static_cast<size_t>(kRows * d.Tp));
+      g.resize(s.size());
+      qa.resize(static_cast<size_t>(kRows * d.D));
+      ga.resize(qa.size());
+      ob.resize(qa.size());
+      const int64_t kv = (bh / H) * Hkv + (bh % H) / rep;
+      const int64_t at = bh * T * d.D, pat = part * part_stride + at;
+      BackwardHead(d, r0, r1, starts_of(bh), qp + at, kp + kv * T * d.D, ktp + kv * d.D * d.Tp,
+                   vtp + kv * d.D * d.Tp, gp + at, dlp + bh * T, lp + bh * T, dqp + at,
+                   dkp + pat, dvp + pat, s.data(), g.data(), qa.data(), ga.data(), ob.data());
     });
-    torch::Tensor dk = dk_heads.view({B, Hkv, rep, T, d.D}).sum(2);
-    torch::Tensor dv = dv_heads.view({B, Hkv, rep, T, d.D}).sum(2);
+    // Sum over the row parts (in place into part 0: one pass each; a reduction
+    // over two dimensions at once took longer than the kernels), then over the
+    // query heads sharing each key/value head.
+    torch::Tensor dk_heads = dk_parts[0], dv_heads = dv_parts[0];
+    for (int64_t p = 1; p < P; ++p) {
+      dk_heads.add_(dk_parts[p]);
+      dv_heads.add_(dv_parts[p]);
+    }
+    torch::Tensor dk = rep == 1 ? dk_heads : dk_heads.view({B, Hkv, rep, T, d.D}).sum(2);
+    torch::Tensor dv = rep == 1 ? dv_heads : dv_heads.view({B, Hkv, rep, T, d.D}).sum(2);
     if (D0 != d.D) {
       dq = dq.narrow(-1, 0, D0);
       dk = dk.narrow(-1, 0, D0);

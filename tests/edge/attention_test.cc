@@ -122,6 +122,43 @@ TEST(FusedAttentionTest, HeadsAreSharedAmongThreads) {
   EXPECT_EQ(single, 1);
 }
 
+// 9 heads (smollm135m's) on 2 threads: each head's query rows are cut in two
+// parts of equal causal work, 9 parts per thread; backward sums the parts'
+// key / value gradients. Also with a window, grouped-query heads and packed
+// starts, which the parts must carry too.
+TEST(FusedAttentionTest, OddHeadCountsSplitRowsAmongThreads) {
+  const int before = at::get_num_threads();
+  at::set_num_threads(2);
+  for (int64_t window : {0, 5}) {
+    torch::manual_seed(40 + window);
+    const int64_t B = 1, H = 9, Hkv = 3, T = 37, D = 16;
+    torch::Tensor q = torch::randn({B, H, T, D}, torch::requires_grad());
+    torch::Tensor k = torch::randn({B, Hkv, T, D}, torch::requires_grad());
+    torch::Tensor v = torch::randn({B, Hkv, T, D}, torch::requires_grad());
+    torch::Tensor q2 = q.detach().clone().requires_grad_(true);
+    torch::Tensor k2 = k.detach().clone().requires_grad_(true);
+    torch::Tensor v2 = v.detach().clone().requires_grad_(true);
+    torch::Tensor fused = FusedCausalAttention(q, k, v, 0.25, window);
+    EXPECT_EQ(FusedAttentionThreadsUsed(), 2);
+    torch::Tensor plain = PlainAttention(q2, k2, v2, 0.25, window);
+    EXPECT_LT((fused - plain).abs().max().item<float>(), 1e-5);
+    ExpectSameGradients(fused, plain, q, k, v, q2, k2, v2, true);
+    EXPECT_EQ(FusedAttentionThreadsUsed(), 2);
+  }
+  // Packed: two sequences in one row, each query sees its own sequence's keys.
+  torch::manual_seed(43);
+  const int64_t T = 24;
+  torch::Tensor starts = torch::zeros({1, T}, torch::kLong);
+  starts.slice(1, 10).fill_(10);
+  torch::Tensor q = torch::randn({1, 9, T, 8}), k = torch::randn({1, 9, T, 8});
+  torch::Tensor v = torch::randn({1, 9, T, 8});
+  torch::Tensor two = FusedCausalAttention(q, k, v, 0.3, 0, starts);
+  at::set_num_threads(1);
+  torch::Tensor one = FusedCausalAttention(q, k, v, 0.3, 0, starts);
+  at::set_num_threads(before);
+  EXPECT_LT((two - one).abs().max().item<float>(), 1e-6);
+}
+
 TEST(FusedAttentionTest, LargeScoresStayFinite) {
   // exp of very negative arguments must underflow to 0, not to NaN or garbage.
   torch::Tensor q = torch::full({1, 1, 6, 4}, 30.0f);
