@@ -28,15 +28,14 @@ std::atomic<int64_t> g_onednn_calls{0};
 
 // A matmul dst[M, N] = src[M, K] * wei[K, N]: src and dst row-major and dense,
 // wei given by its two strides (row-major or column-major view of w).
-// Operands are both fp32 or both bf16 (`bf16`); the result is fp32 either way.
+// Operands are both fp32 or both bf16 (`bf16`); the result is fp32 either way,
+// written over dst or, with `accumulate`, added to it (a sum post-op).
 struct Key {
-  int64_t m, k, n, wei_stride0, wei_stride1, src_stride0, src_stride1, bf16;
-  bool operator<(const Key& o) const {
-    return std::array<int64_t, 8>{m, k, n, wei_stride0, wei_stride1, src_stride0, src_stride1,
-                                  bf16} <
-           std::array<int64_t, 8>{o.m,           o.k,           o.n,           o.wei_stride0,
-                                  o.wei_stride1, o.src_stride0, o.src_stride1, o.bf16};
+  int64_t m, k, n, wei_stride0, wei_stride1, src_stride0, src_stride1, bf16, accumulate;
+  std::array<int64_t, 9> Fields() const {
+    return {m, k, n, wei_stride0, wei_stride1, src_stride0, src_stride1, bf16, accumulate};
   }
+  bool operator<(const Key& o) const { return Fields() < o.Fields(); }
 };
 
 // Per-thread oneDNN state: an engine, an in-order stream and the primitives
@@ -67,19 +66,26 @@ bool Applies(const at::Tensor& a, const at::Tensor& w) {
 
 // dst[M, N] (fp32, dense, row-major) = src[M, K] * wei[K, N], where src[m][k] is
 // at src_ptr + m * a0 + k * a1 and wei[k][n] at wei_ptr + k * s0 + n * s1
-// (elements of fp32, or of bf16 when `bf16`).
+// (elements of fp32, or of bf16 when `bf16`). With `accumulate`, dst += the
+// product instead.
 void Run(const void* src_ptr, int64_t m, int64_t k, int64_t a0, int64_t a1, const void* wei_ptr,
-         int64_t n, int64_t s0, int64_t s1, bool bf16, at::Tensor& dst) {
+         int64_t n, int64_t s0, int64_t s1, bool bf16, at::Tensor& dst, bool accumulate = false) {
   ThreadState& st = State();
   using dt = dnnl::memory::data_type;
   const dt in = bf16 ? dt::bf16 : dt::f32;
   const dnnl::memory::desc src({m, k}, in, dnnl::memory::dims{a0, a1});
   const dnnl::memory::desc wei({k, n}, in, dnnl::memory::dims{s0, s1});
   const dnnl::memory::desc out({m, n}, dt::f32, dnnl::memory::dims{n, 1});
-  const Key key{m, k, n, s0, s1, a0, a1, bf16};
+  const Key key{m, k, n, s0, s1, a0, a1, bf16, accumulate};
   auto it = st.primitives.find(key);
   if (it == st.primitives.end()) {
-    dnnl::matmul::primitive_desc pd(dnnl::matmul::desc(src, wei, out), st.engine);
+    dnnl::primitive_attr attr;
+    if (accumulate) {
+      dnnl::post_ops ops;
+      ops.append_sum(1.0f);
+      attr.set_post_ops(ops);
+    }
+    dnnl::matmul::primitive_desc pd(dnnl::matmul::desc(src, wei, out), attr, st.engine);
     if (st.primitives.size() >= kMaxPrimitives) st.primitives.clear();
     it = st.primitives.emplace(key, dnnl::matmul(pd)).first;
   }
@@ -93,18 +99,42 @@ void Run(const void* src_ptr, int64_t m, int64_t k, int64_t a0, int64_t a1, cons
 }
 
 // a [..., K] * wei (K x N, strides s0, s1) -> fp32 [..., N]; a and w both fp32
-// or both bf16.
-at::Tensor Product(const at::Tensor& a, const at::Tensor& w, int64_t n, int64_t s0, int64_t s1) {
+// or both bf16. With `into` (fp32, contiguous, [..., N]) the product is added
+// to it and it is returned.
+at::Tensor Product(const at::Tensor& a, const at::Tensor& w, int64_t n, int64_t s0, int64_t s1,
+                   at::Tensor* into = nullptr) {
   const int64_t k = a.size(-1);
   at::Tensor a2 = a.reshape({-1, k});
   if (!a2.is_contiguous()) a2 = a2.contiguous();
   std::vector<int64_t> shape(a.sizes().begin(), a.sizes().end());
   shape.back() = n;
-  at::Tensor out = at::empty(shape, a.options().dtype(at::kFloat));
+  at::Tensor out = into != nullptr ? *into : at::empty(shape, a.options().dtype(at::kFloat));
   at::Tensor out2 = out.view({a2.size(0), n});
   Run(a2.data_ptr(), a2.size(0), k, k, 1, w.data_ptr(), n, s0, s1,
-      a.scalar_type() == at::kBFloat16, out2);
+      a.scalar_type() == at::kBFloat16, out2, into != nullptr);
   return out;
+}
+
+// out += a w^T (nt) or a w, on oneDNN where MatmulNT / MatmulNN would run and
+// out is a contiguous fp32 tensor of the product's shape; else out.add_ of
+// their result.
+void AccumulateProduct(const at::Tensor& a, const at::Tensor& w, bool nt, at::Tensor& out) {
+  const int64_t n = w.dim() == 2 ? w.size(nt ? 0 : 1) : -1;
+  if (Applies(a, w) && a.size(-1) == w.size(nt ? 1 : 0) && out.scalar_type() == at::kFloat &&
+      out.device().is_cpu() && out.is_contiguous() && out.dim() == a.dim() &&
+      out.size(-1) == n && out.numel() == a.numel() / a.size(-1) * n) {
+    try {
+      if (nt) {
+        Product(a, w, n, w.stride(1), w.stride(0), &out);
+      } else {
+        Product(a, w, n, w.stride(0), w.stride(1), &out);
+      }
+      return;
+    } catch (const dnnl::error&) {
+      // Refused when the primitive was made, before anything was written.
+    }
+  }
+  out.add_(nt ? at::matmul(a, w.t()) : at::matmul(a, w));
 }
 
 // c10::BFloat16's rounding (round to nearest even; NaN to the quiet NaN 0x7FC0)
@@ -207,6 +237,14 @@ at::Tensor MatmulNN(const at::Tensor& g, const at::Tensor& w) {
   } catch (const dnnl::error&) {
     return at::matmul(g, w);
   }
+}
+
+void MatmulNTAccumulate(const at::Tensor& x, const at::Tensor& w, at::Tensor& out) {
+  AccumulateProduct(x, w, /*nt=*/true, out);
+}
+
+void MatmulNNAccumulate(const at::Tensor& g, const at::Tensor& w, at::Tensor& out) {
+  AccumulateProduct(g, w, /*nt=*/false, out);
 }
 
 at::Tensor MatmulNTBf16(const at::Tensor& x, const at::Tensor& w) {

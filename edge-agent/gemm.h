@@ -22,6 +22,12 @@
 //    kOnednn; otherwise the torch::matmul result is returned (autocast then
 //    applies as usual). Neither function records autograd history: callers
 //    that need gradients wrap them (FrozenMatmul in lora.h does).
+//  * MatmulNTAccumulate(x, w, out): out += MatmulNT(x, w), and
+//    MatmulNNAccumulate(g, w, out): out += MatmulNN(g, w), written into out's
+//    memory by the GEMM itself (a oneDNN sum post-op: no temporary product, no
+//    separate add pass) when oneDNN takes the operands and out is a contiguous
+//    fp32 tensor of the product's shape; otherwise out.add_(product). out must
+//    not overlap the operands.
 //  * MatmulNTBf16(x, w) == bf16(x) bf16(w)^T and MatmulNNBf16(g, w) ==
 //    bf16(g) bf16(w): products of the operands rounded to bf16 (as
 //    Tensor::to(kBFloat16) rounds: to nearest even), accumulated in fp32 and
@@ -71,6 +77,8 @@ int64_t OnednnGemmCount();
 at::Tensor MatmulNT(const at::Tensor& x, const at::Tensor& w);
 at::Tensor MatmulNN(const at::Tensor& g, const at::Tensor& w);
 at::Tensor MatmulTN(const at::Tensor& a, const at::Tensor& b);
+void MatmulNTAccumulate(const at::Tensor& x, const at::Tensor& w, at::Tensor& out);
+void MatmulNNAccumulate(const at::Tensor& g, const at::Tensor& w, at::Tensor& out);
 
 at::Tensor MatmulNTBf16(const at::Tensor& x, const at::Tensor& w);
 at::Tensor MatmulNNBf16(const at::Tensor& g, const at::Tensor& w);

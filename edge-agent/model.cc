@@ -598,7 +598,95 @@ bool LoraDeltaApplies(const torch::Tensor& x, const torch::Tensor& a, const torc
 
 }  // namespace
 
+namespace {
+
+// CPU autocast off for its lifetime (the state restored after).
+class NoAutocast {
+ public:
+  NoAutocast() : saved_(at::autocast::is_cpu_enabled()) { at::autocast::set_cpu_enabled(false); }
+  ~NoAutocast() { at::autocast::set_cpu_enabled(saved_); }
+  NoAutocast(const NoAutocast&) = delete;
+  NoAutocast& operator=(const NoAutocast&) = delete;
+
+ private:
+  bool saved_;
+};
+
+// A projection with an adapter as one autograd node (training on the oneDNN
+// path): forward y = x W^T (+ bias), then y += ((x A^T) scale) B^T added by the
+// GEMM into y's memory; backward gx = g W, then gx += ((g B) scale) A likewise.
+// Against a frozen node plus a LoraDeltaFn this saves, per projection and step,
+// the [.., out] delta and its add in forward, the adapter's [.., in] input
+// gradient and autograd's add of it in backward, and a graph node. The frozen
+// product is FrozenMatmulFn's (any stored dtype), or under bf16 autocast
+// (`bf16`) MatmulNTBf16's; the adapter's products are fp32 either way.
+class LoraLinearFn : public torch::autograd::Function<LoraLinearFn> {
+ public:
+  static torch::Tensor forward(torch::autograd::AutogradContext* ctx, const torch::Tensor& x,
+                               const torch::Tensor& a, const torch::Tensor& b,
+                               const torch::Tensor& weight, const torch::Tensor& weight_scale,
+                               const torch::Tensor& bias, double scale, int64_t int4_in,
+                               bool bf16) {
+    NoAutocast no_autocast;  // the adapter's products run in fp32 on oneDNN
+    torch::Tensor y =
+        bf16 ? MatmulNTBf16(x, weight) : ComputeOrReplay(x, weight, weight_scale, int4_in);
+    if (bias.numel() > 0) y.add_(bias);
+    const torch::Tensor hs = MatmulNT(x, a).mul_(scale);  // [..., r]
+    MatmulNTAccumulate(hs, b, y);
+    ctx->save_for_backward({x, a, b, hs, weight, weight_scale});
+    ctx->saved_data["scale"] = scale;
+    ctx->saved_data["int4_in"] = int4_in;
+    ctx->saved_data["bf16"] = bf16;
+    return y;
+  }
+
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grads) {
+    const auto saved = ctx->get_saved_variables();
+    const torch::Tensor &x = saved[0], &a = saved[1], &b = saved[2], &hs = saved[3];
+    const torch::Tensor &weight = saved[4], &weight_scale = saved[5];
+    const double scale = ctx->saved_data["scale"].toDouble();
+    const torch::Tensor g = grads[0].contiguous();
+    torch::Tensor gx, ga, gb;
+    if (ctx->needs_input_grad(0)) {
+      gx = ctx->saved_data["bf16"].toBool()
+               ? MatmulNNBf16(g, weight)
+               : DequantGradInput(g, weight, weight_scale, ctx->saved_data["int4_in"].toInt());
+    }
+    if (ctx->needs_input_grad(2)) gb = MatmulTN(g, hs);  // [out, r]
+    if (ctx->needs_input_grad(0) || ctx->needs_input_grad(1)) {
+      const torch::Tensor gh = MatmulNN(g, b).mul_(scale);  // [..., r]
+      if (ctx->needs_input_grad(1)) ga = MatmulTN(gh, x);  // [r, in]
+      if (ctx->needs_input_grad(0)) MatmulNNAccumulate(gh, a, gx);
+    }
+    return {gx, ga, gb, torch::Tensor(), torch::Tensor(), torch::Tensor(), torch::Tensor(),
+            torch::Tensor(), torch::Tensor()};
+  }
+};
+
+}  // namespace
+
 torch::Tensor LoraLinear::forward(const torch::Tensor& x, torch::Generator* dropout_gen) const {
+  // Training with the adapter on the oneDNN path: one node (LoraLinearFn), when
+  // no dropout applies, no checkpointed layer records or replays the frozen
+  // product, and the frozen product is fp32 (any stored dtype, autocast off)
+  // or autocast's bf16 one taken directly.
+  if (lora_a.defined() && torch::GradMode::is_enabled() &&
+      (x.requires_grad() || lora_a.requires_grad() || lora_b.requires_grad()) &&
+      g_gemm_replay == nullptr && (dropout_gen == nullptr || dropout <= 0) &&
+      LoraDeltaApplies(x, lora_a, lora_b)) {
+    bool bf16 = false, fits = true;
+    if (at::autocast::is_cpu_enabled()) {
+      bf16 = DirectBf16Product() &&
+             (weight.scalar_type() == torch::kFloat || weight.scalar_type() == torch::kBFloat16);
+      fits = bf16;
+    }
+    if (fits) {
+      return LoraLinearFn::apply(x, lora_a, lora_b, weight,
+                                 weight_scale.defined() ? weight_scale : torch::empty({0}),
+                                 bias.defined() ? bias : torch::empty({0}), scale, int4_in, bf16);
+    }
+  }
   torch::Tensor y = FrozenMatmul(x, weight, weight_scale, int4_in);
   // y is this call's own tensor (the frozen node does not save it), unless a
   // checkpointed layer's forward is recording it for replay.

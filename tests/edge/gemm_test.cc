@@ -211,5 +211,38 @@ TEST(GemmTest, MismatchedShapesThrowLikeTorch) {
   EXPECT_THROW(MatmulNN(torch::randn({4, 5}), w), c10::Error);
 }
 
+// The accumulating products add into the given tensor's own memory: on oneDNN
+// (one call, no temporary) for a dense fp32 target, else through add_; the
+// same sums either way.
+TEST(GemmTest, AccumulateAddsTheProductIntoTheTarget) {
+  torch::manual_seed(30);
+  const torch::Tensor x = torch::randn({2, 9, 40}), w = torch::randn({24, 40});
+  const torch::Tensor g = torch::randn({2, 9, 24});
+  const torch::Tensor base_nt = torch::randn({2, 9, 24}), base_nn = torch::randn({2, 9, 40});
+  const torch::Tensor want_nt = base_nt + torch::matmul(x, w.t());
+  const torch::Tensor want_nn = base_nn + torch::matmul(g, w);
+  for (GemmBackend backend : {GemmBackend::kOnednn, GemmBackend::kTorch}) {
+    GemmBackendScope scope(backend);
+    torch::Tensor out_nt = base_nt.clone(), out_nn = base_nn.clone();
+    const void* p_nt = out_nt.data_ptr();
+    const int64_t before = OnednnGemmCount();
+    MatmulNTAccumulate(x, w, out_nt);
+    MatmulNNAccumulate(g, w, out_nn);
+    EXPECT_EQ(OnednnGemmCount() - before, backend == GemmBackend::kOnednn ? 2 : 0);
+    EXPECT_EQ(out_nt.data_ptr(), p_nt);
+    EXPECT_LT((out_nt - want_nt).abs().max().item<double>(), 1e-4);
+    EXPECT_LT((out_nn - want_nn).abs().max().item<double>(), 1e-4);
+  }
+  // A strided target takes the add_ path, with the same result.
+  torch::Tensor wide = torch::zeros({2, 9, 48});
+  torch::Tensor strided = wide.slice(-1, 0, 24);
+  strided.copy_(base_nt);
+  const int64_t before = OnednnGemmCount();
+  MatmulNTAccumulate(x, w, strided);
+  EXPECT_EQ(OnednnGemmCount(), before);
+  EXPECT_LT((strided - want_nt).abs().max().item<double>(), 1e-4);
+  EXPECT_EQ(wide.slice(-1, 24).abs().max().item<float>(), 0.0f);
+}
+
 }  // namespace
 }  // namespace fedlora::edge

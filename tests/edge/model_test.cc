@@ -911,6 +911,65 @@ TEST(LoraBranchTest, OneDnnNodeMatchesTheTorchPath) {
   EXPECT_LT((x.grad() - ref[1]).abs().max().item<double>(), 1e-5 * ref[1].abs().max().item<double>());
 }
 
+// Training a projection with an adapter runs it as one node whose GEMMs add
+// the adapter's share into the frozen product and into its input gradient. The
+// values are the formula's: frozen product (bf16-rounded operands under
+// autocast, the dequantized weight when int8) + bias + scale (x A^T) B^T in
+// fp32, and its gradients.
+TEST(LoraBranchTest, OneNodeProjectionMatchesTheFormula) {
+  torch::manual_seed(23);
+  auto rounded = [](const torch::Tensor& t) { return t.to(torch::kBFloat16).to(torch::kFloat); };
+  for (const std::string mode : {"fp32", "int8", "autocast"}) {
+    LoraLinear l;
+    const torch::Tensor w = torch::randn({32, 40}) * 0.1;
+    l.weight = w;
+    if (mode == "int8") {
+      l.weight_scale = w.abs().amax(1) / 127.0;
+      l.weight = (w / l.weight_scale.unsqueeze(1)).round().clamp(-127, 127).to(torch::kChar);
+    }
+    l.bias = torch::randn({32});
+    l.lora_a = (torch::randn({4, 40}) * 0.2).requires_grad_(true);
+    l.lora_b = (torch::randn({32, 4}) * 0.2).requires_grad_(true);
+    l.scale = 1.5;
+    const torch::Tensor x0 = torch::randn({2, 5, 40}), up = torch::randn({2, 5, 32});
+    torch::Tensor x = x0.clone().requires_grad_(true);
+    const bool autocast = mode == "autocast";
+    if (autocast) {
+      at::autocast::set_cpu_enabled(true);
+      at::autocast::set_autocast_cpu_dtype(at::kBFloat16);
+    }
+    const int64_t before = OnednnGemmCount();
+    torch::Tensor y = l.forward(x);
+    if (autocast) {
+      at::autocast::set_cpu_enabled(false);
+      at::autocast::clear_cache();
+    }
+    ASSERT_EQ(y.scalar_type(), torch::kFloat) << mode;
+    y.backward(up);
+    EXPECT_EQ(OnednnGemmCount() - before, 8) << mode;  // 2 frozen + 2 forward + 4 backward
+
+    const torch::Tensor dense = l.DenseWeight();
+    const torch::Tensor wf = autocast ? rounded(dense) : dense;
+    const torch::Tensor xf = autocast ? rounded(x0) : x0;
+    const torch::Tensor a = l.lora_a.detach(), b = l.lora_b.detach();
+    const torch::Tensor hs = torch::matmul(x0, a.t()) * l.scale;
+    const torch::Tensor y_ref = torch::matmul(xf, wf.t()) + l.bias + torch::matmul(hs, b.t());
+    const torch::Tensor gh = torch::matmul(up, b) * l.scale;
+    const torch::Tensor gx_ref =
+        torch::matmul(autocast ? rounded(up) : up, wf) + torch::matmul(gh, a);
+    const torch::Tensor ga_ref = torch::matmul(gh.reshape({-1, 4}).t(), x0.reshape({-1, 40}));
+    const torch::Tensor gb_ref = torch::matmul(up.reshape({-1, 32}).t(), hs.reshape({-1, 4}));
+    auto close = [&](const torch::Tensor& got, const torch::Tensor& want, const char* what) {
+      EXPECT_LT((got - want).abs().max().item<double>(), 1e-5 * want.abs().max().item<double>() + 1e-5)
+          << mode << " " << what;
+    };
+    close(y.detach(), y_ref, "y");
+    close(x.grad(), gx_ref, "grad x");
+    close(l.lora_a.grad(), ga_ref, "grad A");
+    close(l.lora_b.grad(), gb_ref, "grad B");
+  }
+}
+
 // Under CPU autocast (bf16, oneDNN backend) a frozen fp32 projection is the
 // product of the bf16-rounded operands, kept in fp32 (autocast's own matmul
 // would round it to bf16), and its bf16 weight copy is not kept for backward:
