@@ -53,57 +53,110 @@ FEDLORA_KERNEL_INLINE int64_t BlockStart(const Dims& d, const int64_t* starts, i
   return lo / kW * kW;
 }
 
+// The three products below keep a block of results (or of loop-invariant
+// operands) in vector registers across their inner loop: up to kBlocks vectors
+// per row of the kRows rows, 16 registers, so that each vector loaded feeds
+// kRows multiply-adds and each broadcast feeds up to kBlocks. Each sums in the
+// same order as a plain loop over its inner index would.
+constexpr int kBlocks = 4;
+
+// out[r][j] for j in [j, j + NB * 16): sum_c a[r][c] * bt[c][j].
+template <int NB>
+FEDLORA_KERNEL_INLINE void ScoresBlock(const Dims& d, const float* __restrict a,
+                                       const float* __restrict bt, int64_t j,
+                                       float* __restrict out) {
+  Vec s[kRows][NB] = {};
+  for (int64_t c = 0; c < d.D; ++c) {
+    Vec b[NB];
+#pragma GCC unroll 4
+    for (int k = 0; k < NB; ++k) b[k] = Load(bt + c * d.Tp + j + k * kW);
+#pragma GCC unroll 4
+    for (int r = 0; r < kRows; ++r) {
+      const float ar = a[r * d.D + c];
+#pragma GCC unroll 4
+      for (int k = 0; k < NB; ++k) s[r][k] += ar * b[k];
+    }
+  }
+#pragma GCC unroll 4
+  for (int r = 0; r < kRows; ++r) {
+#pragma GCC unroll 4
+    for (int k = 0; k < NB; ++k) Store(out + r * d.Tp + j + k * kW, s[r][k]);
+  }
+}
+
 // out[r][j] = sum_c a[r][c] * bt[c][j] for the kRows rows of a ([kRows, D]) and
 // j in [j0, j1), multiples of 16; bt is [D, Tp]; out rows have stride Tp.
 FEDLORA_KERNEL_INLINE void RowsTimesTransposed(const Dims& d, const float* __restrict a,
-                                const float* __restrict bt, int64_t j0, int64_t j1,
-                                float* __restrict out) {
-  for (int64_t j = j0; j < j1; j += kW) {
-    Vec s0 = {}, s1 = {}, s2 = {}, s3 = {};
-    for (int64_t c = 0; c < d.D; ++c) {
-      const Vec b = Load(bt + c * d.Tp + j);
-      s0 += a[c] * b;
-      s1 += a[d.D + c] * b;
-      s2 += a[2 * d.D + c] * b;
-      s3 += a[3 * d.D + c] * b;
+                                               const float* __restrict bt, int64_t j0,
+                                               int64_t j1, float* __restrict out) {
+  int64_t j = j0;
+  for (; j + kBlocks * kW <= j1; j += kBlocks * kW) ScoresBlock<kBlocks>(d, a, bt, j, out);
+  for (; j < j1; j += kW) ScoresBlock<1>(d, a, bt, j, out);
+}
+
+// out[r][c0 .. c0 + NB * 16) = sum_{j in [j0, j1)} w[r][j] * b[j][c0 ..].
+template <int NB>
+FEDLORA_KERNEL_INLINE void WeightedSumBlock(const Dims& d, const float* __restrict w,
+                                            const float* __restrict b, int64_t j0, int64_t j1,
+                                            int64_t c0, float* __restrict out) {
+  Vec o[kRows][NB] = {};
+  for (int64_t j = j0; j < j1; ++j) {
+    Vec x[NB];
+#pragma GCC unroll 4
+    for (int k = 0; k < NB; ++k) x[k] = Load(b + j * d.D + c0 + k * kW);
+#pragma GCC unroll 4
+    for (int r = 0; r < kRows; ++r) {
+      const float wr = w[r * d.Tp + j];
+#pragma GCC unroll 4
+      for (int k = 0; k < NB; ++k) o[r][k] += wr * x[k];
     }
-    Store(out + j, s0);
-    Store(out + d.Tp + j, s1);
-    Store(out + 2 * d.Tp + j, s2);
-    Store(out + 3 * d.Tp + j, s3);
+  }
+#pragma GCC unroll 4
+  for (int r = 0; r < kRows; ++r) {
+#pragma GCC unroll 4
+    for (int k = 0; k < NB; ++k) Store(out + r * d.D + c0 + k * kW, o[r][k]);
   }
 }
 
 // out[r][:] = sum_{j in [j0, j1)} w[r][j] * b[j][:] (w rows of stride Tp, b [T, D]).
-FEDLORA_KERNEL_INLINE void WeightsTimesRows(const Dims& d, const float* __restrict w, const float* __restrict b,
-                             int64_t j0, int64_t j1, float* __restrict out) {
-  for (int64_t c = 0; c < d.D; c += kW) {
-    Vec o0 = {}, o1 = {}, o2 = {}, o3 = {};
-    for (int64_t j = j0; j < j1; ++j) {
-      const Vec x = Load(b + j * d.D + c);
-      o0 += w[j] * x;
-      o1 += w[d.Tp + j] * x;
-      o2 += w[2 * d.Tp + j] * x;
-      o3 += w[3 * d.Tp + j] * x;
+FEDLORA_KERNEL_INLINE void WeightsTimesRows(const Dims& d, const float* __restrict w,
+                                            const float* __restrict b, int64_t j0, int64_t j1,
+                                            float* __restrict out) {
+  int64_t c = 0;
+  for (; c + kBlocks * kW <= d.D; c += kBlocks * kW) WeightedSumBlock<kBlocks>(d, w, b, j0, j1, c, out);
+  for (; c < d.D; c += kW) WeightedSumBlock<1>(d, w, b, j0, j1, c, out);
+}
+
+// acc[j][c0 .. c0 + NB * 16) += sum_r w[r][j] * a[r][c0 ..] for j in [j0, j1),
+// a's block held in registers across j.
+template <int NB>
+FEDLORA_KERNEL_INLINE void AddWeightedBlock(const Dims& d, const float* __restrict w,
+                                            const float* __restrict a, int64_t j0, int64_t j1,
+                                            int64_t c0, float* __restrict acc) {
+  Vec av[kRows][NB];
+#pragma GCC unroll 4
+  for (int r = 0; r < kRows; ++r) {
+#pragma GCC unroll 4
+    for (int k = 0; k < NB; ++k) av[r][k] = Load(a + r * d.D + c0 + k * kW);
+  }
+  for (int64_t j = j0; j < j1; ++j) {
+    const float w0 = w[j], w1 = w[d.Tp + j], w2 = w[2 * d.Tp + j], w3 = w[3 * d.Tp + j];
+    float* row = acc + j * d.D + c0;
+#pragma GCC unroll 4
+    for (int k = 0; k < NB; ++k) {
+      Store(row + k * kW, Load(row + k * kW) + w0 * av[0][k] + w1 * av[1][k] + w2 * av[2][k] +
+                              w3 * av[3][k]);
     }
-    Store(out + c, o0);
-    Store(out + d.D + c, o1);
-    Store(out + 2 * d.D + c, o2);
-    Store(out + 3 * d.D + c, o3);
   }
 }
 
 // acc[j][:] += sum_r w[r][j] * a[r][:] for j in [j0, j1) (acc [T, D], a [kRows, D]).
-FEDLORA_KERNEL_INLINE void AddWeightedRows(const Dims& d, const float* __restrict w, const float* __restrict a,
-                            int64_t j0, int64_t j1, float* __restrict acc) {
-  for (int64_t j = j0; j < j1; ++j) {
-    const float w0 = w[j], w1 = w[d.Tp + j], w2 = w[2 * d.Tp + j], w3 = w[3 * d.Tp + j];
-    float* row = acc + j * d.D;
-    for (int64_t c = 0; c < d.D; c += kW) {
-      Store(row + c, Load(row + c) + w0 * Load(a + c) + w1 * Load(a + d.D + c) +
-                         w2 * Load(a + 2 * d.D + c) + w3 * Load(a + 3 * d.D + c));
-    }
-  }
+FEDLORA_KERNEL_INLINE void AddWeightedRows(const Dims& d, const float* __restrict w,
+                                           const float* __restrict a, int64_t j0, int64_t j1,
+                                           float* __restrict acc) {
+  int64_t c = 0;
+  for (; c + kBlocks * kW <= d.D; c += kBlocks * kW) AddWeightedBlock<kBlocks>(d, w, a, j0, j1, c, acc);
+  for (; c < d.D; c += kW) AddWeightedBlock<1>(d, w, a, j0, j1, c, acc);
 }
 
 // Copies rows [i0, i0 + n) of x ([T, D]) into buf ([kRows, D]), zero rows after n.

@@ -12,13 +12,8 @@
 #include <memory>
 #include <vector>
 
+#include "edge-agent/simd_math.h"
 #include "oneapi/dnnl/dnnl.hpp"
-
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define FEDLORA_GEMM_MULTI_ISA __attribute__((target_clones("avx512f", "avx2", "default")))
-#else
-#define FEDLORA_GEMM_MULTI_ISA
-#endif
 
 namespace fedlora::edge {
 namespace {
@@ -144,7 +139,7 @@ inline __attribute__((always_inline)) uint16_t Bf16Bits(uint32_t u) {
   return static_cast<uint16_t>((u & 0x7FFFFFFFu) > 0x7F800000u ? 0x7FC0u : rounded);
 }
 
-FEDLORA_GEMM_MULTI_ISA void ConvertToBf16(const uint32_t* __restrict in, uint16_t* __restrict out,
+FEDLORA_MULTI_ISA void ConvertToBf16(const uint32_t* __restrict in, uint16_t* __restrict out,
                                           int64_t n) {
 #pragma omp simd
   for (int64_t i = 0; i < n; ++i) out[i] = Bf16Bits(in[i]);

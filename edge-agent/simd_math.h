@@ -1,5 +1,6 @@
 #pragma once
-// Helpers of the engine's hand-written CPU kernels (attention.cc, fused_ops.cc);
+// Helpers of the engine's hand-written CPU kernels (attention.cc, fused_ops.cc,
+// head_loss.cc, optim.cc, gemm.cc);
 // internal to fedlora_edge, not an API.
 //
 // Contract:
