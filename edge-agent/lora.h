@@ -63,6 +63,18 @@ struct LoraLinear {
   torch::Tensor forward(const torch::Tensor& x, torch::Generator* dropout_gen = nullptr) const;
 };
 
+// The forwards of projections that read the same x (q, k, v; gate, up): the
+// results of each one's forward(x, dropout_gen), in order. In training on the
+// oneDNN path, when all have adapters of one rank and scale and each would run
+// as one node (no dropout in effect, no checkpointed layer, fp32 or direct bf16
+// products), all run as one autograd node that stacks the adapters' A: one GEMM
+// instead of one per projection for x A^T, its weight gradient and the
+// adapters' input gradient, and the frozen input gradients added up by the
+// GEMMs (tests/edge/model_test.cc, LoraBranchTest).
+std::vector<torch::Tensor> ForwardSharedInput(const std::vector<const LoraLinear*>& projections,
+                                              const torch::Tensor& x,
+                                              torch::Generator* dropout_gen = nullptr);
+
 // Group-wise symmetric 4-bit quantization of a fp32 [out, in] weight (see
 // LoraLinear::weight): scale = max|w| of the group / 7, code = round(w / scale) + 8,
 // so every weight is within scale / 2 of its dequantized value.

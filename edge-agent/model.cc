@@ -664,28 +664,150 @@ class LoraLinearFn : public torch::autograd::Function<LoraLinearFn> {
   }
 };
 
+// Projections that read the same input (q, k and v; gate and up), each with an
+// adapter of the same rank and scale, as one node: LoraLinearFn's products with
+// the adapters' A stacked ([n r, in]), so x A^T, its weight gradient and the
+// adapters' share of the input gradient are one GEMM each instead of n, and the
+// frozen products' input gradients are added by the GEMMs into one tensor
+// (fp32 weights) instead of by autograd. lora: a_0, b_0, a_1, b_1, ...;
+// frozen: weight_i, weight_scale_i, bias_i (empty when none) per projection.
+class SharedInputLoraFn : public torch::autograd::Function<SharedInputLoraFn> {
+ public:
+  static torch::autograd::variable_list forward(torch::autograd::AutogradContext* ctx,
+                                                const torch::Tensor& x, at::TensorList lora,
+                                                at::TensorList frozen, double scale,
+                                                int64_t int4_in, bool bf16) {
+    NoAutocast no_autocast;
+    const int64_t n = static_cast<int64_t>(lora.size() / 2), r = lora[0].size(0);
+    std::vector<torch::Tensor> as, saved = {x};
+    for (int64_t i = 0; i < n; ++i) as.push_back(lora[2 * i]);
+    const torch::Tensor a_cat = torch::cat(as, 0);             // [n r, in]
+    const torch::Tensor hs = MatmulNT(x, a_cat).mul_(scale);  // [..., n r]
+    saved.push_back(a_cat);
+    saved.push_back(hs);
+    torch::autograd::variable_list ys;
+    for (int64_t i = 0; i < n; ++i) {
+      const torch::Tensor &w = frozen[3 * i], &ws = frozen[3 * i + 1], &bias = frozen[3 * i + 2];
+      torch::Tensor y = bf16 ? MatmulNTBf16(x, w) : ComputeOrReplay(x, w, ws, int4_in);
+      if (bias.numel() > 0) y.add_(bias);
+      MatmulNTAccumulate(hs.narrow(-1, i * r, r), lora[2 * i + 1], y);
+      ys.push_back(y);
+      saved.push_back(lora[2 * i + 1]);
+      saved.push_back(w);
+      saved.push_back(ws);
+    }
+    ctx->save_for_backward(saved);
+    ctx->set_materialize_grads(false);  // an unused output: no gradients for its adapter
+    ctx->saved_data["n"] = n;
+    ctx->saved_data["scale"] = scale;
+    ctx->saved_data["int4_in"] = int4_in;
+    ctx->saved_data["bf16"] = bf16;
+    return ys;
+  }
+
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grads) {
+    const auto saved = ctx->get_saved_variables();
+    const torch::Tensor &x = saved[0], &a_cat = saved[1], &hs = saved[2];
+    const int64_t n = ctx->saved_data["n"].toInt(), r = a_cat.size(0) / n;
+    const double scale = ctx->saved_data["scale"].toDouble();
+    const bool bf16 = ctx->saved_data["bf16"].toBool();
+    const int64_t int4_in = ctx->saved_data["int4_in"].toInt();
+    const bool need_x = ctx->needs_input_grad(0);
+    bool need_a = false;
+    for (int64_t i = 0; i < n; ++i) need_a = need_a || ctx->needs_input_grad(1 + 2 * i);
+    // x, the LoRA tensors, the frozen tensors, then scale, int4_in, bf16.
+    torch::autograd::variable_list out(1 + 2 * n + 3 * n + 3);
+    torch::Tensor gx, gh;
+    // [..., n r]: each adapter's (g B) scale; an unused output's columns stay 0.
+    if (need_x || need_a) gh = torch::zeros(hs.sizes(), hs.options());
+    for (int64_t i = 0; i < n; ++i) {
+      if (!grads[i].defined()) continue;
+      const torch::Tensor g = grads[i].contiguous();
+      const torch::Tensor &b = saved[3 + 3 * i], &w = saved[4 + 3 * i], &ws = saved[5 + 3 * i];
+      if (need_x) {
+        if (!gx.defined()) {
+          gx = bf16 ? MatmulNNBf16(g, w) : DequantGradInput(g, w, ws, int4_in);
+        } else if (!bf16 && w.scalar_type() == torch::kFloat) {
+          MatmulNNAccumulate(g, w, gx);
+        } else {
+          gx.add_(bf16 ? MatmulNNBf16(g, w) : DequantGradInput(g, w, ws, int4_in));
+        }
+      }
+      if (ctx->needs_input_grad(2 + 2 * i)) out[2 + 2 * i] = MatmulTN(g, hs.narrow(-1, i * r, r));
+      if (gh.defined()) gh.narrow(-1, i * r, r).copy_(MatmulNN(g, b).mul_(scale));
+    }
+    if (need_a) {
+      const torch::Tensor ga = MatmulTN(gh, x);  // [n r, in]
+      for (int64_t i = 0; i < n; ++i) {
+        if (ctx->needs_input_grad(1 + 2 * i) && grads[i].defined()) {
+          out[1 + 2 * i] = ga.narrow(0, i * r, r);
+        }
+      }
+    }
+    if (need_x && gx.defined()) MatmulNNAccumulate(gh, a_cat, gx);
+    out[0] = gx;
+    return out;
+  }
+};
+
+// How a projection with an adapter trains as one node (LoraLinearFn,
+// SharedInputLoraFn): on the oneDNN path, when no dropout applies, no
+// checkpointed layer records or replays the frozen product, and the frozen
+// product is fp32 (any stored dtype, autocast off: kFp32) or autocast's bf16
+// one taken directly (kBf16). kNo: the frozen node plus the LoRA node.
+enum class OneNode { kNo, kFp32, kBf16 };
+OneNode OneNodeMode(const LoraLinear& l, const torch::Tensor& x, torch::Generator* dropout_gen) {
+  if (!l.lora_a.defined() || !torch::GradMode::is_enabled() ||
+      !(x.requires_grad() || l.lora_a.requires_grad() || l.lora_b.requires_grad()) ||
+      g_gemm_replay != nullptr || (dropout_gen != nullptr && l.dropout > 0) ||
+      !LoraDeltaApplies(x, l.lora_a, l.lora_b)) {
+    return OneNode::kNo;
+  }
+  if (!at::autocast::is_cpu_enabled()) return OneNode::kFp32;
+  const bool bf16 = DirectBf16Product() && (l.weight.scalar_type() == torch::kFloat ||
+                                            l.weight.scalar_type() == torch::kBFloat16);
+  return bf16 ? OneNode::kBf16 : OneNode::kNo;
+}
+
+torch::Tensor OrEmpty(const torch::Tensor& t) { return t.defined() ? t : torch::empty({0}); }
+
 }  // namespace
 
+std::vector<torch::Tensor> ForwardSharedInput(const std::vector<const LoraLinear*>& projections,
+                                              const torch::Tensor& x,
+                                              torch::Generator* dropout_gen) {
+  const LoraLinear& first = *projections.front();
+  OneNode mode = projections.size() >= 2 ? OneNodeMode(first, x, dropout_gen) : OneNode::kNo;
+  for (const LoraLinear* l : projections) {
+    if (mode == OneNode::kNo) break;
+    if (OneNodeMode(*l, x, dropout_gen) != mode || l->lora_a.size(0) != first.lora_a.size(0) ||
+        l->scale != first.scale || l->int4_in != first.int4_in) {
+      mode = OneNode::kNo;
+    }
+  }
+  std::vector<torch::Tensor> out;
+  if (mode == OneNode::kNo) {
+    for (const LoraLinear* l : projections) out.push_back(l->forward(x, dropout_gen));
+    return out;
+  }
+  std::vector<torch::Tensor> lora, frozen;
+  for (const LoraLinear* l : projections) {
+    lora.push_back(l->lora_a);
+    lora.push_back(l->lora_b);
+    frozen.push_back(l->weight);
+    frozen.push_back(OrEmpty(l->weight_scale));
+    frozen.push_back(OrEmpty(l->bias));
+  }
+  return SharedInputLoraFn::apply(x, at::TensorList(lora), at::TensorList(frozen), first.scale,
+                                  first.int4_in, mode == OneNode::kBf16);
+}
+
 torch::Tensor LoraLinear::forward(const torch::Tensor& x, torch::Generator* dropout_gen) const {
-  // Training with the adapter on the oneDNN path: one node (LoraLinearFn), when
-  // no dropout applies, no checkpointed layer records or replays the frozen
-  // product, and the frozen product is fp32 (any stored dtype, autocast off)
-  // or autocast's bf16 one taken directly.
-  if (lora_a.defined() && torch::GradMode::is_enabled() &&
-      (x.requires_grad() || lora_a.requires_grad() || lora_b.requires_grad()) &&
-      g_gemm_replay == nullptr && (dropout_gen == nullptr || dropout <= 0) &&
-      LoraDeltaApplies(x, lora_a, lora_b)) {
-    bool bf16 = false, fits = true;
-    if (at::autocast::is_cpu_enabled()) {
-      bf16 = DirectBf16Product() &&
-             (weight.scalar_type() == torch::kFloat || weight.scalar_type() == torch::kBFloat16);
-      fits = bf16;
-    }
-    if (fits) {
-      return LoraLinearFn::apply(x, lora_a, lora_b, weight,
-                                 weight_scale.defined() ? weight_scale : torch::empty({0}),
-                                 bias.defined() ? bias : torch::empty({0}), scale, int4_in, bf16);
-    }
+  const OneNode mode = OneNodeMode(*this, x, dropout_gen);
+  if (mode != OneNode::kNo) {
+    return LoraLinearFn::apply(x, lora_a, lora_b, weight, OrEmpty(weight_scale), OrEmpty(bias),
+                               scale, int4_in, mode == OneNode::kBf16);
   }
   torch::Tensor y = FrozenMatmul(x, weight, weight_scale, int4_in);
   // y is this call's own tensor (the frozen node does not save it), unless a
@@ -763,9 +885,10 @@ torch::Tensor Model::Attention(const DecoderLayer& L, int index, const torch::Te
     k = qkv.slice(-1, c.q_size(), c.q_size() + c.kv_size());
     v = qkv.slice(-1, c.q_size() + c.kv_size());
   } else {
-    q = L.q_proj.forward(h, gen);
-    k = L.k_proj.forward(h, gen);
-    v = L.v_proj.forward(h, gen);
+    const std::vector<torch::Tensor> qkv = ForwardSharedInput({&L.q_proj, &L.k_proj, &L.v_proj}, h, gen);
+    q = qkv[0];
+    k = qkv[1];
+    v = qkv[2];
   }
   q = q.reshape({B, T, nh, D}).transpose(1, 2);
   k = k.reshape({B, T, nkv, D}).transpose(1, 2);
@@ -831,8 +954,9 @@ torch::Tensor Model::Mlp(const DecoderLayer& L, const torch::Tensor& h,
     gate = gu.slice(-1, 0, config_.intermediate_size);
     up = gu.slice(-1, config_.intermediate_size);
   } else {
-    gate = L.gate_proj.forward(h, gen);
-    up = L.up_proj.forward(h, gen);
+    const std::vector<torch::Tensor> gu = ForwardSharedInput({&L.gate_proj, &L.up_proj}, h, gen);
+    gate = gu[0];
+    up = gu[1];
   }
   return L.down_proj.forward(SwiGlu(gate, up), gen);
 }

@@ -970,6 +970,78 @@ TEST(LoraBranchTest, OneNodeProjectionMatchesTheFormula) {
   }
 }
 
+// Projections reading one input (q, k, v) train as one node with the
+// adapters' A stacked: the same outputs and gradients as each projection's own
+// node, in fewer GEMMs (per projection 8; here 1 + 3 + 3 forward and 3 + 3 + 3 +
+// 1 + 1 backward for three). Also when an output is unused (its adapter gets
+// no gradient) or A is frozen.
+TEST(LoraBranchTest, SharedInputNodeMatchesSeparateProjections) {
+  torch::manual_seed(24);
+  std::vector<LoraLinear> ls(3);
+  const int64_t outs[] = {40, 16, 16};
+  for (int i = 0; i < 3; ++i) {
+    ls[i].weight = torch::randn({outs[i], 40}) * 0.1;
+    ls[i].lora_a = (torch::randn({4, 40}) * 0.2).requires_grad_(true);
+    ls[i].lora_b = (torch::randn({outs[i], 4}) * 0.2).requires_grad_(true);
+    ls[i].scale = 2.0;
+  }
+  ls[1].bias = torch::randn({16});
+  const torch::Tensor x0 = torch::randn({2, 6, 40});
+  for (const bool use_all : {true, false}) {
+    for (const bool frozen_a : {false, true}) {
+      for (auto& l : ls) {
+        l.lora_a = l.lora_a.detach().requires_grad_(!frozen_a);
+        l.lora_b = l.lora_b.detach().requires_grad_(true);
+      }
+      auto run = [&](bool shared) {
+        torch::Tensor x = x0.clone().requires_grad_(true);
+        std::vector<torch::Tensor> ys;
+        if (shared) {
+          ys = ForwardSharedInput({&ls[0], &ls[1], &ls[2]}, x);
+        } else {
+          for (const auto& l : ls) ys.push_back(l.forward(x));
+        }
+        torch::manual_seed(25);
+        torch::Tensor loss = (ys[0] * torch::randn(ys[0].sizes())).sum() +
+                             (ys[2] * torch::randn(ys[2].sizes())).sum();
+        if (use_all) loss = loss + (ys[1] * torch::randn(ys[1].sizes())).sum();
+        loss.backward();
+        std::vector<torch::Tensor> out = {ys[0].detach(), ys[1].detach(), ys[2].detach(), x.grad()};
+        for (auto& l : ls) {
+          out.push_back(l.lora_a.grad().defined() ? l.lora_a.grad().clone() : torch::Tensor());
+          out.push_back(l.lora_b.grad().defined() ? l.lora_b.grad().clone() : torch::Tensor());
+          l.lora_a.mutable_grad() = torch::Tensor();
+          l.lora_b.mutable_grad() = torch::Tensor();
+        }
+        return out;
+      };
+      const int64_t c0 = OnednnGemmCount();
+      const auto shared = run(true);
+      const int64_t c1 = OnednnGemmCount();
+      const auto separate = run(false);
+      const int64_t c2 = OnednnGemmCount();
+      EXPECT_LT(c1 - c0, c2 - c1) << "fewer GEMMs";
+      if (use_all && !frozen_a) {
+        EXPECT_EQ(c1 - c0, 18);
+        EXPECT_EQ(c2 - c1, 24);
+      }
+      ASSERT_EQ(shared.size(), separate.size());
+      for (size_t i = 0; i < shared.size(); ++i) {
+        ASSERT_EQ(shared[i].defined(), separate[i].defined()) << i;
+        if (!shared[i].defined()) continue;
+        const double scale = separate[i].abs().max().item<double>();
+        EXPECT_LT((shared[i] - separate[i]).abs().max().item<double>(), 1e-5 * scale + 1e-6)
+            << "output " << i << " use_all " << use_all << " frozen_a " << frozen_a;
+      }
+      // The unused output's adapter gets no gradient, as with its own node.
+      if (!use_all) {
+        EXPECT_FALSE(shared[6].defined());
+        EXPECT_FALSE(shared[7].defined());
+      }
+    }
+  }
+}
+
 // Under CPU autocast (bf16, oneDNN backend) a frozen fp32 projection is the
 // product of the bf16-rounded operands, kept in fp32 (autocast's own matmul
 // would round it to bf16), and its bf16 weight copy is not kept for backward:

@@ -617,14 +617,24 @@ TEST(GradCheckpointEngineTest, EngineOptionTurnsItOnWithTheSameResult) {
   EXPECT_NEAR(a->mean_loss, b->mean_loss, 1e-5 * b->mean_loss);
   const common::TensorMap wa = Adapter(**t), wb = Adapter(*u);
   ASSERT_EQ(wa.size(), wb.size());
+  // Not bit for bit: without checkpointing the projections that share an input
+  // train as one node (ForwardSharedInput), whose gradients sum in another
+  // order, and AdamW's normalised step turns such differences in near-zero
+  // gradient entries into a visible share of a step (each step moves an entry
+  // by about the learning rate at most). So: every entry within 2% of one step,
+  // and on average within 0.01%.
+  const double lr = o.learning_rate;
   for (const auto& [name, ta] : wa) {
     const common::HostTensor& tb = wb.at(name);
     ASSERT_EQ(ta.data.size(), tb.data.size()) << name;
-    double diff = 0;
+    double diff = 0, sum = 0;
     for (size_t i = 0; i < ta.data.size(); ++i) {
-      diff = std::max(diff, static_cast<double>(std::abs(ta.data[i] - tb.data[i])));
+      const double d = std::abs(static_cast<double>(ta.data[i]) - tb.data[i]);
+      diff = std::max(diff, d);
+      sum += d;
     }
-    EXPECT_LT(diff, 1e-5) << name;
+    EXPECT_LT(diff, 2e-2 * lr) << name;
+    EXPECT_LT(sum / static_cast<double>(ta.data.size()), 1e-4 * lr) << name;
   }
 }
 
