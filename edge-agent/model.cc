@@ -612,66 +612,21 @@ class NoAutocast {
   bool saved_;
 };
 
-// A projection with an adapter as one autograd node (training on the oneDNN
-// path): forward y = x W^T (+ bias), then y += ((x A^T) scale) B^T added by the
-// GEMM into y's memory; backward gx = g W, then gx += ((g B) scale) A likewise.
-// Against a frozen node plus a LoraDeltaFn this saves, per projection and step,
-// the [.., out] delta and its add in forward, the adapter's [.., in] input
-// gradient and autograd's add of it in backward, and a graph node. The frozen
-// product is FrozenMatmulFn's (any stored dtype), or under bf16 autocast
-// (`bf16`) MatmulNTBf16's; the adapter's products are fp32 either way.
-class LoraLinearFn : public torch::autograd::Function<LoraLinearFn> {
- public:
-  static torch::Tensor forward(torch::autograd::AutogradContext* ctx, const torch::Tensor& x,
-                               const torch::Tensor& a, const torch::Tensor& b,
-                               const torch::Tensor& weight, const torch::Tensor& weight_scale,
-                               const torch::Tensor& bias, double scale, int64_t int4_in,
-                               bool bf16) {
-    NoAutocast no_autocast;  // the adapter's products run in fp32 on oneDNN
-    torch::Tensor y =
-        bf16 ? MatmulNTBf16(x, weight) : ComputeOrReplay(x, weight, weight_scale, int4_in);
-    if (bias.numel() > 0) y.add_(bias);
-    const torch::Tensor hs = MatmulNT(x, a).mul_(scale);  // [..., r]
-    MatmulNTAccumulate(hs, b, y);
-    ctx->save_for_backward({x, a, b, hs, weight, weight_scale});
-    ctx->saved_data["scale"] = scale;
-    ctx->saved_data["int4_in"] = int4_in;
-    ctx->saved_data["bf16"] = bf16;
-    return y;
-  }
-
-  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
-                                                 torch::autograd::variable_list grads) {
-    const auto saved = ctx->get_saved_variables();
-    const torch::Tensor &x = saved[0], &a = saved[1], &b = saved[2], &hs = saved[3];
-    const torch::Tensor &weight = saved[4], &weight_scale = saved[5];
-    const double scale = ctx->saved_data["scale"].toDouble();
-    const torch::Tensor g = grads[0].contiguous();
-    torch::Tensor gx, ga, gb;
-    if (ctx->needs_input_grad(0)) {
-      gx = ctx->saved_data["bf16"].toBool()
-               ? MatmulNNBf16(g, weight)
-               : DequantGradInput(g, weight, weight_scale, ctx->saved_data["int4_in"].toInt());
-    }
-    if (ctx->needs_input_grad(2)) gb = MatmulTN(g, hs);  // [out, r]
-    if (ctx->needs_input_grad(0) || ctx->needs_input_grad(1)) {
-      const torch::Tensor gh = MatmulNN(g, b).mul_(scale);  // [..., r]
-      if (ctx->needs_input_grad(1)) ga = MatmulTN(gh, x);  // [r, in]
-      if (ctx->needs_input_grad(0)) MatmulNNAccumulate(gh, a, gx);
-    }
-    return {gx, ga, gb, torch::Tensor(), torch::Tensor(), torch::Tensor(), torch::Tensor(),
-            torch::Tensor(), torch::Tensor()};
-  }
-};
-
-// Projections that read the same input (q, k and v; gate and up), each with an
-// adapter of the same rank and scale, as one node: LoraLinearFn's products with
-// the adapters' A stacked ([n r, in]), so x A^T, its weight gradient and the
-// adapters' share of the input gradient are one GEMM each instead of n, and the
-// frozen products' input gradients are added by the GEMMs into one tensor
-// (fp32 weights) instead of by autograd. lora: a_0, b_0, a_1, b_1, ...;
-// frozen: weight_i, weight_scale_i, bias_i (empty when none) per projection.
-class SharedInputLoraFn : public torch::autograd::Function<SharedInputLoraFn> {
+// Projections with adapters of one rank and scale that read the same input x
+// (one projection, or q, k and v, or gate and up) as one autograd node, for
+// training on the oneDNN path. Forward: y_i = x W_i^T (+ bias_i), then
+// y_i += ((x A_i^T) scale) B_i^T added by the GEMM into y_i's memory (a oneDNN
+// sum post-op), with the adapters' A stacked ([n r, in]) so that x A^T is one
+// GEMM. Backward: gx = sum_i g_i W_i, each added by its GEMM into gx (fp32
+// weights; other dtypes through add_), then gx += ((g B) scale) A_stacked;
+// the A gradients are one GEMM too. Against a frozen node plus a LoRA node per
+// projection this saves the [.., out] deltas and their adds, the adapters'
+// [.., in] input gradients and autograd's adds of them, and all but one graph
+// node. The frozen products are FrozenMatmulFn's (any stored dtype), or under
+// bf16 autocast (`bf16`) MatmulNTBf16's; the adapters' products are fp32
+// either way. lora: a_0, b_0, a_1, b_1, ...; frozen: weight_i, weight_scale_i,
+// bias_i (empty when none) per projection.
+class AdaptedProjectionsFn : public torch::autograd::Function<AdaptedProjectionsFn> {
  public:
   static torch::autograd::variable_list forward(torch::autograd::AutogradContext* ctx,
                                                 const torch::Tensor& x, at::TensorList lora,
@@ -751,8 +706,7 @@ class SharedInputLoraFn : public torch::autograd::Function<SharedInputLoraFn> {
   }
 };
 
-// How a projection with an adapter trains as one node (LoraLinearFn,
-// SharedInputLoraFn): on the oneDNN path, when no dropout applies, no
+// How a projection with an adapter trains as one node (AdaptedProjectionsFn): on the oneDNN path, when no dropout applies, no
 // checkpointed layer records or replays the frozen product, and the frozen
 // product is fp32 (any stored dtype, autocast off: kFp32) or autocast's bf16
 // one taken directly (kBf16). kNo: the frozen node plus the LoRA node.
@@ -774,23 +728,11 @@ torch::Tensor OrEmpty(const torch::Tensor& t) { return t.defined() ? t : torch::
 
 }  // namespace
 
-std::vector<torch::Tensor> ForwardSharedInput(const std::vector<const LoraLinear*>& projections,
-                                              const torch::Tensor& x,
-                                              torch::Generator* dropout_gen) {
-  const LoraLinear& first = *projections.front();
-  OneNode mode = projections.size() >= 2 ? OneNodeMode(first, x, dropout_gen) : OneNode::kNo;
-  for (const LoraLinear* l : projections) {
-    if (mode == OneNode::kNo) break;
-    if (OneNodeMode(*l, x, dropout_gen) != mode || l->lora_a.size(0) != first.lora_a.size(0) ||
-        l->scale != first.scale || l->int4_in != first.int4_in) {
-      mode = OneNode::kNo;
-    }
-  }
-  std::vector<torch::Tensor> out;
-  if (mode == OneNode::kNo) {
-    for (const LoraLinear* l : projections) out.push_back(l->forward(x, dropout_gen));
-    return out;
-  }
+namespace {
+
+// The projections through one AdaptedProjectionsFn (their OneNodeMode `mode`).
+std::vector<torch::Tensor> AdaptedProjections(const std::vector<const LoraLinear*>& projections,
+                                              const torch::Tensor& x, OneNode mode) {
   std::vector<torch::Tensor> lora, frozen;
   for (const LoraLinear* l : projections) {
     lora.push_back(l->lora_a);
@@ -799,16 +741,34 @@ std::vector<torch::Tensor> ForwardSharedInput(const std::vector<const LoraLinear
     frozen.push_back(OrEmpty(l->weight_scale));
     frozen.push_back(OrEmpty(l->bias));
   }
-  return SharedInputLoraFn::apply(x, at::TensorList(lora), at::TensorList(frozen), first.scale,
-                                  first.int4_in, mode == OneNode::kBf16);
+  const LoraLinear& first = *projections.front();
+  return AdaptedProjectionsFn::apply(x, at::TensorList(lora), at::TensorList(frozen), first.scale,
+                                     first.int4_in, mode == OneNode::kBf16);
+}
+
+}  // namespace
+
+std::vector<torch::Tensor> ForwardSharedInput(const std::vector<const LoraLinear*>& projections,
+                                              const torch::Tensor& x,
+                                              torch::Generator* dropout_gen) {
+  const LoraLinear& first = *projections.front();
+  OneNode mode = OneNodeMode(first, x, dropout_gen);
+  for (const LoraLinear* l : projections) {
+    if (mode == OneNode::kNo) break;
+    if (OneNodeMode(*l, x, dropout_gen) != mode || l->lora_a.size(0) != first.lora_a.size(0) ||
+        l->scale != first.scale || l->int4_in != first.int4_in) {
+      mode = OneNode::kNo;
+    }
+  }
+  if (mode != OneNode::kNo) return AdaptedProjections(projections, x, mode);
+  std::vector<torch::Tensor> out;
+  for (const LoraLinear* l : projections) out.push_back(l->forward(x, dropout_gen));
+  return out;
 }
 
 torch::Tensor LoraLinear::forward(const torch::Tensor& x, torch::Generator* dropout_gen) const {
   const OneNode mode = OneNodeMode(*this, x, dropout_gen);
-  if (mode != OneNode::kNo) {
-    return LoraLinearFn::apply(x, lora_a, lora_b, weight, OrEmpty(weight_scale), OrEmpty(bias),
-                               scale, int4_in, mode == OneNode::kBf16);
-  }
+  if (mode != OneNode::kNo) return AdaptedProjections({this}, x, mode)[0];
   torch::Tensor y = FrozenMatmul(x, weight, weight_scale, int4_in);
   // y is this call's own tensor (the frozen node does not save it), unless a
   // checkpointed layer's forward is recording it for replay.

@@ -162,7 +162,7 @@ TEST(BenchTrainTest, ProfileWritesAChromeTraceOfTheEngineNodes) {
   for (const auto& e : trace) {
     const std::string name = e.value("name", "");
     attention |= name.find("FusedAttentionFn") != std::string::npos;
-    projection |= name.find("LoraLinearFn") != std::string::npos;
+    projection |= name.find("AdaptedProjectionsFn") != std::string::npos;
   }
   EXPECT_TRUE(attention && projection) << "the backward nodes of the engine are in the trace";
   std::filesystem::remove(o.profile);
