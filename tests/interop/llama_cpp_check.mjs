@@ -47,6 +47,22 @@ function parseArgs(argv) {
   return args;
 }
 
+// @fugood/llama.node 1.7.x can resolve a completion's promise before it marks
+// the context free again: a completion started right after it then fails with
+// "Another completion is in progress" (seen once in a CI run). Such a call is
+// retried after a short wait, for up to a second.
+async function completion(ctx, params) {
+  for (let attempt = 0; ; ++attempt) {
+    try {
+      return await ctx.completion(params);
+    } catch (e) {
+      const busy = String(e && e.message ? e.message : e).includes('Another completion is in progress');
+      if (!busy || attempt >= 50) throw e;
+      await new Promise((resolve) => setTimeout(resolve, 20));
+    }
+  }
+}
+
 async function main() {
   const args = parseArgs(process.argv.slice(2));
   const here = path.dirname(fileURLToPath(import.meta.url));
@@ -82,7 +98,7 @@ async function main() {
     const promptText = args.prompt !== undefined ? args.prompt : await ctx.detokenize(args.ids);
     const tok = await ctx.tokenize(promptText);
     const promptIds = Array.from(tok.tokens);
-    const result = await ctx.completion({
+    const result = await completion(ctx, {
       prompt: promptText,
       n_predict: args.n,
       temperature: 0,
@@ -105,7 +121,7 @@ async function main() {
     // Greedy sampling reports only the chosen token (prob 1). For the model's
     // real next-token distribution after the prompt, sample one token at
     // temperature 1 with every truncation off and read its candidates.
-    const probe = await ctx.completion({
+    const probe = await completion(ctx, {
       prompt: promptText,
       n_predict: 1,
       temperature: 1,
