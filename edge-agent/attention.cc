@@ -60,27 +60,29 @@ FEDLORA_KERNEL_INLINE int64_t BlockStart(const Dims& d, const int64_t* starts, i
 // same order as a plain loop over its inner index would.
 constexpr int kBlocks = 4;
 
-// out[r][j] for j in [j, j + NB * 16): sum_c a[r][c] * bt[c][j].
+// out[r][off .. off + NB * 16) = sum_{t in [t0, t1)} lhs[r][t] * rhs[t][off ..]
+// for the kRows rows, given the row strides of lhs, rhs and out.
 template <int NB>
-FEDLORA_KERNEL_INLINE void ScoresBlock(const Dims& d, const float* __restrict a,
-                                       const float* __restrict bt, int64_t j,
-                                       float* __restrict out) {
-  Vec s[kRows][NB] = {};
-  for (int64_t c = 0; c < d.D; ++c) {
-    Vec b[NB];
+FEDLORA_KERNEL_INLINE void BlockProduct(const float* __restrict lhs, int64_t lhs_stride,
+                                        const float* __restrict rhs, int64_t rhs_stride,
+                                        int64_t t0, int64_t t1, int64_t off,
+                                        float* __restrict out, int64_t out_stride) {
+  Vec acc[kRows][NB] = {};
+  for (int64_t t = t0; t < t1; ++t) {
+    Vec x[NB];
 #pragma GCC unroll 4
-    for (int k = 0; k < NB; ++k) b[k] = Load(bt + c * d.Tp + j + k * kW);
+    for (int k = 0; k < NB; ++k) x[k] = Load(rhs + t * rhs_stride + off + k * kW);
 #pragma GCC unroll 4
     for (int r = 0; r < kRows; ++r) {
-      const float ar = a[r * d.D + c];
+      const float lr = lhs[r * lhs_stride + t];
 #pragma GCC unroll 4
-      for (int k = 0; k < NB; ++k) s[r][k] += ar * b[k];
+      for (int k = 0; k < NB; ++k) acc[r][k] += lr * x[k];
     }
   }
 #pragma GCC unroll 4
   for (int r = 0; r < kRows; ++r) {
 #pragma GCC unroll 4
-    for (int k = 0; k < NB; ++k) Store(out + r * d.Tp + j + k * kW, s[r][k]);
+    for (int k = 0; k < NB; ++k) Store(out + r * out_stride + off + k * kW, acc[r][k]);
   }
 }
 
@@ -90,32 +92,10 @@ FEDLORA_KERNEL_INLINE void RowsTimesTransposed(const Dims& d, const float* __res
                                                const float* __restrict bt, int64_t j0,
                                                int64_t j1, float* __restrict out) {
   int64_t j = j0;
-  for (; j + kBlocks * kW <= j1; j += kBlocks * kW) ScoresBlock<kBlocks>(d, a, bt, j, out);
-  for (; j < j1; j += kW) ScoresBlock<1>(d, a, bt, j, out);
-}
-
-// out[r][c0 .. c0 + NB * 16) = sum_{j in [j0, j1)} w[r][j] * b[j][c0 ..].
-template <int NB>
-FEDLORA_KERNEL_INLINE void WeightedSumBlock(const Dims& d, const float* __restrict w,
-                                            const float* __restrict b, int64_t j0, int64_t j1,
-                                            int64_t c0, float* __restrict out) {
-  Vec o[kRows][NB] = {};
-  for (int64_t j = j0; j < j1; ++j) {
-    Vec x[NB];
-#pragma GCC unroll 4
-    for (int k = 0; k < NB; ++k) x[k] = Load(b + j * d.D + c0 + k * kW);
-#pragma GCC unroll 4
-    for (int r = 0; r < kRows; ++r) {
-      const float wr = w[r * d.Tp + j];
-#pragma GCC unroll 4
-      for (int k = 0; k < NB; ++k) o[r][k] += wr * x[k];
-    }
+  for (; j + kBlocks * kW <= j1; j += kBlocks * kW) {
+    BlockProduct<kBlocks>(a, d.D, bt, d.Tp, 0, d.D, j, out, d.Tp);
   }
-#pragma GCC unroll 4
-  for (int r = 0; r < kRows; ++r) {
-#pragma GCC unroll 4
-    for (int k = 0; k < NB; ++k) Store(out + r * d.D + c0 + k * kW, o[r][k]);
-  }
+  for (; j < j1; j += kW) BlockProduct<1>(a, d.D, bt, d.Tp, 0, d.D, j, out, d.Tp);
 }
 
 // out[r][:] = sum_{j in [j0, j1)} w[r][j] * b[j][:] (w rows of stride Tp, b [T, D]).
@@ -123,8 +103,10 @@ FEDLORA_KERNEL_INLINE void WeightsTimesRows(const Dims& d, const float* __restri
                                             const float* __restrict b, int64_t j0, int64_t j1,
                                             float* __restrict out) {
   int64_t c = 0;
-  for (; c + kBlocks * kW <= d.D; c += kBlocks * kW) WeightedSumBlock<kBlocks>(d, w, b, j0, j1, c, out);
-  for (; c < d.D; c += kW) WeightedSumBlock<1>(d, w, b, j0, j1, c, out);
+  for (; c + kBlocks * kW <= d.D; c += kBlocks * kW) {
+    BlockProduct<kBlocks>(w, d.Tp, b, d.D, j0, j1, c, out, d.D);
+  }
+  for (; c < d.D; c += kW) BlockProduct<1>(w, d.Tp, b, d.D, j0, j1, c, out, d.D);
 }
 
 // acc[j][c0 .. c0 + NB * 16) += sum_r w[r][j] * a[r][c0 ..] for j in [j0, j1),
