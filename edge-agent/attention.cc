@@ -137,7 +137,9 @@ FEDLORA_KERNEL_INLINE void AddWeightedRows(const Dims& d, const float* __restric
                                            const float* __restrict a, int64_t j0, int64_t j1,
                                            float* __restrict acc) {
   int64_t c = 0;
-  for (; c + kBlocks * kW <= d.D; c += kBlocks * kW) AddWeightedBlock<kBlocks>(d, w, a, j0, j1, c, acc);
+  for (; c + kBlocks * kW <= d.D; c += kBlocks * kW) {
+    AddWeightedBlock<kBlocks>(d, w, a, j0, j1, c, acc);
+  }
   for (; c < d.D; c += kW) AddWeightedBlock<1>(d, w, a, j0, j1, c, acc);
 }
 

@@ -36,21 +36,14 @@ torch::Tensor RotateHalfTransposed(const torch::Tensor& y) {
   return torch::cat({y.slice(-1, half), -y.slice(-1, 0, half)}, -1);
 }
 
-
 // ---- Single-pass fp32 kernels ------------------------------------------------
 // Each runs over rows (or flat chunks) split among libtorch's threads, reading
 // every input once and writing every output once; the composites below make 3
 // to 9 passes over the same data, each a separate parallel region.
 
 bool Fp32Cpu(const torch::Tensor& t) {
-  static const bool off = getenv("FEDLORA_NOFAST") != nullptr;
-  if (off) return false;
   return t.scalar_type() == torch::kFloat && t.device().is_cpu();
 }
-
-// About 32K elements per chunk (ATen's grain for element-wise loops).
-constexpr int64_t kGrain = 32768;
-int64_t RowGrain(int64_t width) { return std::max<int64_t>(1, kGrain / std::max<int64_t>(1, width)); }
 
 FEDLORA_MULTI_ISA
 void RmsForwardRows(const float* __restrict x, const float* __restrict w, float* __restrict y,
@@ -133,11 +126,11 @@ struct Rows4 {
   }
 };
 
-// Forward (sign = +1): out = x cos + rotate_half(x) sin. Backward (sign = -1,
-// x the upstream gradient): out = x cos + rotate_half^T(x sin).
+// Forward: out = x cos + rotate_half(x) sin. Backward (x the upstream
+// gradient): out = x cos + rotate_half^T(x sin).
 FEDLORA_MULTI_ISA
-void RopeRows(const Rows4 x, const Rows4 c, const Rows4 s, const Rows4 out, int64_t d, bool backward,
-              int64_t r0, int64_t r1) {
+void RopeRows(const Rows4 x, const Rows4 c, const Rows4 s, const Rows4 out, int64_t d,
+              bool backward, int64_t r0, int64_t r1) {
   const int64_t h = d / 2;
   for (int64_t r = r0; r < r1; ++r) {
     const float* __restrict xr = x(r);
@@ -169,7 +162,7 @@ void RunRope(const torch::Tensor& x, const torch::Tensor& cos, const torch::Tens
   const torch::Tensor c = cos.expand(x.sizes()), s = sin.expand(x.sizes());
   const Rows4 xr(x, x), cr(c, x), sr(s, x), orow(out, x);
   const int64_t d = x.size(3), rows = x.numel() / std::max<int64_t>(1, d);
-  at::parallel_for(0, rows, RowGrain(d), [&](int64_t r0, int64_t r1) {
+  at::parallel_for(0, rows, RowsPerChunk(d), [&](int64_t r0, int64_t r1) {
     RopeRows(xr, cr, sr, orow, d, backward, r0, r1);
   });
 }
@@ -189,7 +182,7 @@ class RmsNormFn : public torch::autograd::Function<RmsNormFn> {
       const float* wp = wc.data_ptr<float>();
       float* yp = y.data_ptr<float>();
       float* rp = rstd.data_ptr<float>();
-      at::parallel_for(0, xc.numel() / n, RowGrain(n), [&](int64_t r0, int64_t r1) {
+      at::parallel_for(0, xc.numel() / n, RowsPerChunk(n), [&](int64_t r0, int64_t r1) {
         RmsForwardRows(xp, wp, yp, rp, r0, r1, n, static_cast<float>(eps));
       });
       ctx->save_for_backward({xc, wc, rstd});
@@ -219,7 +212,7 @@ class RmsNormFn : public torch::autograd::Function<RmsNormFn> {
       const float* wp = w.data_ptr<float>();
       const float* rp = rstd.data_ptr<float>();
       float* dp = dx.data_ptr<float>();
-      at::parallel_for(0, x.numel() / n, RowGrain(n), [&](int64_t r0, int64_t r1) {
+      at::parallel_for(0, x.numel() / n, RowsPerChunk(n), [&](int64_t r0, int64_t r1) {
         RmsBackwardRows(gp, xp, wp, rp, dp, r0, r1, n);
       });
     } else if (ctx->needs_input_grad(0)) {
@@ -243,7 +236,7 @@ class SwiGluFn : public torch::autograd::Function<SwiGluFn> {
       const float* ap = a.data_ptr<float>();
       const float* up_p = u.data_ptr<float>();
       float* yp = y.data_ptr<float>();
-      at::parallel_for(0, a.numel(), kGrain, [&](int64_t i0, int64_t i1) {
+      at::parallel_for(0, a.numel(), kElementGrain, [&](int64_t i0, int64_t i1) {
         SwiGluForwardRange(ap, up_p, yp, i0, i1);
       });
       ctx->save_for_backward({a, u});
@@ -270,7 +263,7 @@ class SwiGluFn : public torch::autograd::Function<SwiGluFn> {
       const float* up_p = up.data_ptr<float>();
       float* dap = dgate.defined() ? dgate.data_ptr<float>() : nullptr;
       float* dup_p = dup.defined() ? dup.data_ptr<float>() : nullptr;
-      at::parallel_for(0, gate.numel(), kGrain, [&](int64_t i0, int64_t i1) {
+      at::parallel_for(0, gate.numel(), kElementGrain, [&](int64_t i0, int64_t i1) {
         SwiGluBackwardRange(gp, ap, up_p, dap, dup_p, i0, i1);
       });
       return {dgate, dup};

@@ -94,9 +94,6 @@ void SoftmaxGradRows(float* __restrict logits, int64_t cols, const float* __rest
   }
 }
 
-// Rows per parallel chunk of a block `cols` wide: about 32K values.
-int64_t RowGrain(int64_t cols) { return std::max<int64_t>(1, 32768 / std::max<int64_t>(1, cols)); }
-
 class HeadCrossEntropyFn : public torch::autograd::Function<HeadCrossEntropyFn> {
  public:
   static torch::Tensor forward(torch::autograd::AutogradContext* ctx, const torch::Tensor& hidden,
@@ -126,7 +123,7 @@ class HeadCrossEntropyFn : public torch::autograd::Function<HeadCrossEntropyFn> 
       float* mp = run_max.data_ptr<float>();
       float* sp = run_sum.data_ptr<float>();
       float* xp = target_logit.data_ptr<float>();
-      at::parallel_for(0, n, RowGrain(r1 - r0), [&](int64_t i0, int64_t i1) {
+      at::parallel_for(0, n, RowsPerChunk(r1 - r0), [&](int64_t i0, int64_t i1) {
         LseUpdateRows(lp, r1 - r0, tp, r0, mp, sp, xp, i0, i1);
       });
       if (keep) saved.push_back(logits);
@@ -162,7 +159,7 @@ class HeadCrossEntropyFn : public torch::autograd::Function<HeadCrossEntropyFn> 
       float* pp = p.data_ptr<float>();
       const float* lp = lse.data_ptr<float>();
       const int64_t* tp = targets.data_ptr<int64_t>();
-      at::parallel_for(0, p.size(0), RowGrain(r1 - r0), [&](int64_t i0, int64_t i1) {
+      at::parallel_for(0, p.size(0), RowsPerChunk(r1 - r0), [&](int64_t i0, int64_t i1) {
         SoftmaxGradRows(pp, r1 - r0, lp, tp, r0, g, i0, i1);
       });
       torch::Tensor part = BlockGradInput(p, w);

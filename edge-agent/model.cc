@@ -556,17 +556,30 @@ torch::Tensor LoraLinear::DenseWeight() const {
 
 namespace {
 
+// CPU autocast off for its lifetime (the state restored after).
+class NoAutocast {
+ public:
+  NoAutocast() : saved_(at::autocast::is_cpu_enabled()) { at::autocast::set_cpu_enabled(false); }
+  ~NoAutocast() { at::autocast::set_cpu_enabled(saved_); }
+  NoAutocast(const NoAutocast&) = delete;
+  NoAutocast& operator=(const NoAutocast&) = delete;
+
+ private:
+  bool saved_;
+};
+
 // The LoRA branch (x A^T) B^T * scale as one autograd node whose four
 // products (forward two, backward up to four) run on oneDNN (gemm.h): through
 // autograd's matmul they ran on OpenBLAS, which packs the whole activation for
 // a product only r columns wide. Saves x (the caller keeps it anyway) and the
-// [..., r] intermediate. fp32 only (LoraDeltaApplies); under autocast it runs
-// with autocast excluded, so the adapter's products stay fp32 (they are r
+// [..., r] intermediate. fp32 only (LoraDeltaApplies); under autocast it turns
+// autocast off for its products, which stay fp32 on oneDNN (they are r
 // columns wide: rounding them to bf16 would save little and lose precision).
 class LoraDeltaFn : public torch::autograd::Function<LoraDeltaFn> {
  public:
   static torch::Tensor forward(torch::autograd::AutogradContext* ctx, const torch::Tensor& x,
                                const torch::Tensor& a, const torch::Tensor& b, double scale) {
+    NoAutocast no_autocast;
     // The scale goes on the [..., r] intermediate, not the [..., out] result.
     torch::Tensor hs = MatmulNT(x, a).mul_(scale);  // [..., r]
     ctx->save_for_backward({x, a, b, hs});
@@ -593,24 +606,9 @@ class LoraDeltaFn : public torch::autograd::Function<LoraDeltaFn> {
 
 bool LoraDeltaApplies(const torch::Tensor& x, const torch::Tensor& a, const torch::Tensor& b) {
   return gemm_backend() == GemmBackend::kOnednn && x.scalar_type() == torch::kFloat &&
-         a.scalar_type() == torch::kFloat && b.scalar_type() == torch::kFloat && x.dim() >= 1 && x.numel() > 0;
+         a.scalar_type() == torch::kFloat && b.scalar_type() == torch::kFloat && x.dim() >= 1 &&
+         x.numel() > 0;
 }
-
-}  // namespace
-
-namespace {
-
-// CPU autocast off for its lifetime (the state restored after).
-class NoAutocast {
- public:
-  NoAutocast() : saved_(at::autocast::is_cpu_enabled()) { at::autocast::set_cpu_enabled(false); }
-  ~NoAutocast() { at::autocast::set_cpu_enabled(saved_); }
-  NoAutocast(const NoAutocast&) = delete;
-  NoAutocast& operator=(const NoAutocast&) = delete;
-
- private:
-  bool saved_;
-};
 
 // Projections with adapters of one rank and scale that read the same input x
 // (one projection, or q, k and v, or gate and up) as one autograd node, for
@@ -706,10 +704,11 @@ class AdaptedProjectionsFn : public torch::autograd::Function<AdaptedProjections
   }
 };
 
-// How a projection with an adapter trains as one node (AdaptedProjectionsFn): on the oneDNN path, when no dropout applies, no
-// checkpointed layer records or replays the frozen product, and the frozen
-// product is fp32 (any stored dtype, autocast off: kFp32) or autocast's bf16
-// one taken directly (kBf16). kNo: the frozen node plus the LoRA node.
+// How a projection with an adapter trains as one node (AdaptedProjectionsFn):
+// on the oneDNN path, when no dropout applies, no checkpointed layer records
+// or replays the frozen product, and the frozen product is fp32 (any stored
+// dtype, autocast off: kFp32) or autocast's bf16 one taken directly (kBf16).
+// kNo: the frozen node plus the LoRA node.
 enum class OneNode { kNo, kFp32, kBf16 };
 OneNode OneNodeMode(const LoraLinear& l, const torch::Tensor& x, torch::Generator* dropout_gen) {
   if (!l.lora_a.defined() || !torch::GradMode::is_enabled() ||
@@ -725,10 +724,6 @@ OneNode OneNodeMode(const LoraLinear& l, const torch::Tensor& x, torch::Generato
 }
 
 torch::Tensor OrEmpty(const torch::Tensor& t) { return t.defined() ? t : torch::empty({0}); }
-
-}  // namespace
-
-namespace {
 
 // The projections through one AdaptedProjectionsFn (their OneNodeMode `mode`).
 std::vector<torch::Tensor> AdaptedProjections(const std::vector<const LoraLinear*>& projections,
@@ -753,8 +748,8 @@ std::vector<torch::Tensor> ForwardSharedInput(const std::vector<const LoraLinear
                                               torch::Generator* dropout_gen) {
   const LoraLinear& first = *projections.front();
   OneNode mode = OneNodeMode(first, x, dropout_gen);
-  for (const LoraLinear* l : projections) {
-    if (mode == OneNode::kNo) break;
+  for (size_t i = 1; i < projections.size() && mode != OneNode::kNo; ++i) {
+    const LoraLinear* l = projections[i];
     if (OneNodeMode(*l, x, dropout_gen) != mode || l->lora_a.size(0) != first.lora_a.size(0) ||
         l->scale != first.scale || l->int4_in != first.int4_in) {
       mode = OneNode::kNo;
@@ -784,7 +779,6 @@ torch::Tensor LoraLinear::forward(const torch::Tensor& x, torch::Generator* drop
       xin = x * keep / (1.0 - dropout);
     }
     if (LoraDeltaApplies(xin, lora_a, lora_b)) {
-      c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::DispatchKey::AutocastCPU);
       torch::Tensor delta = LoraDeltaFn::apply(xin, lora_a, lora_b, scale);
       // In place when the sum keeps y's dtype: one pass over y, no new buffer.
       y = own_y && y.scalar_type() == delta.scalar_type() ? y.add_(delta) : y + delta;
@@ -845,7 +839,8 @@ torch::Tensor Model::Attention(const DecoderLayer& L, int index, const torch::Te
     k = qkv.slice(-1, c.q_size(), c.q_size() + c.kv_size());
     v = qkv.slice(-1, c.q_size() + c.kv_size());
   } else {
-    const std::vector<torch::Tensor> qkv = ForwardSharedInput({&L.q_proj, &L.k_proj, &L.v_proj}, h, gen);
+    const std::vector<torch::Tensor> qkv =
+        ForwardSharedInput({&L.q_proj, &L.k_proj, &L.v_proj}, h, gen);
     q = qkv[0];
     k = qkv[1];
     v = qkv[2];

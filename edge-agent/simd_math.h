@@ -24,6 +24,9 @@
 //  * Sigmoid(x, b) = 1 / (1 + ExpClamped(-x, b)): within ~1e-7 relative of
 //    the exact value for |x| <= 87, and 0 or 1 to within 1e-38 beyond.
 //  All are branch-free so that loops over them vectorise.
+//  * kElementGrain: elements per chunk of an at::parallel_for over a flat
+//    range (ATen's own grain for element-wise loops); RowsPerChunk(width): rows
+//    of `width` elements per chunk for about as many, at least 1.
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -38,6 +41,12 @@
 #endif
 
 namespace fedlora::edge {
+
+constexpr int64_t kElementGrain = 32768;
+
+inline int64_t RowsPerChunk(int64_t width) {
+  return std::max<int64_t>(1, kElementGrain / std::max<int64_t>(1, width));
+}
 
 struct ExpBounds {
   float lo, hi;
